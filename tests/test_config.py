@@ -1,0 +1,25 @@
+import pytest
+
+from adaptive_drafter import SpecConfig
+
+
+def test_defaults_are_lossless():
+    config = SpecConfig()
+    assert config.acceptance == "exact" and config.num_draft_tokens >= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_draft_tokens": 0}, "num_draft_tokens must be >= 1"),
+        ({"num_draft_tokens": -3}, "num_draft_tokens must be >= 1"),
+        ({"acceptance": "typical"}, "Unknown acceptance rule 'typical'"),
+        ({"lenience": 0.5}, "lenience must be >= 1"),
+        ({"cascade_threshold": 1.5}, "cascade_threshold must lie in"),
+        ({"vocab_size": 0}, "vocab_size must be positive"),
+        ({"compact_threshold": 0.0}, "compact_threshold must lie in"),
+    ],
+)
+def test_impossible_configs_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SpecConfig(**kwargs)
