@@ -205,8 +205,8 @@ class _Rollout:
         self.max_new_tokens, self.generator = max_new_tokens, generator
         self.stats = SpecStats()
         # A sliding-window model sees exactly the full context only while its cache fits in the window.
-        headroom = self.config.num_draft_tokens + 3
-        self.max_slots = [_sliding_window(m) and _sliding_window(m) - headroom for m in (self.policy, self.drafter)]
+        windows = [_sliding_window(m) for m in (self.policy, self.drafter)]
+        self.max_slots = [None if w is None else w - self.config.num_draft_tokens - 3 for w in windows]
 
     def run(self, input_ids: torch.Tensor, mask: torch.Tensor) -> SpecOutput:
         batch, device = input_ids.shape[0], input_ids.device

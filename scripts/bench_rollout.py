@@ -261,7 +261,9 @@ def machine_info() -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--model", choices=("tiny", "embedded"), default="tiny")
     parser.add_argument("--batch-sizes", default="1,4,16,64", help="comma-separated batch sizes (default 1,4,16,64)")
     parser.add_argument("--k", type=int, default=4, help="num_draft_tokens (default 4)")
@@ -308,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     engine = SpeculativeEngine(setup.policy, setup.drafter, SpecConfig(num_draft_tokens=args.k))
     mode = f"sampling, temperature {args.temperature}" if args.do_sample else "greedy"
     print(f"model: {setup.description}")
-    print(f"k={args.k}, max_new_tokens={args.max_new_tokens}, {mode}, median of {args.repeats} run(s), seed {args.seed}")
+    print(f"k={args.k}, max_new_tokens={args.max_new_tokens}, {mode}, median of {args.repeats} run(s), "
+          f"seed {args.seed}")
 
     rows = [bench_batch(setup, engine, batch, args) for batch in tqdm(args.batch_sizes, desc="batch sizes")]
 
