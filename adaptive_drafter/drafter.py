@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .config import DrafterConfig
 
 
 def _config(model: Any) -> Any:
@@ -109,3 +119,97 @@ def noised_copy(model: PreTrainedModel, std: float, seed: int = 0) -> PreTrained
             noise = torch.randn(param.shape, generator=gen).to(param.device, param.dtype)
             param.add_(noise * std * param.float().std().clamp_min(1e-6).to(param.dtype))
     return drafter
+
+
+def build_drafter(
+    policy: PreTrainedModel,
+    config: DrafterConfig | None = None,
+    model: PreTrainedModel | None = None,
+    policy_tokenizer: Any = None,
+    drafter_tokenizer: Any = None,
+) -> PeftModel:
+    """Build the serving drafter: a truncated self-draft of `policy` or a separate model, with LoRA adapters (peft).
+
+    For `kind="model"` pass the model object as `model` or its path as `config.model_name_or_path`; its vocabulary
+    (and, given both, its tokenizer) is checked against the policy's. The drafter is returned in eval mode with only
+    its LoRA weights trainable; its base weights are its own copy, never shared with the policy.
+    """
+    config = config if config is not None else DrafterConfig()
+    if config.kind == "truncated":
+        base = truncated_drafter(policy, config.num_layers)
+    else:
+        if model is None and config.model_name_or_path is None:
+            raise ValueError("DrafterConfig(kind='model') needs the drafter: pass model=... or set model_name_or_path.")
+        base = model if model is not None else AutoModelForCausalLM.from_pretrained(
+            config.model_name_or_path, dtype=policy.dtype, trust_remote_code=config.trust_remote_code
+        )
+        base = base.to(policy.device).eval().requires_grad_(False)
+        check_compatible(policy, base, policy_tokenizer, drafter_tokenizer)
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, lora).eval()
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """Which adapter this is and which policy it was fitted to."""
+
+    adapter_version: int
+    policy_version: int
+
+
+_ADAPTER_FILE = "adapter.safetensors"
+_VERSION_FILE = "drafter_version.json"
+
+
+def adapter_state(drafter: PeftModel) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the drafter's LoRA weights (what the trainer publishes and checkpoints save)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(drafter).items()}
+
+
+def load_adapter_state(drafter: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """Copy LoRA weights into the drafter in place; raises `ValueError` if they do not fit its adapters."""
+    result = set_peft_model_state_dict(drafter, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(
+            f"The adapter does not fit this drafter: unexpected {list(result.unexpected_keys)[:3]}, "
+            f"missing {missing[:3]}. Was it saved from a drafter with another DrafterConfig?"
+        )
+
+
+def save_adapter(drafter: PeftModel, path: str | os.PathLike[str], version: AdapterVersion) -> Path:
+    """Save the drafter's LoRA weights (safetensors) and versions into directory `path`, atomically: written to a
+    temporary directory beside it and renamed into place, so a kill mid-save never leaves a broken adapter."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file(adapter_state(drafter), staging / _ADAPTER_FILE)
+        (staging / _VERSION_FILE).write_text(json.dumps(version.__dict__) + "\n")
+        previous = path.with_name(path.name + ".previous")
+        if path.exists():  # keep the old adapter until the new one is in place
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(path, previous)
+        os.replace(staging, path)
+        shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def load_adapter(drafter: PeftModel, path: str | os.PathLike[str]) -> AdapterVersion:
+    """Load an adapter saved by `save_adapter` into `drafter` (safetensors only, never a pickle); return its version."""
+    path = Path(path)
+    previous = path.with_name(path.name + ".previous")
+    if not path.exists() and previous.exists():  # a save was killed between its two renames
+        path = previous
+    if not (path / _ADAPTER_FILE).is_file() or not (path / _VERSION_FILE).is_file():
+        raise FileNotFoundError(f"No drafter adapter at {path} (expected {_ADAPTER_FILE} and {_VERSION_FILE}).")
+    load_adapter_state(drafter, load_file(path / _ADAPTER_FILE))
+    return AdapterVersion(**json.loads((path / _VERSION_FILE).read_text()))

@@ -21,6 +21,7 @@ from transformers import DynamicCache
 
 from . import acceptance
 from .config import SpecConfig
+from .distill import PolicyTargets
 from .drafter import check_compatible
 from .metrics import SpecStats
 from .sampling import SamplingParams, process_logits, sample
@@ -33,6 +34,7 @@ class SpecOutput:
     completion_ids: list[list[int]]  # the new tokens, up to and including the first eos
     logprobs: list[list[float]]  # the policy's logprob of each of them under the sampling distribution
     stats: SpecStats = field(default_factory=SpecStats)
+    targets: list[PolicyTargets] | None = None  # the distiller's targets, when SpecConfig.collect_topk > 0
 
 
 @dataclass
@@ -113,6 +115,7 @@ class SpeculativeEngine:
         self.policy, self.drafter = policy, drafter
         self.config = config if config is not None else SpecConfig()
         self.vocab_size = check_compatible(policy, drafter, tokenizer, drafter_tokenizer, self.config.vocab_size)
+        self.policy_version = 0  # stamped on collected targets; advanced by whoever updates the policy
 
     @torch.no_grad()
     def generate(
@@ -188,6 +191,17 @@ class SpeculativeEngine:
                 )
 
 
+@dataclass
+class _Step:
+    """What one decode step emitted: per row, the first `count[b]` entries along dim 1 are real."""
+
+    tokens: torch.Tensor  # [B, m] emitted tokens
+    count: torch.Tensor  # [B]
+    log_p: torch.Tensor  # [B, m, V] the policy's sampling distribution each token was drawn from
+    drafted: torch.Tensor  # [B, m] bool: a draft was proposed at this position
+    accepted: torch.Tensor  # [B, m] bool: ...and accepted
+
+
 class _Rollout:
     """The state of one `generate` call; `run` is the algorithm, top to bottom."""
 
@@ -203,6 +217,7 @@ class _Rollout:
         self.policy, self.drafter, self.config = engine.policy, engine.drafter, engine.config
         self.vocab_size, self.params, self.eos, self.pad = engine.vocab_size, params, eos, pad
         self.max_new_tokens, self.generator = max_new_tokens, generator
+        self.policy_version = engine.policy_version
         self.stats = SpecStats()
         # A sliding-window model sees exactly the full context only while its cache fits in the window.
         windows = [_sliding_window(m) for m in (self.policy, self.drafter)]
@@ -210,46 +225,39 @@ class _Rollout:
 
     def run(self, input_ids: torch.Tensor, mask: torch.Tensor) -> SpecOutput:
         batch, device = input_ids.shape[0], input_ids.device
-        completions: list[list[int]] = [[] for _ in range(batch)]
-        logprobs: list[list[float]] = [[] for _ in range(batch)]
+        self.completions: list[list[int]] = [[] for _ in range(batch)]
+        self.logprobs: list[list[float]] = [[] for _ in range(batch)]
+        self.targets: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(batch)]
         rows = list(range(batch))  # original index of each active row
 
-        # Prefill both caches with the prompts; the policy's last logits give the first token (a plain step).
+        # Prefill both caches with all but the prompts' last column. That column (a real token in every left-padded
+        # row) is the first pending token, so the first step is an ordinary step and may already speculate.
         empty = torch.zeros(batch, 0, dtype=torch.bool, device=device)
         self.pol, self.dr = _KV(DynamicCache(), empty), _KV(DynamicCache(), empty.clone())
-        logits = _forward(self.policy, self.pol, input_ids, mask, logits_to_keep=1)
-        _forward(self.drafter, self.dr, input_ids, mask, logits_to_keep=1)
-        self.stats.policy_forwards += 1
-        self.stats.drafter_forwards += 1
-        log_p = self._policy_logprobs(logits)
-        token = self._pick(log_p[:, -1])
-        emitted, num_emitted = token[:, None], torch.ones(batch, dtype=torch.long, device=device)
-        self.stats.plain_steps += batch
+        if input_ids.shape[1] > 1:
+            _forward(self.policy, self.pol, input_ids[:, :-1], mask[:, :-1], logits_to_keep=1)
+            _forward(self.drafter, self.dr, input_ids[:, :-1], mask[:, :-1], logits_to_keep=1)
+            self.stats.policy_forwards += 1
+            self.stats.drafter_forwards += 1
         # Tokens the drafter has not consumed yet, left-padded; the last column is every row's newest token.
-        self.pending, self.pending_valid = token[:, None], torch.ones(batch, 1, dtype=torch.bool, device=device)
-        emitted_logprobs = log_p[:, -1].gather(-1, token[:, None])
+        self.pending, self.pending_valid = input_ids[:, -1:], mask[:, -1:]
 
-        while True:
-            done = self._record(rows, emitted, emitted_logprobs, num_emitted, completions, logprobs)
-            keep = [i for i, finished in enumerate(done) if not finished]
-            if not keep:
-                break
-            if len(keep) < len(rows):
-                self._select(torch.tensor(keep, device=device))
-                rows = [rows[i] for i in keep]
-            remaining = max(self.max_new_tokens - len(completions[r]) for r in rows)
+        while rows:
+            remaining = max(self.max_new_tokens - len(self.completions[r]) for r in rows)
             k = min(self.config.num_draft_tokens, remaining - 1)
-            if k == 0:
-                emitted, emitted_logprobs, num_emitted = self._plain_step()
-            else:
-                emitted, emitted_logprobs, num_emitted = self._speculative_step(k)
+            step = self._plain_step() if k == 0 else self._speculative_step(k)
+            done = self._record(rows, step)
+            keep = [i for i, finished in enumerate(done) if not finished]
+            if len(keep) < len(rows):
+                self._select(torch.tensor(keep, dtype=torch.long, device=device))
+                rows = [rows[i] for i in keep]
             self.pol.crop()
             self.dr.crop()
             self.pol.compact(self.config.compact_threshold, self.max_slots[0])
             self.dr.compact(self.config.compact_threshold, self.max_slots[1])
-        return SpecOutput(completions, logprobs, self.stats)
+        return SpecOutput(self.completions, self.logprobs, self.stats, self._policy_targets(input_ids, mask))
 
-    def _speculative_step(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _speculative_step(self, k: int) -> _Step:
         """Draft k tokens per row, verify them in one policy pass, accept a ragged prefix per row."""
         last = self.pending[:, -1:]
         draft, q = self._draft(k)
@@ -259,7 +267,8 @@ class _Rollout:
         n, token = self._accept(draft, q, log_p)
 
         # The policy cached [last, d1..dk]: row b keeps last and its n accepted drafts. The drafter cached d1..d(k-1).
-        kept = torch.arange(k + 1, device=n.device)[None] <= n[:, None]
+        position = torch.arange(k + 1, device=n.device)[None]
+        kept = position <= n[:, None]
         self.pol.valid[:, -(k + 1) :] = kept
         if k > 1:
             self.dr.valid[:, -(k - 1) :] = kept[:, 1:k]
@@ -271,15 +280,15 @@ class _Rollout:
         else:
             self.pending, self.pending_valid = token[:, None], torch.ones_like(token[:, None], dtype=torch.bool)
 
-        emitted = torch.cat([draft, draft[:, :1]], 1).scatter(1, n[:, None], token[:, None])
-        rows = len(n)
+        rows, accepted = len(n), int(n.sum())
         self.stats.drafted += rows * k
-        self.stats.accepted += int(n.sum())
+        self.stats.accepted += accepted
         self.stats.verify_steps += rows
-        self.stats.verified_tokens += int(n.sum()) + rows
-        return emitted, log_p.gather(-1, emitted[..., None]).squeeze(-1), n + 1
+        self.stats.verified_tokens += accepted + rows
+        tokens = torch.cat([draft, draft[:, :1]], 1).scatter(1, n[:, None], token[:, None])
+        return _Step(tokens, n + 1, log_p, (position < k).expand(rows, -1), position < n[:, None])
 
-    def _plain_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _plain_step(self) -> _Step:
         """One ordinary decode step of the policy; the drafter catches up on the token later."""
         last = self.pending[:, -1:]
         log_p = self._policy_logprobs(_forward(self.policy, self.pol, last, torch.ones_like(last, dtype=torch.bool)))
@@ -288,7 +297,8 @@ class _Rollout:
         token = self._pick(log_p[:, -1])
         self.pending = torch.cat([self.pending, token[:, None]], 1)
         self.pending_valid = torch.cat([self.pending_valid, torch.ones_like(token[:, None], dtype=torch.bool)], 1)
-        return token[:, None], log_p[:, -1].gather(-1, token[:, None]), torch.ones_like(token)
+        no = torch.zeros_like(token[:, None], dtype=torch.bool)
+        return _Step(token[:, None], torch.ones_like(token), log_p, no, no)
 
     def _draft(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The drafter consumes its pending tokens, then proposes k tokens autoregressively.
@@ -337,26 +347,45 @@ class _Rollout:
         self.dr.select(keep)
         self.pending, self.pending_valid = self.pending[keep], self.pending_valid[keep]
 
-    def _record(
-        self,
-        rows: list[int],
-        emitted: torch.Tensor,
-        emitted_logprobs: torch.Tensor,
-        num_emitted: torch.Tensor,
-        completions: list[list[int]],
-        logprobs: list[list[float]],
-    ) -> list[bool]:
+    def _record(self, rows: list[int], step: _Step) -> list[bool]:
         """Append each row's emitted tokens, stopping at its first eos or at max_new_tokens; return which finished.
         This is the step's one host-device synchronisation."""
-        tokens, lps, counts = emitted.tolist(), emitted_logprobs.tolist(), num_emitted.tolist()
+        logprobs = step.log_p.gather(-1, step.tokens[..., None]).squeeze(-1)
+        tokens, lps, counts = step.tokens.tolist(), logprobs.tolist(), step.count.tolist()
+        top = step.log_p.topk(self.config.collect_topk, dim=-1) if self.config.collect_topk else None
         done = []
         for i, row in enumerate(rows):
-            finished = False
+            finished, taken = False, 0
             for token, lp in zip(tokens[i][: counts[i]], lps[i][: counts[i]]):
-                completions[row].append(token)
-                logprobs[row].append(lp)
-                if token in self.eos or len(completions[row]) >= self.max_new_tokens:
+                self.completions[row].append(token)
+                self.logprobs[row].append(lp)
+                taken += 1
+                if token in self.eos or len(self.completions[row]) >= self.max_new_tokens:
                     finished = True
                     break
+            if top is not None:
+                self.targets[row].append(
+                    (top.indices[i, :taken], top.values[i, :taken], step.drafted[i, :taken], step.accepted[i, :taken])
+                )
             done.append(finished)
         return done
+
+    def _policy_targets(self, input_ids: torch.Tensor, mask: torch.Tensor) -> list[PolicyTargets] | None:
+        """Per row, the policy's top-K logprobs at every emitted position: the distiller's targets, for free."""
+        if not self.config.collect_topk:
+            return None
+        out = []
+        for row, parts in enumerate(self.targets):
+            ids, values, drafted, accepted = (torch.cat(column).cpu() for column in zip(*parts))
+            out.append(
+                PolicyTargets(
+                    prompt_ids=input_ids[row][mask[row]].tolist(),
+                    completion_ids=self.completions[row],
+                    topk_ids=ids,
+                    topk_logprobs=values.to(torch.float16),
+                    drafted=drafted,
+                    accepted=accepted,
+                    policy_version=self.policy_version,
+                )
+            )
+        return out

@@ -75,3 +75,15 @@ def left_padded_prompts(
     ids = torch.randint(low, vocab_size, (batch, width), generator=gen)
     mask = torch.arange(width)[None] >= (width - lengths)[:, None]
     return ids.masked_fill(~mask, pad_id), mask.long()
+
+
+def dampen_layers(model: PreTrainedModel, start: int, scale: float) -> PreTrainedModel:
+    """Scale the residual-branch outputs (attention `o_proj`, MLP `down_proj`) of decoder layers `start..` by `scale`,
+    in place. With a small scale the later layers barely change the residual stream, so a truncated drafter made of
+    the first `start` layers agrees with the model often while costing only `start / L` of its layers: a cheap drafter
+    with controlled agreement, for benchmarks of realistic shape without trained weights."""
+    with torch.no_grad():
+        for layer in model.model.layers[start:]:
+            layer.self_attn.o_proj.weight.mul_(scale)
+            layer.mlp.down_proj.weight.mul_(scale)
+    return model

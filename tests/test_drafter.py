@@ -38,3 +38,71 @@ def test_check_tokenizers_names_special_token_mismatch(make_tokenizer):
     b.pad_token = "<unk>"
     with pytest.raises(ValueError, match="pad_token_id is 0 for the policy but 3 for the drafter"):
         check_tokenizers(a, b)
+
+
+from adaptive_drafter.config import DrafterConfig  # noqa: E402
+from adaptive_drafter.drafter import AdapterVersion, adapter_state, build_drafter, load_adapter, save_adapter  # noqa: E402
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_build_truncated_drafter_with_lora(arch):
+    policy = tiny_causal_lm(arch, num_layers=3)
+    drafter = build_drafter(policy, DrafterConfig(num_layers=2, lora_r=4, lora_alpha=8))
+    trainable = [n for n, p in drafter.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert drafter.get_base_model().config.num_hidden_layers == 2
+    ids = torch.randint(3, 256, (2, 5))
+    # A fresh LoRA adapter is a no-op (B = 0): the drafter equals the truncated copy.
+    assert torch.allclose(drafter(input_ids=ids).logits, truncated_drafter(policy, 2)(input_ids=ids).logits, atol=1e-6)
+
+
+def test_build_model_drafter_checks_the_vocabulary():
+    policy = tiny_causal_lm("qwen2")
+    drafter = build_drafter(policy, DrafterConfig(kind="model", lora_r=2), model=tiny_causal_lm("qwen2", seed=3))
+    assert drafter.peft_config["default"].r == 2
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        build_drafter(policy, DrafterConfig(kind="model"), model=tiny_causal_lm("qwen2", vocab_size=300))
+    with pytest.raises(ValueError, match="pass model="):
+        build_drafter(policy, DrafterConfig(kind="model"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(kind="eagle"), "Unknown drafter kind"),
+        (dict(num_layers=0), "num_layers must be >= 1"),
+        (dict(lora_r=0), "lora_r >= 1"),
+        (dict(lora_dropout=1.0), "lora_dropout"),
+        (dict(lora_target_modules=[]), "train nothing"),
+    ],
+)
+def test_impossible_drafter_configs_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DrafterConfig(**kwargs)
+
+
+def test_adapter_save_load_round_trip_with_versions(tmp_path):
+    policy = tiny_causal_lm("llama", num_layers=2)
+    trained = build_drafter(policy, DrafterConfig(num_layers=1, lora_r=4))
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    save_adapter(trained, tmp_path / "adapter", AdapterVersion(adapter_version=3, policy_version=41))
+    save_adapter(trained, tmp_path / "adapter", AdapterVersion(adapter_version=4, policy_version=42))  # overwrite
+    fresh = build_drafter(policy, DrafterConfig(num_layers=1, lora_r=4))
+    assert load_adapter(fresh, tmp_path / "adapter") == AdapterVersion(4, 42)
+    ids = torch.randint(3, 256, (2, 6))
+    assert torch.equal(fresh(input_ids=ids).logits, trained(input_ids=ids).logits)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging or backup left behind
+    assert all(torch.equal(a, b) for a, b in zip(adapter_state(fresh).values(), adapter_state(trained).values()))
+
+
+def test_adapter_of_another_shape_is_refused(tmp_path):
+    policy = tiny_causal_lm("llama", num_layers=2)
+    save_adapter(build_drafter(policy, DrafterConfig(num_layers=1, lora_r=4)), tmp_path / "a", AdapterVersion(1, 1))
+    other = build_drafter(policy, DrafterConfig(num_layers=1, lora_r=4, lora_target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="does not fit this drafter"):
+        load_adapter(other, tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="No drafter adapter"):
+        load_adapter(other, tmp_path / "missing")

@@ -51,7 +51,7 @@ def arch_models(request):
 @pytest.mark.parametrize("drafter_kind", ["agreeing", "random"])
 def test_greedy_is_token_identical_to_policy_generate(arch_models, drafter_kind):
     policy, drafter = arch_models["policy"], arch_models[drafter_kind]
-    ids, mask = left_padded_prompts(64, 2, 24, policy.config.vocab_size, seed=7)
+    ids, mask = left_padded_prompts(64, 1, 24, policy.config.vocab_size, seed=7)
     eos = frequent_token(reference_greedy(policy, ids, mask, max_new_tokens=32, eos=[]))
     expected = reference_greedy(policy, ids, mask, max_new_tokens=32, eos=eos)
     assert len({len(row) for row in expected}) > 4, "rows should finish at many different lengths"
@@ -221,6 +221,39 @@ def test_lossy_rules_accept_more_and_report_policy_logprobs(lossy_config):
             logits = policy(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
         expected = logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
         assert torch.allclose(torch.tensor(logprobs), expected, atol=1e-4)
+
+
+# --- distillation targets ---------------------------------------------------------------------------------------
+
+
+def test_targets_are_off_by_default():
+    policy = tiny_causal_lm("llama")
+    out = SpeculativeEngine(policy, noised_copy(policy, 0.1)).generate(torch.tensor([[5, 6]]), max_new_tokens=4)
+    assert out.targets is None
+
+
+def test_collected_targets_are_the_policys_topk_at_every_emitted_position():
+    policy = tiny_causal_lm("qwen2", logit_scale=8.0)
+    ids, mask = left_padded_prompts(12, 2, 10, 256, seed=4)
+    config = SpecConfig(num_draft_tokens=3, collect_topk=8)
+    engine = SpeculativeEngine(policy, noised_copy(policy, 0.1), config)
+    engine.policy_version = 7
+    out = engine.generate(ids, mask, max_new_tokens=20, do_sample=False, eos_token_id=EOS)
+    assert sum(t.accepted.sum().item() for t in out.targets) <= out.stats.accepted
+    assert any(t.accepted.any() for t in out.targets) and any((t.drafted & ~t.accepted).any() for t in out.targets)
+    for row, targets in enumerate(out.targets):
+        completion = out.completion_ids[row]
+        assert targets.prompt_ids == ids[row][mask[row].bool()].tolist()
+        assert targets.completion_ids == completion and targets.policy_version == 7
+        assert targets.topk_ids.shape == (len(completion), 8)
+        assert bool((targets.accepted <= targets.drafted).all())
+        # Greedy emits the policy's argmax: the top-1 target is the emitted token itself.
+        assert targets.topk_ids[:, 0].tolist() == completion
+        with torch.no_grad():
+            logits = policy(input_ids=torch.tensor([targets.prompt_ids + completion])).logits[0]
+        expected = logits[len(targets.prompt_ids) - 1 : -1].log_softmax(-1).topk(8)
+        assert torch.equal(targets.topk_ids, expected.indices)
+        assert torch.allclose(targets.topk_logprobs.float(), expected.values, atol=1e-2)
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
