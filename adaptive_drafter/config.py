@@ -111,3 +111,76 @@ class DrafterConfig:
             raise ValueError(f"DrafterConfig.lora_dropout must lie in [0, 1), got {self.lora_dropout}.")
         if not self.lora_target_modules:
             raise ValueError("DrafterConfig.lora_target_modules is empty: LoRA would train nothing.")
+
+
+@dataclass
+class DistillConfig:
+    """How the background trainer distills the moving policy into the drafter's LoRA adapters."""
+
+    loss: str = field(
+        default="fkl", metadata={"help": "Divergence to the policy's top-K targets: fkl, rkl, tv, jsd or mix."}
+    )
+    mix_weights: str = field(
+        default="", metadata={"help": "loss='mix' only: weights as 'fkl:0.5,tv:0.5'."}
+    )
+    topk: int = field(default=32, metadata={"help": "Policy logprobs kept per generated position (K)."})
+    rejected_weight: float = field(
+        default=1.0, metadata={"help": "Extra loss weight on positions whose draft the policy rejected."}
+    )
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA weights."})
+    batch_size: int = field(default=8, metadata={"help": "Completions per distillation step."})
+    buffer_tokens: int = field(default=65536, metadata={"help": "Completion tokens the buffer keeps (newest)."})
+    recency_half_life: float = field(
+        default=2.0, metadata={"help": "A row's sampling weight halves every this many policy versions of age."}
+    )
+    min_buffer_tokens: int = field(default=256, metadata={"help": "Tokens buffered before training starts."})
+    publish_every: int = field(default=8, metadata={"help": "Optimizer steps between published adapter versions."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    on_error: str = field(
+        default="restart",
+        metadata={"help": "After a trainer fault: 'restart' (roll back to the last good adapter, back off) or 'stop'."},
+    )
+    max_restarts: int = field(default=5, metadata={"help": "Consecutive faults tolerated before the trainer stops."})
+    restart_backoff_s: float = field(default=1.0, metadata={"help": "First back-off after a fault; doubles."})
+    duty_cycle: float = field(
+        default=1.0,
+        metadata={
+            "help": "Largest share of wall time the background trainer may compute; it sleeps the rest. Below 1 it "
+            "bounds the trainer's cost where it shares cores with rollouts (a CPU)."
+        },
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "Device of the trainer's drafter copy (default: the serving drafter's)."}
+    )
+
+    def __post_init__(self) -> None:
+        kinds = ("fkl", "rkl", "tv", "jsd", "mix")
+        if self.loss not in kinds:
+            raise ValueError(f"Unknown distillation loss {self.loss!r}: choose one of {', '.join(kinds)}.")
+        if (self.loss == "mix") != bool(self.mix_weights):
+            raise ValueError("DistillConfig.mix_weights ('fkl:0.5,tv:0.5') is needed with loss='mix', and only then.")
+        self.mix()  # parse now: a malformed string fails at start-up, not in the background thread
+        for name in ("topk", "batch_size", "buffer_tokens", "publish_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DistillConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.min_buffer_tokens > self.buffer_tokens:
+            raise ValueError(
+                f"DistillConfig.min_buffer_tokens ({self.min_buffer_tokens}) exceeds buffer_tokens "
+                f"({self.buffer_tokens}): training would never start."
+            )
+        if self.learning_rate <= 0 or self.rejected_weight < 0 or self.recency_half_life <= 0:
+            raise ValueError("DistillConfig needs learning_rate > 0, rejected_weight >= 0, recency_half_life > 0.")
+        if not 0.0 < self.duty_cycle <= 1.0:
+            raise ValueError(f"DistillConfig.duty_cycle must lie in (0, 1], got {self.duty_cycle}.")
+        if self.on_error not in ("restart", "stop"):
+            raise ValueError(f"DistillConfig.on_error must be 'restart' or 'stop', got {self.on_error!r}.")
+
+    def mix(self) -> dict[str, float] | None:
+        """`mix_weights` parsed into a dict (None unless loss='mix')."""
+        if self.loss != "mix":
+            return None
+        try:
+            pairs = (item.split(":") for item in self.mix_weights.split(",") if item.strip())
+            return {name.strip(): float(weight) for name, weight in pairs}
+        except ValueError as exc:
+            raise ValueError(f"DistillConfig.mix_weights must look like 'fkl:0.5,tv:0.5', got {self.mix_weights!r}.") from exc

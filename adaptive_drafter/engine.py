@@ -12,6 +12,7 @@ cache lags further, by the tokens in `pending` (left-padded), which it consumes 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ from transformers import DynamicCache
 from . import acceptance
 from .config import SpecConfig
 from .distill import PolicyTargets
-from .drafter import check_compatible
+from .drafter import AdapterVersion, check_compatible, load_adapter_state
 from .metrics import SpecStats
 from .sampling import SamplingParams, process_logits, sample
 
@@ -116,6 +117,33 @@ class SpeculativeEngine:
         self.config = config if config is not None else SpecConfig()
         self.vocab_size = check_compatible(policy, drafter, tokenizer, drafter_tokenizer, self.config.vocab_size)
         self.policy_version = 0  # stamped on collected targets; advanced by whoever updates the policy
+        self.adapter_version: AdapterVersion | None = None  # the drafter adapter being served
+        self.trainer: Any = None
+        self._lock = threading.Lock()  # a swap never overlaps a rollout
+
+    def attach(self, trainer: Any) -> None:
+        """Feed `trainer` (a `DrafterTrainer`) with every rollout's policy targets, and serve the newest adapter it
+        publishes, swapped in at the start of the next `generate` call, never during one."""
+        self.trainer = trainer
+
+    def swap_adapter(self) -> bool:
+        """Load the attached trainer's newest adapter into the serving drafter if it is newer; return whether it was.
+        Called by `generate` before each rollout, under the engine's lock."""
+        latest = self.trainer.latest() if self.trainer is not None else None
+        current = self.adapter_version.adapter_version if self.adapter_version is not None else 0
+        if latest is None or latest.version.adapter_version <= current:
+            return False
+        load_adapter_state(self.drafter, latest.state)
+        self.adapter_version = latest.version
+        return True
+
+    def metrics(self, stats: SpecStats) -> dict[str, float]:
+        """`spec/*` metrics of one rollout plus the served adapter's version and its lag behind the policy."""
+        out = stats.metrics()
+        if self.adapter_version is not None:
+            out["drafter/version"] = float(self.adapter_version.adapter_version)
+            out["drafter/version_lag"] = float(self.policy_version - self.adapter_version.policy_version)
+        return out
 
     @torch.no_grad()
     def generate(
@@ -144,7 +172,18 @@ class SpeculativeEngine:
         self._validate(input_ids, attention_mask, max_new_tokens)
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         pad = pad_token_id if pad_token_id is not None else 0
-        return _Rollout(self, params, eos, pad, max_new_tokens, generator).run(input_ids, attention_mask.bool())
+        with self._lock:
+            self.swap_adapter()
+            out = _Rollout(self, params, eos, pad, max_new_tokens, generator).run(input_ids, attention_mask.bool())
+        if self.trainer is not None and out.targets:
+            self.trainer.buffer.add_many(out.targets)
+        return out
+
+    def _collect_topk(self) -> int:
+        """Top-K targets to keep: the config's, else the attached trainer's, else none."""
+        if self.config.collect_topk or self.trainer is None:
+            return self.config.collect_topk
+        return self.trainer.config.topk
 
     def _validate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> None:
         if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
@@ -217,7 +256,7 @@ class _Rollout:
         self.policy, self.drafter, self.config = engine.policy, engine.drafter, engine.config
         self.vocab_size, self.params, self.eos, self.pad = engine.vocab_size, params, eos, pad
         self.max_new_tokens, self.generator = max_new_tokens, generator
-        self.policy_version = engine.policy_version
+        self.policy_version, self.topk = engine.policy_version, engine._collect_topk()
         self.stats = SpecStats()
         # A sliding-window model sees exactly the full context only while its cache fits in the window.
         windows = [_sliding_window(m) for m in (self.policy, self.drafter)]
@@ -352,7 +391,7 @@ class _Rollout:
         This is the step's one host-device synchronisation."""
         logprobs = step.log_p.gather(-1, step.tokens[..., None]).squeeze(-1)
         tokens, lps, counts = step.tokens.tolist(), logprobs.tolist(), step.count.tolist()
-        top = step.log_p.topk(self.config.collect_topk, dim=-1) if self.config.collect_topk else None
+        top = step.log_p.topk(self.topk, dim=-1) if self.topk else None
         done = []
         for i, row in enumerate(rows):
             finished, taken = False, 0
@@ -372,7 +411,7 @@ class _Rollout:
 
     def _policy_targets(self, input_ids: torch.Tensor, mask: torch.Tensor) -> list[PolicyTargets] | None:
         """Per row, the policy's top-K logprobs at every emitted position: the distiller's targets, for free."""
-        if not self.config.collect_topk:
+        if not self.topk:
             return None
         out = []
         for row, parts in enumerate(self.targets):

@@ -35,6 +35,15 @@ class SpecStats:
         """Mean number of tokens one verification emits (accepted drafts + the correction or bonus)."""
         return self.verified_tokens / self.verify_steps if self.verify_steps else 0.0
 
+    def metrics(self) -> dict[str, float]:
+        """The `spec/*` metrics of DESIGN §7 for a logger."""
+        return {
+            "spec/acceptance_rate": self.acceptance_rate,
+            "spec/mean_accepted_len": self.mean_accepted_len,
+            "spec/tokens_per_verify": self.tokens_per_verify,
+            "spec/sd_fraction": self.verify_steps / max(1, self.verify_steps + self.plain_steps),
+        }
+
     def as_dict(self) -> dict[str, float]:
         """Counters and rates, flat, ready for a logger."""
         return {

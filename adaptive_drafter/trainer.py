@@ -1,0 +1,217 @@
+"""The background drafter trainer: distills the moving policy into a private copy of the drafter's LoRA adapters and
+publishes new adapter versions for the engine to swap in between rollouts.
+
+The trainer never touches the serving drafter. It owns a deep copy, trains its LoRA weights on batches sampled from a
+`DistillBuffer` that the engine fills, and every `publish_every` optimizer steps publishes `(version, state_dict)`.
+A fault (an exception, a non-finite loss or gradient) is caught and counted, the private copy is rolled back to the
+last published adapter, and the trainer restarts after a back-off or stops, as configured; the engine keeps serving the
+last good adapter throughout.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from .config import DistillConfig
+from .distill import DistillBatch, DistillBuffer, distill_loss, fkl_loss, tv_loss
+from .drafter import AdapterVersion, adapter_state, load_adapter_state
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PublishedAdapter:
+    """One adapter version as published by the trainer: immutable CPU tensors, safe to hand across threads."""
+
+    version: AdapterVersion
+    state: dict[str, torch.Tensor]
+
+
+class TrainerFault(RuntimeError):
+    """A training step produced something unusable (a non-finite loss or gradient)."""
+
+
+class DrafterTrainer:
+    """Continually distills the policy's targets from `buffer` into a private copy of `drafter`'s LoRA adapters.
+
+    Use `start()` to train in a background thread (or call `step()` yourself), `latest()` to fetch the newest
+    published adapter, `metrics()` for logging, and `stop()` when done (also a context manager).
+    """
+
+    def __init__(self, drafter: PeftModel, config: DistillConfig | None = None, buffer: DistillBuffer | None = None):
+        self.config = config if config is not None else DistillConfig()
+        self.buffer = buffer if buffer is not None else DistillBuffer(
+            self.config.buffer_tokens, self.config.recency_half_life
+        )
+        device = self.config.device or next(drafter.parameters()).device
+        self.model = copy.deepcopy(drafter).to(device).train()
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self._params:
+            raise ValueError("The drafter has no trainable parameters: build it with build_drafter (LoRA adapters).")
+        self._optimizer = self._new_optimizer()
+        self._good_state = adapter_state(self.model)  # what a fault rolls back to: the last published weights
+        self._published: PublishedAdapter | None = None
+        self._lock = threading.Lock()
+        self._stop, self._running = threading.Event(), threading.Event()
+        self._running.set()
+        self._thread: threading.Thread | None = None
+        self.steps = self.adapter_version = self.errors = self.restarts = 0
+        self.last_error: str | None = None
+        self.last_loss = self.tv_to_policy = self.kl_to_policy = math.nan
+        self.busy_seconds = 0.0
+
+    # --- one step -------------------------------------------------------------------------------------------------
+
+    def step(self) -> float | None:
+        """One optimizer step on a batch from the buffer; returns the loss, or None while the buffer is too small.
+        Raises on a fault (the background loop handles it; see `_recover`)."""
+        if self.buffer.num_tokens < self.config.min_buffer_tokens:
+            return None
+        start = time.perf_counter()
+        batch = self.buffer.sample(self.config.batch_size).to(next(self.model.parameters()).device)
+        loss, logits = self._loss(batch)
+        if not torch.isfinite(loss):
+            raise TrainerFault(f"non-finite distillation loss ({loss.item()}) at step {self.steps + 1}")
+        self._optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.config.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise TrainerFault(f"non-finite gradient norm at step {self.steps + 1}")
+        self._optimizer.step()
+        self.steps += 1
+        self.last_loss = loss.item()
+        self._track_drift(logits.detach(), batch)
+        if self.steps % self.config.publish_every == 0:
+            self.publish(policy_version=int(batch.policy_versions.max()))
+        self.busy_seconds += time.perf_counter() - start
+        return self.last_loss
+
+    def _loss(self, batch: DistillBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        loss = distill_loss(
+            logits, batch, self.config.loss, self.config.mix(), rejected_weight=self.config.rejected_weight
+        )
+        return loss, logits
+
+    def _track_drift(self, logits: torch.Tensor, batch: DistillBatch) -> None:
+        """Drafter/policy divergence on the batch just trained on (before the update): the drift metrics."""
+        mask = batch.loss_mask
+        count = mask.sum().clamp_min(1)
+        self.tv_to_policy = float(tv_loss(logits, batch.topk_ids, batch.topk_logprobs, mask).sum() / count)
+        self.kl_to_policy = float(fkl_loss(logits, batch.topk_ids, batch.topk_logprobs, mask).sum() / count)
+
+    def publish(self, policy_version: int) -> PublishedAdapter:
+        """Publish the current weights as the next adapter version (fitted to `policy_version`)."""
+        state = adapter_state(self.model)
+        self.adapter_version += 1
+        published = PublishedAdapter(AdapterVersion(self.adapter_version, policy_version), state)
+        with self._lock:
+            self._published, self._good_state = published, state
+        return published
+
+    def latest(self) -> PublishedAdapter | None:
+        """The newest published adapter, or None before the first."""
+        with self._lock:
+            return self._published
+
+    # --- the background loop --------------------------------------------------------------------------------------
+
+    def start(self) -> DrafterTrainer:
+        """Train in a background daemon thread until `stop()`."""
+        if self._thread is not None and self._thread.is_alive():
+            return self
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="drafter-trainer", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the background thread and wait for it (at most `timeout` seconds)."""
+        self._stop.set()
+        self._running.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("drafter trainer did not stop within %.0f s; it is a daemon thread", timeout)
+            self._thread = None
+
+    def pause(self) -> None:
+        """Hold the trainer between steps (e.g. while a checkpoint is written)."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __enter__(self) -> DrafterTrainer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        consecutive = 0
+        while not self._stop.is_set():
+            self._running.wait()
+            if self._stop.is_set():
+                break
+            started = time.perf_counter()
+            try:
+                loss = self.step()
+            except Exception as exc:  # noqa: BLE001 - any fault must leave the rollouts serving, never crash them
+                consecutive += 1
+                if not self._recover(exc, consecutive):
+                    return
+                continue
+            if loss is None:
+                self._stop.wait(0.05)  # waiting for rollouts to fill the buffer
+                continue
+            consecutive = 0
+            if self.config.duty_cycle < 1.0:  # sleep so that compute stays within duty_cycle of wall time
+                busy = time.perf_counter() - started
+                self._stop.wait(busy * (1.0 / self.config.duty_cycle - 1.0))
+
+    def _recover(self, exc: Exception, consecutive: int) -> bool:
+        """Count and log a fault, roll back to the last good adapter; return whether to keep training."""
+        self.errors += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        load_adapter_state(self.model, self._good_state)
+        self._optimizer = self._new_optimizer()  # moments may hold the fault's NaNs
+        if self.config.on_error == "stop" or consecutive > self.config.max_restarts:
+            logger.error("drafter trainer stopped after a fault (%s); serving the last good adapter", self.last_error)
+            return False
+        self.restarts += 1
+        backoff = self.config.restart_backoff_s * 2 ** (consecutive - 1)
+        logger.warning("drafter trainer fault (%s); rolled back, restarting in %.1f s", self.last_error, backoff)
+        self._stop.wait(backoff)
+        return True
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self._params, lr=self.config.learning_rate)
+
+    # --- metrics --------------------------------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, float]:
+        """The trainer's side of the drafter metrics (DESIGN §7), ready for a logger."""
+        return {
+            "drafter/distill_loss": self.last_loss,
+            "drafter/tv_to_policy": self.tv_to_policy,
+            "drafter/kl_to_policy": self.kl_to_policy,
+            "drafter/trainer_steps": float(self.steps),
+            "drafter/adapter_published": float(self.adapter_version),
+            "drafter/buffer_tokens": float(self.buffer.num_tokens),
+            "drafter/trainer_errors": float(self.errors),
+            "drafter/trainer_alive": float(self.alive),
+        }

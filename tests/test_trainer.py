@@ -1,0 +1,171 @@
+"""The background trainer: it learns, publishes, is swapped in only between rollouts, and survives injected faults."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import pytest
+import torch
+
+from adaptive_drafter import SpecConfig, SpeculativeEngine
+from adaptive_drafter.config import DistillConfig, DrafterConfig
+from adaptive_drafter.drafter import adapter_state, build_drafter, load_adapter_state
+from adaptive_drafter.testing import left_padded_prompts, tiny_causal_lm
+from adaptive_drafter.trainer import DrafterTrainer
+
+
+def setup(**distill):
+    policy = tiny_causal_lm("llama", num_layers=3, logit_scale=6.0)
+    drafter = build_drafter(policy, DrafterConfig(num_layers=2, lora_r=8, lora_alpha=16))
+    config = DistillConfig(**{"min_buffer_tokens": 64, "publish_every": 4, "learning_rate": 1e-2, **distill})
+    trainer = DrafterTrainer(drafter, config)
+    engine = SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=3))
+    engine.attach(trainer)
+    return policy, drafter, trainer, engine
+
+
+def rollout(engine, seed=0, batch=16, do_sample=True):
+    ids, mask = left_padded_prompts(batch, 2, 8, 256, seed=seed)
+    return engine.generate(
+        ids, mask, max_new_tokens=24, do_sample=do_sample, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def test_distillation_wins_back_acceptance_after_the_policy_moves():
+    policy, drafter, trainer, engine = setup()
+    # An RL-like update the drafter has not seen: the policy's output layer moves.
+    with torch.no_grad():
+        head = policy.get_output_embeddings().weight
+        head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(0)) * 0.5 * head.std())
+    engine.policy_version = 1
+    stale = rollout(engine, seed=100, do_sample=False).stats.acceptance_rate
+    for seed in range(6):
+        rollout(engine, seed=seed, do_sample=False)
+        for _ in range(12):
+            trainer.step()
+    assert trainer.adapter_version == 6 * 12 // 4
+    fresh = rollout(engine, seed=100, do_sample=False)
+    assert engine.adapter_version.adapter_version == trainer.adapter_version
+    assert fresh.stats.acceptance_rate > stale + 0.15, (stale, fresh.stats.acceptance_rate)
+    metrics = {**engine.metrics(fresh.stats), **trainer.metrics()}
+    assert metrics["drafter/trainer_errors"] == 0 and metrics["drafter/version_lag"] == 0
+    assert math.isfinite(metrics["drafter/tv_to_policy"]) and metrics["spec/acceptance_rate"] > 0
+
+
+def test_swap_happens_only_between_rollouts():
+    _, drafter, trainer, engine = setup()
+    rollout(engine)
+    trainer.step()
+    seen: list[float] = []
+
+    def hook(module, args, kwargs):
+        # Mid-rollout: the trainer publishes; the serving drafter must not change until the rollout ends.
+        if len(seen) == 2:
+            trainer.publish(policy_version=0)
+        seen.append(sum(float(v.abs().sum()) for v in adapter_state(drafter).values()))
+
+    handle = drafter.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        rollout(engine, seed=1)
+    finally:
+        handle.remove()
+    assert len(set(seen)) == 1, "the adapter changed during a rollout"
+    assert engine.adapter_version is None
+    rollout(engine, seed=2)
+    assert engine.adapter_version.adapter_version == trainer.adapter_version == 1
+
+
+def test_swapped_drafter_equals_a_fresh_one_loaded_with_the_adapter():
+    policy, drafter, trainer, engine = setup()
+    rollout(engine)
+    for _ in range(4):
+        trainer.step()
+    rollout(engine, seed=1)
+    fresh = build_drafter(policy, DrafterConfig(num_layers=2, lora_r=8, lora_alpha=16))
+    load_adapter_state(fresh, trainer.latest().state)
+    ids = torch.randint(3, 256, (2, 9))
+    assert torch.equal(fresh(input_ids=ids).logits, drafter(input_ids=ids).logits)
+
+
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_background_thread_trains_publishes_and_stops_cleanly():
+    _, _, trainer, engine = setup()
+    rollout(engine)
+    with trainer:
+        wait_for(lambda: trainer.adapter_version >= 2)
+        assert trainer.alive
+    assert not trainer.alive
+    assert not [t for t in threading.enumerate() if t.name == "drafter-trainer"]
+    assert trainer.errors == 0
+
+
+@pytest.mark.parametrize("fault", ["exception", "nan"])
+def test_faults_are_counted_rolled_back_and_restarted(monkeypatch, fault):
+    _, drafter, trainer, engine = setup(restart_backoff_s=0.01, max_restarts=100)
+    rollout(engine)
+    for _ in range(4):
+        trainer.step()
+    good = trainer.latest()
+    rollout(engine, seed=1)  # serving adapter 1
+    original = trainer._loss
+    calls = {"n": 0}
+
+    def faulty(batch):
+        calls["n"] += 1
+        if calls["n"] <= 3:
+            if fault == "exception":
+                raise RuntimeError("injected fault")
+            loss, logits = original(batch)
+            return loss * float("nan"), logits
+        return original(batch)
+
+    monkeypatch.setattr(trainer, "_loss", faulty)
+    trainer.start()
+    try:
+        wait_for(lambda: trainer.errors >= 3 and trainer.adapter_version >= 2)
+    finally:
+        trainer.stop()
+    assert trainer.errors == 3 and trainer.restarts == 3
+    assert ("injected fault" if fault == "exception" else "non-finite") in trainer.last_error
+    assert trainer.metrics()["drafter/trainer_errors"] == 3
+    assert all(torch.isfinite(v).all() for v in adapter_state(trainer.model).values())
+    # Rollouts went on serving the last good adapter, then picked up the recovered trainer's next one.
+    assert engine.adapter_version == good.version
+    rollout(engine, seed=2)
+    assert engine.adapter_version.adapter_version >= 2
+
+
+def test_on_error_stop_keeps_serving_the_last_good_adapter(monkeypatch):
+    _, _, trainer, engine = setup(on_error="stop")
+    rollout(engine)
+    for _ in range(4):
+        trainer.step()
+    rollout(engine, seed=1)
+    monkeypatch.setattr(trainer, "_loss", lambda batch: (_ for _ in ()).throw(MemoryError("injected OOM")))
+    trainer.start()
+    wait_for(lambda: not trainer.alive)
+    assert trainer.errors == 1 and "MemoryError: injected OOM" in trainer.last_error
+    out = rollout(engine, seed=2)
+    assert engine.adapter_version.adapter_version == 1 and out.stats.verify_steps > 0
+
+
+def test_trainer_needs_lora_weights():
+    policy = tiny_causal_lm("llama")
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        DrafterTrainer(tiny_causal_lm("llama").requires_grad_(False))
+    with pytest.raises(ValueError, match="Unknown distillation loss"):
+        DistillConfig(loss="kl")
+    with pytest.raises(ValueError, match="mix_weights"):
+        DistillConfig(loss="mix")
+    with pytest.raises(ValueError, match="must look like"):
+        DistillConfig(loss="mix", mix_weights="fkl=1")
+    assert DistillConfig(loss="mix", mix_weights="fkl:0.5, tv:0.5").mix() == {"fkl": 0.5, "tv": 0.5}
+    del policy
