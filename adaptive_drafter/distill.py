@@ -6,27 +6,42 @@ token), so the teacher signal costs no extra forward pass: the engine keeps the 
 position in a `PolicyTargets`, the rollout thread adds them to a `DistillBuffer`, and the background trainer samples
 `DistillBatch`es from it and minimises `distill_loss`.
 
-Divergence semantics. At each position the policy's K logprobs are renormalised over the K ids into a distribution P
-(a logprob of -inf is probability 0: the policy's top-K padded from a top-k/top-p filtered distribution), and the
-drafter's logits are restricted to the same K ids and renormalised into Q_K. Top-K targets say nothing about how the
-policy spreads its mass outside the K ids, so only the K ids can be compared; renormalising both sides makes P and
-Q_K distributions over the same K outcomes, on which every divergence below is proper (0 exactly when Q_K = P,
-positive otherwise). Note what this leaves out: the drafter's total mass outside the K ids is not penalised (its
-gradient there is 0); with K ≈ 32–64 the policy's own mass there is small, but a drafter that spreads mass outside it
-gets those drafts rejected. The K ids of a position are assumed distinct (as `torch.topk` returns them).
+Divergence semantics. Top-K targets say how the policy spreads its mass over its K ids, not how it spreads the rest,
+so each position is coarse-grained to K + 1 outcomes: the K target ids and an "other" bucket holding every remaining
+vocabulary id. Neither side is renormalised over the K ids:
 
-    tv   ½ Σ |P − Q_K|. For a drafter sampling from Q and a policy sampling from P, the exact acceptance rule accepts
-         a draft with probability α = Σ min(P, Q) = 1 − TV(P, Q): minimising tv maximises acceptance directly
-         (exactly so when K = V; on top-K it is the acceptance of the drafter's distribution restricted to K).
-    fkl  KL(P ‖ Q_K) = Σ P (log P − log Q_K): mode-covering, the usual soft-target cross-entropy up to a constant.
-    rkl  KL(Q_K ‖ P) = Σ Q_K (log Q_K − log P): mode-seeking. It is infinite as soon as Q_K puts mass on an id P gives
-         probability 0, so on positions with such ids Q_K is further restricted to P's support (the ids with a finite
-         logprob) and renormalised; mass on zero-probability ids is left to the other divergences (use "mix").
-    jsd  ½ KL(P ‖ M) + ½ KL(Q_K ‖ M), M = (P + Q_K) / 2: bounded by log 2, finite whatever the supports.
+    P        the policy's K probabilities as given (exp of `topk_logprobs`; -inf is probability 0, e.g. the padding of
+             a top-k/top-p filtered distribution), and P_other = 1 − Σ_k P_k, 0 when the K ids cover the policy's
+             support. Stored logprobs may be float16, whose rounding can push Σ_k P_k above 1: then P is renormalised
+             over the K ids so that it sums to exactly 1, and P_other = 0.
+    Q        the drafter's softmax over the full vocabulary (float32) at the K ids, and Q_other = its total mass on
+             every other id (a logsumexp over those ids: exact even when Q_other is tiny, unlike 1 − Σ_k Q_k).
+
+When K = V no id is left for the bucket: it is dropped and P is renormalised over the K ids (a deficit from 1 can
+only be rounding). The K ids of a position are assumed distinct (as `torch.topk` returns them).
+
+P and Q are distributions over the same K + 1 outcomes. fkl, tv and jsd are 0 exactly when Q = P there, i.e. when
+the drafter's full distribution equals the policy's on the K ids and puts the same total mass outside them (when
+K = V: when the two distributions are equal), and positive otherwise; so is rkl on positions where P gives every
+outcome nonzero probability (see rkl below). In particular the drafter's mass outside the K ids is penalised: its
+gradient pushes Q_other towards P_other. What the targets cannot show is how either side spreads the mass inside the
+bucket, so coarse-graining can only lose information: each divergence is at most its full-vocabulary value (the
+data-processing inequality; for rkl, where it is not restricted), with equality when K = V.
+
+    tv   ½ Σ |P − Q| over the K + 1 outcomes. For a drafter sampling from q and a policy sampling from p (full
+         vocabulary), the exact acceptance rule accepts a draft with probability α = Σ min(p, q) = 1 − TV(p, q).
+         tv is a lower bound of TV(p, q), equal when K = V: 1 − tv bounds α from above, exactly so when K = V.
+    fkl  KL(P ‖ Q) = Σ P (log P − log Q): mode-covering, the usual soft-target cross-entropy up to a constant.
+    rkl  KL(Q ‖ P) = Σ Q (log Q − log P): mode-seeking. It is infinite as soon as Q puts mass on an outcome P gives
+         probability 0, so on positions with such outcomes (a zero P_k, or P_other = 0) Q is further restricted to
+         P's support (the outcomes with nonzero probability) and renormalised; mass outside P's support, the
+         drafter's mass outside the K ids included when P_other = 0, is left to the other divergences (use "mix").
+    jsd  ½ KL(P ‖ M) + ½ KL(Q ‖ M), M = (P + Q) / 2: bounded by log 2, finite whatever the supports.
     mix  Σ_kind w_kind · divergence_kind over `mix_weights`.
 
 Everything is computed in float32 log space; terms with P = 0 contribute exactly 0 and never produce NaN, values or
-gradients.
+gradients. The drafter side needs the full vocabulary (its normaliser, and its mass outside the K ids): it holds up
+to two float32 `[B, L, V]` temporaries, a float32 copy of bf16 logits and the copy with the K ids masked out.
 """
 
 from __future__ import annotations
@@ -292,14 +307,24 @@ def _check_shapes(
 def _log_dists(
     drafter_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log P and log Q_K, `[B, L, K]` float32: the policy's and the drafter's distributions renormalised over K."""
+    """log P and log Q, `[B, L, K + 1]` float32: the policy's and the drafter's probabilities of the K ids and, last,
+    of the "other" bucket (every remaining id); `[B, L, K]` when K = V (see the module docstring)."""
     _check_shapes(drafter_logits, topk_ids, topk_logprobs, mask)
+    ids = topk_ids.long()
     # Masked positions may hold anything (all -inf padding): a uniform target there keeps NaN out of the forward
     # pass, and so out of the gradient, which flows through both branches of the final `where`.
-    target = topk_logprobs.float().masked_fill(~mask.bool().unsqueeze(-1), 0.0)
-    log_p = target.log_softmax(-1)
-    log_q = drafter_logits.gather(-1, topk_ids.long()).float().log_softmax(-1)
-    return log_p, log_q
+    log_p = topk_logprobs.float().masked_fill(~mask.bool().unsqueeze(-1), 0.0)
+    log_mass = log_p.logsumexp(-1, keepdim=True)  # log Σ_k P_k
+    logits = drafter_logits.float()
+    log_z = logits.logsumexp(-1, keepdim=True)
+    log_q = logits.gather(-1, ids) - log_z
+    if ids.shape[-1] >= logits.shape[-1]:
+        return log_p - log_mass, log_q  # K = V: no other id, so P's deficit from 1 is rounding
+    log_p = log_p - log_mass.clamp_min(0.0)  # renormalise only a sum pushed above 1 by (float16) rounding
+    log_p_other = torch.log(-torch.expm1(log_mass.clamp_max(0.0)))  # log(1 − Σ_k P_k): -inf when it is 0
+    # The drafter's mass off the K ids, summed over those ids in log space: 1 − Σ_k Q_k would cancel when it is small.
+    log_q_other = logits.scatter(-1, ids, -math.inf).logsumexp(-1, keepdim=True) - log_z
+    return torch.cat([log_p, log_p_other], -1), torch.cat([log_q, log_q_other], -1)
 
 
 def _finite(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -314,7 +339,7 @@ def _fkl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def _rkl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     support = ~log_p.isneginf()
-    # Q restricted to P's support and renormalised: KL(Q_K || P) would be infinite with mass where P is 0.
+    # Q restricted to P's support and renormalised: KL(Q || P) would be infinite with mass where P is 0.
     log_q = log_q.masked_fill(~support, -math.inf).log_softmax(-1)
     return (log_q.exp() * (_finite(log_q, support) - _finite(log_p, support))).sum(-1)
 
@@ -325,7 +350,7 @@ def _tv(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def _jsd(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     support = ~log_p.isneginf()
-    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)  # finite: log Q_K is
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)  # finite: log Q is (finite logits)
     kl_pm = (log_p.exp() * (_finite(log_p, support) - log_m)).sum(-1)
     kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
     return 0.5 * (kl_pm + kl_qm)
@@ -350,31 +375,33 @@ def _per_position(
 def fkl_loss(
     drafter_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Per-position forward KL(P ‖ Q_K), `[B, L]` float32, 0 where `mask` is False (see the module docstring)."""
+    """Per-position forward KL(P ‖ Q) over the K ids and the other bucket, `[B, L]` float32, 0 where `mask` is False
+    (see the module docstring)."""
     return _per_position("fkl", drafter_logits, topk_ids, topk_logprobs, mask)
 
 
 def rkl_loss(
     drafter_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Per-position reverse KL(Q_K ‖ P), `[B, L]` float32, 0 where `mask` is False. Q_K is restricted to the ids P
-    gives nonzero probability (see the module docstring)."""
+    """Per-position reverse KL(Q ‖ P) over the K ids and the other bucket, `[B, L]` float32, 0 where `mask` is False.
+    Q is restricted to the outcomes P gives nonzero probability (see the module docstring)."""
     return _per_position("rkl", drafter_logits, topk_ids, topk_logprobs, mask)
 
 
 def tv_loss(
     drafter_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Per-position total variation ½ Σ |P − Q_K|, `[B, L]` float32, 0 where `mask` is False. 1 − tv is the
-    acceptance rate of exact speculative sampling (exactly so when K = V)."""
+    """Per-position total variation ½ Σ |P − Q| over the K ids and the other bucket, `[B, L]` float32, 0 where
+    `mask` is False. A lower bound of the full-vocabulary TV, so 1 − tv bounds the acceptance rate of exact
+    speculative sampling from above (exactly so when K = V)."""
     return _per_position("tv", drafter_logits, topk_ids, topk_logprobs, mask)
 
 
 def jsd_loss(
     drafter_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Per-position Jensen–Shannon divergence ½ KL(P ‖ M) + ½ KL(Q_K ‖ M), M = (P + Q_K) / 2, `[B, L]` float32, 0
-    where `mask` is False."""
+    """Per-position Jensen–Shannon divergence ½ KL(P ‖ M) + ½ KL(Q ‖ M), M = (P + Q) / 2, over the K ids and the
+    other bucket, `[B, L]` float32, 0 where `mask` is False."""
     return _per_position("jsd", drafter_logits, topk_ids, topk_logprobs, mask)
 
 

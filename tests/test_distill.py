@@ -1,6 +1,7 @@
-"""Distillation: the four divergences against float64 brute force, their gradients and zeros, the weighted reducer,
-1 − tv as the acceptance rate, the buffer's token bound, recency weighting, ageing, collation alignment and
-thread safety, and `PolicyTargets` validation."""
+"""Distillation: the four divergences over the K ids and the other bucket against float64 brute force, their
+gradients and zeros, the penalty on drafter mass outside the K ids, coarse-graining as a lower bound of the
+full-vocabulary divergence, the weighted reducer, 1 − tv as the acceptance rate, the buffer's token bound, recency
+weighting, ageing, collation alignment and thread safety, and `PolicyTargets` validation."""
 
 import math
 import threading
@@ -31,47 +32,67 @@ NEG_INF = float("-inf")
 
 
 def random_targets(batch=3, length=6, vocab=13, k=5, seed=0):
-    """Drafter logits, distinct top-K ids, policy logprobs with some -inf entries (never all of a position), and a
-    mask whose masked-out positions hold all -inf logprobs (the worst padding)."""
+    """Drafter logits, distinct top-K ids, policy logprobs and a mask whose masked-out positions hold all -inf
+    logprobs (the worst padding). Unmasked positions mix the three cases of the policy's mass Σ_k P_k: below 1 (mass
+    outside the K ids), slightly above 1 (float16 rounding: renormalised), and exactly 1 (a single id with logprob 0,
+    the rest -inf: a top-k filtered policy the K ids cover). Other positions have some -inf entries, never all."""
     gen = GEN(seed)
     logits = torch.randn(batch, length, vocab, generator=gen) * 2
     ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(batch * length)]).view(batch, length, k)
-    logprobs = torch.randn(batch, length, k, generator=gen) * 2 - 3  # unnormalised on purpose
     zero = torch.rand(batch, length, k, generator=gen) < 0.3
     zero[..., 0] = False
-    logprobs = logprobs.masked_fill(zero, NEG_INF)
+    shape = (torch.randn(batch, length, k, generator=gen) * 2).masked_fill(zero, NEG_INF).log_softmax(-1)
+    case = torch.randint(0, 3, (batch, length), generator=gen)
+    mass = torch.where(case == 0, 0.2 + 0.75 * torch.rand(batch, length, generator=gen), torch.tensor(1.001))
+    logprobs = shape + mass.log()[..., None]
+    exact = torch.full((k,), NEG_INF)
+    exact[0] = 0.0
+    logprobs[case == 2] = exact
     mask = torch.rand(batch, length, generator=gen) < 0.7
     mask[0, 0] = True
     logprobs = logprobs.masked_fill(~mask[..., None], NEG_INF)
     return logits, ids, logprobs, mask
 
 
+def buckets(logits_row, ids_row, logprobs_row) -> tuple[list[float], list[float]]:
+    """The documented P and Q of one position in float64: the K ids, then (when K < V) the other bucket."""
+    lp = [float(x) for x in logprobs_row]
+    p = [math.exp(x) if x > NEG_INF else 0.0 for x in lp]
+    z = [float(x) for x in logits_row]
+    log_z = max(z) + math.log(sum(math.exp(x - max(z)) for x in z))
+    q_full = [math.exp(x - log_z) for x in z]
+    q = [q_full[i] for i in ids_row.tolist()]
+    if len(ids_row) == len(z):  # K = V: no other bucket, P renormalised
+        return [x / sum(p) for x in p], q
+    if sum(p) > 1:
+        p, p_other = [x / sum(p) for x in p], 0.0
+    else:
+        p_other = 1 - sum(p)
+    q_other = sum(x for i, x in enumerate(q_full) if i not in set(ids_row.tolist()))
+    return p + [p_other], q + [q_other]
+
+
+def divergence(kind: str, p: list[float], q: list[float]) -> float:
+    """Plain-Python float64 evaluation of the documented formula over matching outcome lists."""
+    if kind == "fkl":
+        return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+    if kind == "rkl":
+        qs = [qi if pi > 0 else 0.0 for pi, qi in zip(p, q)]
+        qs = [x / sum(qs) for x in qs]
+        return sum(qi * math.log(qi / pi) for pi, qi in zip(p, qs) if qi > 0)
+    if kind == "tv":
+        return 0.5 * sum(abs(pi - qi) for pi, qi in zip(p, q))
+    m = [(pi + qi) / 2 for pi, qi in zip(p, q)]
+    return 0.5 * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m) if pi > 0) + 0.5 * sum(
+        qi * math.log(qi / mi) for qi, mi in zip(q, m) if qi > 0
+    )
+
+
 def reference(kind: str, logits, ids, logprobs, mask) -> torch.Tensor:
-    """Plain-Python float64 evaluation of the documented formula at every position."""
+    """The documented loss at every position, in float64 (0 where masked)."""
     out = torch.zeros(mask.shape, dtype=torch.float64)
-    for b in range(mask.shape[0]):
-        for t in range(mask.shape[1]):
-            if not mask[b, t]:
-                continue
-            lp = [float(x) for x in logprobs[b, t]]
-            z = [float(logits[b, t, i]) for i in ids[b, t]]
-            p = [math.exp(x) if x > NEG_INF else 0.0 for x in lp]
-            p = [x / sum(p) for x in p]
-            q = [math.exp(x) for x in z]
-            q = [x / sum(q) for x in q]
-            if kind == "fkl":
-                value = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
-            elif kind == "rkl":
-                qs = [qi if pi > 0 else 0.0 for pi, qi in zip(p, q)]
-                qs = [x / sum(qs) for x in qs]
-                value = sum(qi * math.log(qi / pi) for pi, qi in zip(p, qs) if pi > 0)
-            elif kind == "tv":
-                value = 0.5 * sum(abs(pi - qi) for pi, qi in zip(p, q))
-            else:
-                m = [(pi + qi) / 2 for pi, qi in zip(p, q)]
-                value = 0.5 * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m) if pi > 0)
-                value += 0.5 * sum(qi * math.log(qi / mi) for qi, mi in zip(q, m) if qi > 0)
-            out[b, t] = value
+    for b, t in mask.nonzero().tolist():
+        out[b, t] = divergence(kind, *buckets(logits[b, t].double(), ids[b, t], logprobs[b, t]))
     return out
 
 
@@ -94,9 +115,9 @@ def make_row(prompt_len=3, num=4, k=3, version=0, tag=0, seed=0) -> PolicyTarget
 
 
 @pytest.mark.parametrize("kind", list(LOSS_FNS))
-@pytest.mark.parametrize("seed", [0, 1])
-def test_loss_matches_brute_force(kind, seed):
-    logits, ids, logprobs, mask = random_targets(seed=seed)
+@pytest.mark.parametrize("seed, vocab", [(0, 13), (1, 13), (2, 5)])  # vocab 5 = K: no other bucket
+def test_loss_matches_brute_force(kind, seed, vocab):
+    logits, ids, logprobs, mask = random_targets(vocab=vocab, seed=seed)
     got = LOSS_FNS[kind](logits, ids, logprobs, mask)
     assert got.shape == mask.shape and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), reference(kind, logits, ids, logprobs, mask), atol=2e-6, rtol=1e-5)
@@ -110,6 +131,7 @@ def test_gradients_flow_and_are_finite(kind):
         logits = logits.to(dtype).requires_grad_()
         loss = LOSS_FNS[kind](logits, ids, logprobs, mask)
         assert loss.dtype == torch.float32
+        assert torch.equal(loss, LOSS_FNS[kind](logits.detach().float(), ids, logprobs, mask))  # computed in float32
         loss.sum().backward()
         grad = logits.grad
         assert grad.dtype == dtype and torch.isfinite(grad).all()
@@ -119,18 +141,85 @@ def test_gradients_flow_and_are_finite(kind):
 
 
 @pytest.mark.parametrize("kind", list(LOSS_FNS))
-def test_loss_is_zero_when_drafter_matches_policy_on_the_k_ids(kind):
-    logits, ids, logprobs, mask = random_targets(seed=3)
-    # Off-K logits stay random (they are ignored); on the K ids, the policy's logprobs up to a per-position shift.
-    shift = torch.randn(mask.shape, generator=GEN(4))[..., None]
-    matched = logits.scatter(-1, ids, logprobs.clamp_min(-1e9) + shift)
+@pytest.mark.parametrize("vocab", [13, 5])
+def test_loss_is_zero_exactly_when_the_drafter_matches_the_policy_on_the_k_ids_and_outside(kind, vocab):
+    logits, ids, logprobs, mask = random_targets(vocab=vocab, seed=3)
+    # The drafter's logits: log P on the K ids, log P_other spread at random over the other ids (-1e4 for a
+    # probability 0), plus a per-position shift.
+    matched = torch.full_like(logits, -1e4)
+    gen = GEN(4)
+    for b, t in mask.nonzero().tolist():
+        p, _ = buckets(logits[b, t], ids[b, t], logprobs[b, t])
+        matched[b, t, ids[b, t]] = torch.tensor([math.log(x) if x > 0 else -1e4 for x in p[: ids.shape[-1]]])
+        others = [i for i in range(vocab) if i not in ids[b, t].tolist()]
+        if others and p[-1] > 0:
+            matched[b, t, others] = math.log(p[-1]) + torch.randn(len(others), generator=gen).log_softmax(-1)
+    matched += torch.randn(mask.shape, generator=gen)[..., None]
     assert LOSS_FNS[kind](matched, ids, logprobs, mask).abs().max() < 1e-6
-    assert LOSS_FNS[kind](logits, ids, logprobs, mask)[mask].min() > 1e-4
+    # Any other drafter is penalised; rkl only where P's support has more than one outcome (it renormalises Q there).
+    loss = LOSS_FNS[kind](logits, ids, logprobs, mask)
+    for b, t in mask.nonzero().tolist():
+        p, _ = buckets(logits[b, t], ids[b, t], logprobs[b, t])
+        if kind != "rkl" or sum(x > 0 for x in p) > 1:
+            assert loss[b, t] > 1e-4
 
 
-def test_rkl_ignores_drafter_mass_on_zero_probability_ids_but_others_do_not():
+@pytest.mark.parametrize("p_other", [0.0, 0.1])
+def test_drafter_mass_outside_the_k_ids_is_penalised(p_other):
+    # The drafter's K-id probabilities are proportional to the policy's, but it puts 30% of its mass outside them.
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    vocab, ids, mask = 10, torch.tensor([[[7, 2, 0, 5]]]), torch.tensor([[True]])
+    # P_other = 0: the K ids cover the policy; its float16 logprobs overshoot 1 slightly and are renormalised.
+    logprobs = (p * (1.001 if p_other == 0 else 1 - p_other)).log().half().float().view(1, 1, 4)
+    logits = torch.full((1, 1, vocab), math.log(0.3 / (vocab - 4)))
+    logits[0, 0, ids[0, 0]] = (0.7 * p).log()
+    outside = [i for i in range(vocab) if i not in ids.flatten().tolist()]
+    if p_other == 0:  # 1 − tv = 0.7 is the acceptance rate, and fkl is the cross-entropy excess −log 0.7
+        assert tv_loss(logits, ids, logprobs, mask).item() == pytest.approx(0.3, abs=1e-6)
+        assert fkl_loss(logits, ids, logprobs, mask).item() == pytest.approx(-math.log(0.7), abs=1e-6)
+        # rkl restricts Q to P's support, the K ids, where Q is proportional to P: it is blind to this (documented).
+        assert rkl_loss(logits, ids, logprobs, mask).item() == pytest.approx(0.0, abs=1e-6)
+    for kind, fn in LOSS_FNS.items():
+        if kind == "rkl" and p_other == 0:
+            continue
+        leaf = logits.clone().requires_grad_()
+        loss = fn(leaf, ids, logprobs, mask)
+        loss.sum().backward()
+        assert loss.item() > 1e-3, kind
+        assert (leaf.grad[0, 0, outside] > 0).all(), kind  # gradient descent pushes the outside logits down
+
+
+def full_divergence(kind: str, p: torch.Tensor, q: torch.Tensor) -> float:
+    return divergence(kind, p.double().tolist(), q.double().tolist())
+
+
+@pytest.mark.parametrize("kind", list(LOSS_FNS))
+def test_coarse_graining_lower_bounds_the_full_vocabulary_divergence(kind):
+    # Policy and drafter over the full vocabulary; the targets are the policy's exact logprobs at K ids.
+    gen, vocab, positions = GEN(13), 11, 12
+    p_logits, q_logits = torch.randn(2, 1, positions, vocab, generator=gen) * 2
+    p, q = p_logits.softmax(-1)[0], q_logits.softmax(-1)[0]
+    mask = torch.ones(1, positions, dtype=torch.bool)
+    for k in (1, 4, vocab - 1, vocab):
+        ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(positions)])[None]
+        coarse = LOSS_FNS[kind](q_logits, ids, p_logits.log_softmax(-1).gather(-1, ids), mask)[0]
+        for t in range(positions):
+            full = full_divergence(kind, p[t], q[t])
+            if k < vocab:
+                assert coarse[t].item() <= full * (1 + 1e-5) + 1e-6  # float32 rounding
+            else:  # K = V: nothing is coarse-grained
+                assert coarse[t].item() == pytest.approx(full, abs=1e-5)
+
+
+def test_rkl_ignores_drafter_mass_on_zero_probability_outcomes_but_others_do_not():
     ids, logprobs, mask = torch.tensor([[[0, 1, 2]]]), torch.tensor([[[0.0, -1.0, NEG_INF]]]), torch.tensor([[True]])
-    logits = torch.tensor([[[0.0, -1.0, 5.0]]])  # P's shape on ids 0, 1 but most mass on id 2, where P is 0
+    logits = torch.tensor([[[0.0, -1.0, 5.0]]])  # K = V: P's shape on ids 0, 1 but most mass on id 2, where P is 0
+    assert rkl_loss(logits, ids, logprobs, mask).item() == pytest.approx(0.0, abs=1e-6)
+    for fn in (fkl_loss, tv_loss, jsd_loss):
+        assert fn(logits, ids, logprobs, mask).item() > 0.1
+    # With an other bucket (ids 3, 4): P = (0.6, 0.2, 0, other 0.2); Q proportional to it off id 2.
+    logprobs = torch.tensor([0.6, 0.2, 0.0, 0.2]).log()[:3].view(1, 1, 3)
+    logits = torch.tensor([[[0.6, 0.2, 3.0, 0.1, 0.1]]]).log()
     assert rkl_loss(logits, ids, logprobs, mask).item() == pytest.approx(0.0, abs=1e-6)
     for fn in (fkl_loss, tv_loss, jsd_loss):
         assert fn(logits, ids, logprobs, mask).item() > 0.1
@@ -141,7 +230,7 @@ def test_one_minus_tv_is_the_acceptance_rate_on_the_full_vocabulary():
     p_logits, q_logits = torch.randn(2, vocab, generator=gen) * 2
     ids = torch.randperm(vocab, generator=gen)
     p, q = p_logits.softmax(-1), q_logits.softmax(-1)
-    tv = tv_loss(q_logits.view(1, 1, vocab), ids.view(1, 1, vocab), p_logits[ids].view(1, 1, vocab),
+    tv = tv_loss(q_logits.view(1, 1, vocab), ids.view(1, 1, vocab), p.log()[ids].view(1, 1, vocab),
                  torch.ones(1, 1, dtype=torch.bool))
     assert 1 - tv.item() == pytest.approx(torch.minimum(p, q).sum().item(), abs=1e-6)
     # ...and the exact acceptance rule accepts a draft sampled from q at that rate (Monte Carlo).
