@@ -1,0 +1,52 @@
+"""The scripts run end to end on tiny models (their science is in docs/benchmarks.md, not here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from adaptive_drafter.config import DrafterConfig
+from adaptive_drafter.drafter import build_drafter, load_adapter
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_rollout_prints_and_writes_its_table(tmp_path, capsys):
+    bench = load_script("bench_rollout")
+    out = tmp_path / "bench.json"
+    bench.main(["--batch-sizes", "1,3", "--max-new-tokens", "8", "--repeats", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "ratio" in printed and "identical" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    assert all(r["identical_rows"] == 1.0 and r["plain_tok_s"] > 0 and r["spec_tok_s"] > 0 for r in rows)
+
+
+def test_distill_drafter_saves_a_loadable_adapter(tmp_path):
+    warm = load_script("distill_drafter")
+    result = warm.main(["--rounds", "2", "--steps-per-round", "2", "--batch-size", "4", "--max-new-tokens", "8",
+                        "--eval-batches", "1", "--out", str(tmp_path / "adapter")])
+    assert 0 <= result["before"] <= 1 and 0 <= result["after"] <= 1
+    task = warm.tiny_task(warm.parse_args([]))
+    fresh = build_drafter(task.policy, DrafterConfig(num_layers=2, lora_r=32, lora_alpha=64))
+    version = load_adapter(fresh, tmp_path / "adapter")
+    assert version.adapter_version == 2 and version.policy_version == 0
+
+
+@pytest.mark.parametrize("flag", ["--batch-sizes", "--repeats"])
+def test_bench_rollout_rejects_bad_numbers(flag):
+    bench = load_script("bench_rollout")
+    with pytest.raises(SystemExit):
+        bench.parse_args([flag, "0"])
