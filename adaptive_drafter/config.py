@@ -84,103 +84,115 @@ class DrafterConfig:
     (`model_name_or_path`). Either way LoRA adapters (peft) on `lora_target_modules` are what the distiller trains.
     """
 
-    kind: str = field(default="truncated", metadata={"help": "'truncated' (self-draft from the policy) or 'model'."})
-    num_layers: int = field(default=4, metadata={"help": "Decoder layers of a truncated self-draft."})
-    model_name_or_path: str | None = field(
+    drafter_kind: str = field(
+        default="truncated", metadata={"help": "'truncated' (self-draft from the policy) or 'model'."}
+    )
+    drafter_num_layers: int = field(default=4, metadata={"help": "Decoder layers of a truncated self-draft."})
+    drafter_model_name_or_path: str | None = field(
         default=None, metadata={"help": "kind='model': the drafter's path or hub id (same tokenizer as the policy)."}
     )
-    lora_r: int = field(default=32, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout while training the drafter."})
-    lora_target_modules: list[str] = field(
+    drafter_lora_r: int = field(default=32, metadata={"help": "LoRA rank."})
+    drafter_lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    drafter_lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout while training the drafter."})
+    drafter_lora_target_modules: list[str] = field(
         default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         metadata={"help": "Module names that get LoRA adapters (all attention and MLP projections by default)."},
     )
-    trust_remote_code: bool = field(
+    drafter_trust_remote_code: bool = field(
         default=False, metadata={"help": "kind='model': allow the drafter's own modelling code (off: safer)."}
     )
 
     def __post_init__(self) -> None:
-        if self.kind not in DRAFTER_KINDS:
-            raise ValueError(f"Unknown drafter kind {self.kind!r}: choose one of {', '.join(DRAFTER_KINDS)}.")
-        if self.kind == "truncated" and self.num_layers < 1:
-            raise ValueError(f"DrafterConfig.num_layers must be >= 1, got {self.num_layers}.")
-        if self.lora_r < 1 or self.lora_alpha <= 0:
-            raise ValueError(f"LoRA needs lora_r >= 1 and lora_alpha > 0, got r={self.lora_r}, alpha={self.lora_alpha}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"DrafterConfig.lora_dropout must lie in [0, 1), got {self.lora_dropout}.")
-        if not self.lora_target_modules:
-            raise ValueError("DrafterConfig.lora_target_modules is empty: LoRA would train nothing.")
+        if self.drafter_kind not in DRAFTER_KINDS:
+            raise ValueError(f"Unknown drafter kind {self.drafter_kind!r}: choose one of {', '.join(DRAFTER_KINDS)}.")
+        if self.drafter_kind == "truncated" and self.drafter_num_layers < 1:
+            raise ValueError(f"DrafterConfig.drafter_num_layers must be >= 1, got {self.drafter_num_layers}.")
+        if self.drafter_lora_r < 1 or self.drafter_lora_alpha <= 0:
+            raise ValueError(
+                f"LoRA needs lora_r >= 1 and lora_alpha > 0, got r={self.drafter_lora_r}, alpha={self.drafter_lora_alpha}."
+            )
+        if not 0.0 <= self.drafter_lora_dropout < 1.0:
+            raise ValueError(f"DrafterConfig.drafter_lora_dropout must lie in [0, 1), got {self.drafter_lora_dropout}.")
+        if not self.drafter_lora_target_modules:
+            raise ValueError("DrafterConfig.drafter_lora_target_modules is empty: LoRA would train nothing.")
 
 
 @dataclass
 class DistillConfig:
     """How the background trainer distills the moving policy into the drafter's LoRA adapters."""
 
-    loss: str = field(
+    distill_loss: str = field(
         default="fkl", metadata={"help": "Divergence to the policy's top-K targets: fkl, rkl, tv, jsd or mix."}
     )
-    mix_weights: str = field(
-        default="", metadata={"help": "loss='mix' only: weights as 'fkl:0.5,tv:0.5'."}
-    )
-    topk: int = field(default=32, metadata={"help": "Policy logprobs kept per generated position (K)."})
-    rejected_weight: float = field(
+    distill_mix_weights: str = field(default="", metadata={"help": "loss='mix' only: weights as 'fkl:0.5,tv:0.5'."})
+    distill_topk: int = field(default=32, metadata={"help": "Policy logprobs kept per generated position (K)."})
+    distill_rejected_weight: float = field(
         default=1.0, metadata={"help": "Extra loss weight on positions whose draft the policy rejected."}
     )
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA weights."})
-    batch_size: int = field(default=8, metadata={"help": "Completions per distillation step."})
-    buffer_tokens: int = field(default=65536, metadata={"help": "Completion tokens the buffer keeps (newest)."})
-    recency_half_life: float = field(
+    distill_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA weights."})
+    distill_batch_size: int = field(default=8, metadata={"help": "Completions per distillation step."})
+    distill_buffer_tokens: int = field(default=65536, metadata={"help": "Completion tokens the buffer keeps (newest)."})
+    distill_recency_half_life: float = field(
         default=2.0, metadata={"help": "A row's sampling weight halves every this many policy versions of age."}
     )
-    min_buffer_tokens: int = field(default=256, metadata={"help": "Tokens buffered before training starts."})
-    publish_every: int = field(default=8, metadata={"help": "Optimizer steps between published adapter versions."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    on_error: str = field(
+    distill_min_buffer_tokens: int = field(default=256, metadata={"help": "Tokens buffered before training starts."})
+    distill_publish_every: int = field(
+        default=8, metadata={"help": "Optimizer steps between published adapter versions."}
+    )
+    distill_max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    distill_on_error: str = field(
         default="restart",
         metadata={"help": "After a trainer fault: 'restart' (roll back to the last good adapter, back off) or 'stop'."},
     )
-    max_restarts: int = field(default=5, metadata={"help": "Consecutive faults tolerated before the trainer stops."})
-    restart_backoff_s: float = field(default=1.0, metadata={"help": "First back-off after a fault; doubles."})
-    duty_cycle: float = field(
+    distill_max_restarts: int = field(
+        default=5, metadata={"help": "Consecutive faults tolerated before the trainer stops."}
+    )
+    distill_restart_backoff_s: float = field(default=1.0, metadata={"help": "First back-off after a fault; doubles."})
+    distill_duty_cycle: float = field(
         default=1.0,
         metadata={
             "help": "Largest share of wall time the background trainer may compute; it sleeps the rest. Below 1 it "
             "bounds the trainer's cost where it shares cores with rollouts (a CPU)."
         },
     )
-    device: str | None = field(
+    distill_device: str | None = field(
         default=None, metadata={"help": "Device of the trainer's drafter copy (default: the serving drafter's)."}
     )
 
     def __post_init__(self) -> None:
         kinds = ("fkl", "rkl", "tv", "jsd", "mix")
-        if self.loss not in kinds:
-            raise ValueError(f"Unknown distillation loss {self.loss!r}: choose one of {', '.join(kinds)}.")
-        if (self.loss == "mix") != bool(self.mix_weights):
-            raise ValueError("DistillConfig.mix_weights ('fkl:0.5,tv:0.5') is needed with loss='mix', and only then.")
+        if self.distill_loss not in kinds:
+            raise ValueError(f"Unknown distillation loss {self.distill_loss!r}: choose one of {', '.join(kinds)}.")
+        if (self.distill_loss == "mix") != bool(self.distill_mix_weights):
+            raise ValueError(
+                "DistillConfig.distill_mix_weights ('fkl:0.5,tv:0.5') is needed with loss='mix', and only then."
+            )
         self.mix()  # parse now: a malformed string fails at start-up, not in the background thread
-        for name in ("topk", "batch_size", "buffer_tokens", "publish_every"):
+        for name in ("distill_topk", "distill_batch_size", "distill_buffer_tokens", "distill_publish_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DistillConfig.{name} must be >= 1, got {getattr(self, name)}.")
-        if self.min_buffer_tokens > self.buffer_tokens:
+        if self.distill_min_buffer_tokens > self.distill_buffer_tokens:
             raise ValueError(
-                f"DistillConfig.min_buffer_tokens ({self.min_buffer_tokens}) exceeds buffer_tokens "
-                f"({self.buffer_tokens}): training would never start."
+                f"DistillConfig.distill_min_buffer_tokens ({self.distill_min_buffer_tokens}) exceeds buffer_tokens "
+                f"({self.distill_buffer_tokens}): training would never start."
             )
-        if self.learning_rate <= 0 or self.rejected_weight < 0 or self.recency_half_life <= 0:
+        if self.distill_learning_rate <= 0 or self.distill_rejected_weight < 0 or self.distill_recency_half_life <= 0:
             raise ValueError("DistillConfig needs learning_rate > 0, rejected_weight >= 0, recency_half_life > 0.")
-        if not 0.0 < self.duty_cycle <= 1.0:
-            raise ValueError(f"DistillConfig.duty_cycle must lie in (0, 1], got {self.duty_cycle}.")
-        if self.on_error not in ("restart", "stop"):
-            raise ValueError(f"DistillConfig.on_error must be 'restart' or 'stop', got {self.on_error!r}.")
+        if not 0.0 < self.distill_duty_cycle <= 1.0:
+            raise ValueError(f"DistillConfig.distill_duty_cycle must lie in (0, 1], got {self.distill_duty_cycle}.")
+        if self.distill_on_error not in ("restart", "stop"):
+            raise ValueError(
+                f"DistillConfig.distill_on_error must be 'restart' or 'stop', got {self.distill_on_error!r}."
+            )
 
     def mix(self) -> dict[str, float] | None:
         """`mix_weights` parsed into a dict (None unless loss='mix')."""
-        if self.loss != "mix":
+        if self.distill_loss != "mix":
             return None
         try:
-            pairs = (item.split(":") for item in self.mix_weights.split(",") if item.strip())
+            pairs = (item.split(":") for item in self.distill_mix_weights.split(",") if item.strip())
             return {name.strip(): float(weight) for name, weight in pairs}
         except ValueError as exc:
-            raise ValueError(f"DistillConfig.mix_weights must look like 'fkl:0.5,tv:0.5', got {self.mix_weights!r}.") from exc
+            raise ValueError(
+                f"DistillConfig.distill_mix_weights must look like 'fkl:0.5,tv:0.5', got {self.distill_mix_weights!r}."
+            ) from exc

@@ -100,8 +100,7 @@ class PolicyTargets:
             mask = getattr(self, name)
             if mask.shape != (num,) or mask.dtype != torch.bool:
                 raise ValueError(
-                    f"PolicyTargets.{name} must be a bool tensor of shape [{num}], "
-                    f"got {mask.dtype} {list(mask.shape)}."
+                    f"PolicyTargets.{name} must be a bool tensor of shape [{num}], got {mask.dtype} {list(mask.shape)}."
                 )
         if (self.accepted & ~self.drafted).any():
             raise ValueError("PolicyTargets.accepted is True at a position with no draft (drafted is False there).")

@@ -95,7 +95,9 @@ def truncated_drafter(policy: PreTrainedModel, num_layers: int) -> PreTrainedMod
     """
     total = policy.config.num_hidden_layers
     if not 1 <= num_layers <= total:
-        raise ValueError(f"A truncated drafter needs 1 <= num_layers <= {total} (the policy's layers), got {num_layers}.")
+        raise ValueError(
+            f"A truncated drafter needs 1 <= num_layers <= {total} (the policy's layers), got {num_layers}."
+        )
     config = copy.deepcopy(policy.config)
     config.num_hidden_layers = num_layers
     if getattr(config, "layer_types", None) is not None:
@@ -130,26 +132,34 @@ def build_drafter(
 ) -> PeftModel:
     """Build the serving drafter: a truncated self-draft of `policy` or a separate model, with LoRA adapters (peft).
 
-    For `kind="model"` pass the model object as `model` or its path as `config.model_name_or_path`; its vocabulary
+    For `kind="model"` pass the model object as `model` or its path as `config.drafter_model_name_or_path`; its vocabulary
     (and, given both, its tokenizer) is checked against the policy's. The drafter is returned in eval mode with only
     its LoRA weights trainable; its base weights are its own copy, never shared with the policy.
     """
     config = config if config is not None else DrafterConfig()
-    if config.kind == "truncated":
-        base = truncated_drafter(policy, config.num_layers)
+    if config.drafter_kind == "truncated":
+        base = truncated_drafter(policy, config.drafter_num_layers)
     else:
-        if model is None and config.model_name_or_path is None:
-            raise ValueError("DrafterConfig(kind='model') needs the drafter: pass model=... or set model_name_or_path.")
-        base = model if model is not None else AutoModelForCausalLM.from_pretrained(
-            config.model_name_or_path, dtype=policy.dtype, trust_remote_code=config.trust_remote_code
+        if model is None and config.drafter_model_name_or_path is None:
+            raise ValueError(
+                "DrafterConfig(drafter_kind='model') needs the drafter: pass model=... or set model_name_or_path."
+            )
+        base = (
+            model
+            if model is not None
+            else AutoModelForCausalLM.from_pretrained(
+                config.drafter_model_name_or_path,
+                dtype=policy.dtype,
+                trust_remote_code=config.drafter_trust_remote_code,
+            )
         )
         base = base.to(policy.device).eval().requires_grad_(False)
         check_compatible(policy, base, policy_tokenizer, drafter_tokenizer)
     lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=list(config.lora_target_modules),
+        r=config.drafter_lora_r,
+        lora_alpha=config.drafter_lora_alpha,
+        lora_dropout=config.drafter_lora_dropout,
+        target_modules=list(config.drafter_lora_target_modules),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(base, lora).eval()

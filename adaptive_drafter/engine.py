@@ -183,11 +183,13 @@ class SpeculativeEngine:
         """Top-K targets to keep: the config's, else the attached trainer's, else none."""
         if self.config.collect_topk or self.trainer is None:
             return self.config.collect_topk
-        return self.trainer.config.topk
+        return self.trainer.config.distill_topk
 
     def _validate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> None:
         if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}.")
+            raise ValueError(
+                f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}."
+            )
         if attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids {tuple(input_ids.shape)}; "
@@ -354,7 +356,9 @@ class _Rollout:
                 token = q_logits.argmax(-1)
             drafts.append(token)
             if i < k - 1:
-                logits = _forward(self.drafter, self.dr, token[:, None], torch.ones_like(token[:, None], dtype=torch.bool))
+                logits = _forward(
+                    self.drafter, self.dr, token[:, None], torch.ones_like(token[:, None], dtype=torch.bool)
+                )
         self.stats.drafter_forwards += k
         self.pending = self.pending[:, :0]
         self.pending_valid = self.pending_valid[:, :0]

@@ -52,3 +52,16 @@ class SpecStats:
             "mean_accepted_len": self.mean_accepted_len,
             "tokens_per_verify": self.tokens_per_verify,
         }
+
+
+def speedup_estimate(alpha: float, k: int, cost_ratio: float, verify_cost: float = 1.0) -> float:
+    """Expected speed-up of speculative over plain decoding (Leviathan et al. 2023):
+    S = (1 - α^(k+1)) / ((1 - α)(k·c + v)), with α the acceptance rate, k the draft length, c the drafter/policy cost
+    ratio of one step and v the cost of verifying k+1 tokens relative to one decode step (≈1 on a GPU at small batch)."""
+    if not 0 <= alpha <= 1 or k < 1 or cost_ratio < 0 or verify_cost <= 0:
+        raise ValueError(
+            f"need 0 <= alpha <= 1, k >= 1, cost_ratio >= 0, verify_cost > 0; got {alpha}, {k}, "
+            f"{cost_ratio}, {verify_cost}"
+        )
+    expected_tokens = k + 1 if alpha == 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    return expected_tokens / (k * cost_ratio + verify_cost)

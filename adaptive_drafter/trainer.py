@@ -49,10 +49,12 @@ class DrafterTrainer:
 
     def __init__(self, drafter: PeftModel, config: DistillConfig | None = None, buffer: DistillBuffer | None = None):
         self.config = config if config is not None else DistillConfig()
-        self.buffer = buffer if buffer is not None else DistillBuffer(
-            self.config.buffer_tokens, self.config.recency_half_life
+        self.buffer = (
+            buffer
+            if buffer is not None
+            else DistillBuffer(self.config.distill_buffer_tokens, self.config.distill_recency_half_life)
         )
-        device = self.config.device or next(drafter.parameters()).device
+        device = self.config.distill_device or next(drafter.parameters()).device
         self.model = copy.deepcopy(drafter).to(device).train()
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         if not self._params:
@@ -74,23 +76,23 @@ class DrafterTrainer:
     def step(self) -> float | None:
         """One optimizer step on a batch from the buffer; returns the loss, or None while the buffer is too small.
         Raises on a fault (the background loop handles it; see `_recover`)."""
-        if self.buffer.num_tokens < self.config.min_buffer_tokens:
+        if self.buffer.num_tokens < self.config.distill_min_buffer_tokens:
             return None
         start = time.perf_counter()
-        batch = self.buffer.sample(self.config.batch_size).to(next(self.model.parameters()).device)
+        batch = self.buffer.sample(self.config.distill_batch_size).to(next(self.model.parameters()).device)
         loss, logits = self._loss(batch)
         if not torch.isfinite(loss):
             raise TrainerFault(f"non-finite distillation loss ({loss.item()}) at step {self.steps + 1}")
         self._optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.config.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.config.distill_max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise TrainerFault(f"non-finite gradient norm at step {self.steps + 1}")
         self._optimizer.step()
         self.steps += 1
         self.last_loss = loss.item()
         self._track_drift(logits.detach(), batch)
-        if self.steps % self.config.publish_every == 0:
+        if self.steps % self.config.distill_publish_every == 0:
             self.publish(policy_version=int(batch.policy_versions.max()))
         self.busy_seconds += time.perf_counter() - start
         return self.last_loss
@@ -98,7 +100,11 @@ class DrafterTrainer:
     def _loss(self, batch: DistillBatch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         loss = distill_loss(
-            logits, batch, self.config.loss, self.config.mix(), rejected_weight=self.config.rejected_weight
+            logits,
+            batch,
+            self.config.distill_loss,
+            self.config.mix(),
+            rejected_weight=self.config.distill_rejected_weight,
         )
         return loss, logits
 
@@ -179,9 +185,9 @@ class DrafterTrainer:
                 self._stop.wait(0.05)  # waiting for rollouts to fill the buffer
                 continue
             consecutive = 0
-            if self.config.duty_cycle < 1.0:  # sleep so that compute stays within duty_cycle of wall time
+            if self.config.distill_duty_cycle < 1.0:  # sleep so that compute stays within duty_cycle of wall time
                 busy = time.perf_counter() - started
-                self._stop.wait(busy * (1.0 / self.config.duty_cycle - 1.0))
+                self._stop.wait(busy * (1.0 / self.config.distill_duty_cycle - 1.0))
 
     def _recover(self, exc: Exception, consecutive: int) -> bool:
         """Count and log a fault, roll back to the last good adapter; return whether to keep training."""
@@ -189,17 +195,17 @@ class DrafterTrainer:
         self.last_error = f"{type(exc).__name__}: {exc}"
         load_adapter_state(self.model, self._good_state)
         self._optimizer = self._new_optimizer()  # moments may hold the fault's NaNs
-        if self.config.on_error == "stop" or consecutive > self.config.max_restarts:
+        if self.config.distill_on_error == "stop" or consecutive > self.config.distill_max_restarts:
             logger.error("drafter trainer stopped after a fault (%s); serving the last good adapter", self.last_error)
             return False
         self.restarts += 1
-        backoff = self.config.restart_backoff_s * 2 ** (consecutive - 1)
+        backoff = self.config.distill_restart_backoff_s * 2 ** (consecutive - 1)
         logger.warning("drafter trainer fault (%s); rolled back, restarting in %.1f s", self.last_error, backoff)
         self._stop.wait(backoff)
         return True
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self._params, lr=self.config.learning_rate)
+        return torch.optim.AdamW(self._params, lr=self.config.distill_learning_rate)
 
     # --- metrics --------------------------------------------------------------------------------------------------
 

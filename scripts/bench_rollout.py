@@ -54,28 +54,70 @@ TINY = dict(arch="llama", vocab_size=512, hidden_size=256, num_layers=12, logit_
 TINY_PROMPT_LENGTHS = (8, 24)  # min, max prompt tokens: mixed lengths, so prompts are really left-padded
 
 QUESTIONS = [
-    "What is 7 + 5?", "What is 12 times 3?", "What is 100 minus 37?", "What is 81 divided by 9?",
-    "What is 15 + 27?", "What is 6 squared?", "What is the square root of 144?", "What is 9 times 8?",
-    "What is 250 + 250?", "What is 1000 minus 1?", "What is half of 64?", "What is 3 to the power of 4?",
-    "What is 45 divided by 5?", "What is 17 + 26?", "What is 13 times 7?", "What is 90 minus 45?",
-    "Is 17 a prime number?", "Is 21 an even number?", "What is 20% of 150?", "What is 2 + 2 * 3?",
-    "How many minutes are in 3 hours?", "How many days are in two weeks?", "How many seconds are in a minute?",
-    "What is the next number: 2, 4, 6, 8?", "What is the next number: 1, 1, 2, 3, 5?",
-    "Which is larger, 0.5 or 0.45?", "Round 3.7 to the nearest whole number.", "What is 11 times 11?",
-    "Reverse the word 'cat'.", "Spell 'house' backwards.", "How many letters are in the word 'banana'?",
-    "What is the first letter of 'zebra'?", "What is the last letter of 'apple'?", "Write 'hello' in capital letters.",
-    "How many vowels are in the word 'education'?", "What word do you get by removing the 's' from 'stone'?",
-    "Is 'level' a palindrome?", "Sort these letters alphabetically: d, a, c, b.",
-    "Join the words 'sun' and 'flower' into one word.", "What is the plural of 'mouse'?",
-    "How many words are in the sentence 'The cat sat down'?", "Repeat the word 'yes' three times.",
-    "What rhymes with 'cat'?", "What is the opposite of 'hot'?", "Give a synonym for 'happy'.",
-    "Count the letter 'a' in 'abracadabra'.", "What is the capital of France?", "What color is the sky on a clear day?",
-    "How many legs does a spider have?", "What is the boiling point of water in Celsius?",
-    "Name a primary color.", "What is the largest planet in our solar system?", "How many continents are there?",
-    "What is H2O commonly called?", "How many sides does a hexagon have?", "What is the freezing point of water?",
-    "Which animal is known as the king of the jungle?", "What is the chemical symbol for gold?",
-    "How many hours are in a day?", "What do bees make?", "What is 5 factorial?", "What is 144 divided by 12?",
-    "Convert 2 kilometers to meters.", "What is 3/4 as a decimal?",
+    "What is 7 + 5?",
+    "What is 12 times 3?",
+    "What is 100 minus 37?",
+    "What is 81 divided by 9?",
+    "What is 15 + 27?",
+    "What is 6 squared?",
+    "What is the square root of 144?",
+    "What is 9 times 8?",
+    "What is 250 + 250?",
+    "What is 1000 minus 1?",
+    "What is half of 64?",
+    "What is 3 to the power of 4?",
+    "What is 45 divided by 5?",
+    "What is 17 + 26?",
+    "What is 13 times 7?",
+    "What is 90 minus 45?",
+    "Is 17 a prime number?",
+    "Is 21 an even number?",
+    "What is 20% of 150?",
+    "What is 2 + 2 * 3?",
+    "How many minutes are in 3 hours?",
+    "How many days are in two weeks?",
+    "How many seconds are in a minute?",
+    "What is the next number: 2, 4, 6, 8?",
+    "What is the next number: 1, 1, 2, 3, 5?",
+    "Which is larger, 0.5 or 0.45?",
+    "Round 3.7 to the nearest whole number.",
+    "What is 11 times 11?",
+    "Reverse the word 'cat'.",
+    "Spell 'house' backwards.",
+    "How many letters are in the word 'banana'?",
+    "What is the first letter of 'zebra'?",
+    "What is the last letter of 'apple'?",
+    "Write 'hello' in capital letters.",
+    "How many vowels are in the word 'education'?",
+    "What word do you get by removing the 's' from 'stone'?",
+    "Is 'level' a palindrome?",
+    "Sort these letters alphabetically: d, a, c, b.",
+    "Join the words 'sun' and 'flower' into one word.",
+    "What is the plural of 'mouse'?",
+    "How many words are in the sentence 'The cat sat down'?",
+    "Repeat the word 'yes' three times.",
+    "What rhymes with 'cat'?",
+    "What is the opposite of 'hot'?",
+    "Give a synonym for 'happy'.",
+    "Count the letter 'a' in 'abracadabra'.",
+    "What is the capital of France?",
+    "What color is the sky on a clear day?",
+    "How many legs does a spider have?",
+    "What is the boiling point of water in Celsius?",
+    "Name a primary color.",
+    "What is the largest planet in our solar system?",
+    "How many continents are there?",
+    "What is H2O commonly called?",
+    "How many sides does a hexagon have?",
+    "What is the freezing point of water?",
+    "Which animal is known as the king of the jungle?",
+    "What is the chemical symbol for gold?",
+    "How many hours are in a day?",
+    "What do bees make?",
+    "What is 5 factorial?",
+    "What is 144 divided by 12?",
+    "Convert 2 kilometers to meters.",
+    "What is 3/4 as a decimal?",
 ]
 
 
@@ -273,11 +315,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sampling.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding (default)")
     parser.set_defaults(do_sample=False)
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
-    parser.add_argument("--drafter-layers", type=int, default=None, help="truncated drafter depth (default: 2 tiny, "
-                        "4 embedded)")
+    parser.add_argument(
+        "--drafter-layers", type=int, default=None, help="truncated drafter depth (default: 2 tiny, 4 embedded)"
+    )
     parser.add_argument("--dampen", type=float, default=0.05, help="tiny: scale of the layers the drafter lacks")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per batch size, median kept "
-                        "(default 3 for tiny, 1 for embedded)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs per batch size, median kept (default 3 for tiny, 1 for embedded)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -313,8 +360,9 @@ def main(argv: list[str] | None = None) -> None:
     engine = SpeculativeEngine(setup.policy, setup.drafter, SpecConfig(num_draft_tokens=args.k))
     mode = f"sampling, temperature {args.temperature}" if args.do_sample else "greedy"
     print(f"model: {setup.description}")
-    print(f"k={args.k}, max_new_tokens={args.max_new_tokens}, {mode}, median of {args.repeats} run(s), "
-          f"seed {args.seed}")
+    print(
+        f"k={args.k}, max_new_tokens={args.max_new_tokens}, {mode}, median of {args.repeats} run(s), seed {args.seed}"
+    )
 
     rows = [bench_batch(setup, engine, batch, args) for batch in tqdm(args.batch_sizes, desc="batch sizes")]
 

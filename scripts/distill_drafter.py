@@ -69,8 +69,12 @@ def held_out_stats(engine: SpeculativeEngine, task: Task, args: argparse.Namespa
     for i in range(args.eval_batches):
         ids, mask = task.prompts(args.batch_size, 10_000 + i)
         out = engine.generate(
-            ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            eos_token_id=task.eos_token_id, generator=torch.Generator(device=ids.device).manual_seed(i),
+            ids,
+            mask,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            eos_token_id=task.eos_token_id,
+            generator=torch.Generator(device=ids.device).manual_seed(i),
         )
         for name in ("drafted", "accepted", "verify_steps", "verified_tokens"):
             setattr(total, name, getattr(total, name) + getattr(out.stats, name))
@@ -105,10 +109,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     task = (tiny_task if args.model == "tiny" else embedded_task)(args)
-    drafter = build_drafter(task.policy, DrafterConfig(num_layers=args.drafter_layers, lora_r=args.lora_r,
-                                                       lora_alpha=2 * args.lora_r))
-    config = DistillConfig(loss=args.loss, learning_rate=args.lr, topk=args.topk, batch_size=args.batch_size,
-                           min_buffer_tokens=1, publish_every=args.steps_per_round)
+    drafter = build_drafter(
+        task.policy,
+        DrafterConfig(
+            drafter_num_layers=args.drafter_layers, drafter_lora_r=args.lora_r, drafter_lora_alpha=2 * args.lora_r
+        ),
+    )
+    config = DistillConfig(
+        distill_loss=args.loss,
+        distill_learning_rate=args.lr,
+        distill_topk=args.topk,
+        distill_batch_size=args.batch_size,
+        distill_min_buffer_tokens=1,
+        distill_publish_every=args.steps_per_round,
+    )
     trainer = DrafterTrainer(drafter, config)
     spec = SpecConfig(num_draft_tokens=args.k)
     engine = SpeculativeEngine(task.policy, drafter, spec)
@@ -120,8 +134,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     start = time.perf_counter()
     for round_ in tqdm(range(args.rounds), desc="distilling"):
         ids, mask = task.prompts(args.batch_size, round_)
-        engine.generate(ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        eos_token_id=task.eos_token_id, generator=torch.Generator(device=ids.device).manual_seed(round_))
+        engine.generate(
+            ids,
+            mask,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            eos_token_id=task.eos_token_id,
+            generator=torch.Generator(device=ids.device).manual_seed(round_),
+        )
         for _ in range(args.steps_per_round):
             trainer.step()
     engine.swap_adapter()
@@ -132,8 +152,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"{'':12}{'acceptance':>12}{'accepted len':>14}{'tokens/verify':>15}")
     for name, stats in (("before", before), ("after", after)):
         print(f"{name:12}{stats.acceptance_rate:12.3f}{stats.mean_accepted_len:14.2f}{stats.tokens_per_verify:15.2f}")
-    print(f"{trainer.steps} optimizer steps on {args.rounds} rollout batches in {minutes:.1f} min "
-          f"(rollouts included); last loss {trainer.last_loss:.3f}; adapter v{trainer.adapter_version} saved to {path}")
+    print(
+        f"{trainer.steps} optimizer steps on {args.rounds} rollout batches in {minutes:.1f} min "
+        f"(rollouts included); last loss {trainer.last_loss:.3f}; adapter v{trainer.adapter_version} saved to {path}"
+    )
     return {"before": before.acceptance_rate, "after": after.acceptance_rate, "minutes": minutes}
 
 

@@ -56,11 +56,20 @@ def test_exact_accepts_a_draft_q_gave_zero_probability():
 def test_exact_rows_are_ragged():
     draft = torch.tensor([[1, 1], [1, 2], [3, 3]])
     certain = lambda i: one_hot(i)  # noqa: E731
-    q = torch.stack([torch.stack([certain(1), certain(1)]), torch.stack([certain(1), certain(2)]),
-                     torch.stack([certain(3), certain(3)])])
-    p = torch.stack([torch.stack([certain(1), certain(1), certain(0)]),
-                     torch.stack([certain(1), certain(0), certain(0)]),
-                     torch.stack([certain(2), certain(3), certain(0)])])
+    q = torch.stack(
+        [
+            torch.stack([certain(1), certain(1)]),
+            torch.stack([certain(1), certain(2)]),
+            torch.stack([certain(3), certain(3)]),
+        ]
+    )
+    p = torch.stack(
+        [
+            torch.stack([certain(1), certain(1), certain(0)]),
+            torch.stack([certain(1), certain(0), certain(0)]),
+            torch.stack([certain(2), certain(3), certain(0)]),
+        ]
+    )
     n, token = acceptance.exact(draft, q, p, GEN())
     assert n.tolist() == [2, 1, 0]
     assert token.tolist() == [0, 0, 2]

@@ -230,8 +230,12 @@ def test_one_minus_tv_is_the_acceptance_rate_on_the_full_vocabulary():
     p_logits, q_logits = torch.randn(2, vocab, generator=gen) * 2
     ids = torch.randperm(vocab, generator=gen)
     p, q = p_logits.softmax(-1), q_logits.softmax(-1)
-    tv = tv_loss(q_logits.view(1, 1, vocab), ids.view(1, 1, vocab), p.log()[ids].view(1, 1, vocab),
-                 torch.ones(1, 1, dtype=torch.bool))
+    tv = tv_loss(
+        q_logits.view(1, 1, vocab),
+        ids.view(1, 1, vocab),
+        p.log()[ids].view(1, 1, vocab),
+        torch.ones(1, 1, dtype=torch.bool),
+    )
     assert 1 - tv.item() == pytest.approx(torch.minimum(p, q).sum().item(), abs=1e-6)
     # ...and the exact acceptance rule accepts a draft sampled from q at that rate (Monte Carlo).
     samples = 40_000
@@ -340,8 +344,9 @@ def test_recency_weighting_matches_the_documented_weights():
     buffer.add_many([make_row(num=1, k=1, version=v, seed=i) for i, v in enumerate(versions)])
     expected = torch.tensor([0.5 ** ((4 - v) / 1.5) for v in versions], dtype=torch.float64)
     torch.testing.assert_close(recency_weights(versions, 1.5), expected)
-    expected_by_version = {v: expected[[i for i, w in enumerate(versions) if w == v]].sum() / expected.sum()
-                           for v in set(versions)}
+    expected_by_version = {
+        v: expected[[i for i, w in enumerate(versions) if w == v]].sum() / expected.sum() for v in set(versions)
+    }
     gen, draws = GEN(10), 6000
     sampled = torch.cat([buffer.sample(500, gen).policy_versions for _ in range(draws // 500)])
     for v, share in expected_by_version.items():

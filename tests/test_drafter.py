@@ -47,7 +47,7 @@ from adaptive_drafter.drafter import AdapterVersion, adapter_state, build_drafte
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_build_truncated_drafter_with_lora(arch):
     policy = tiny_causal_lm(arch, num_layers=3)
-    drafter = build_drafter(policy, DrafterConfig(num_layers=2, lora_r=4, lora_alpha=8))
+    drafter = build_drafter(policy, DrafterConfig(drafter_num_layers=2, drafter_lora_r=4, drafter_lora_alpha=8))
     trainable = [n for n, p in drafter.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert drafter.get_base_model().config.num_hidden_layers == 2
@@ -58,22 +58,24 @@ def test_build_truncated_drafter_with_lora(arch):
 
 def test_build_model_drafter_checks_the_vocabulary():
     policy = tiny_causal_lm("qwen2")
-    drafter = build_drafter(policy, DrafterConfig(kind="model", lora_r=2), model=tiny_causal_lm("qwen2", seed=3))
+    drafter = build_drafter(
+        policy, DrafterConfig(drafter_kind="model", drafter_lora_r=2), model=tiny_causal_lm("qwen2", seed=3)
+    )
     assert drafter.peft_config["default"].r == 2
     with pytest.raises(ValueError, match="vocabulary mismatch"):
-        build_drafter(policy, DrafterConfig(kind="model"), model=tiny_causal_lm("qwen2", vocab_size=300))
+        build_drafter(policy, DrafterConfig(drafter_kind="model"), model=tiny_causal_lm("qwen2", vocab_size=300))
     with pytest.raises(ValueError, match="pass model="):
-        build_drafter(policy, DrafterConfig(kind="model"))
+        build_drafter(policy, DrafterConfig(drafter_kind="model"))
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(kind="eagle"), "Unknown drafter kind"),
-        (dict(num_layers=0), "num_layers must be >= 1"),
-        (dict(lora_r=0), "lora_r >= 1"),
-        (dict(lora_dropout=1.0), "lora_dropout"),
-        (dict(lora_target_modules=[]), "train nothing"),
+        (dict(drafter_kind="eagle"), "Unknown drafter kind"),
+        (dict(drafter_num_layers=0), "num_layers must be >= 1"),
+        (dict(drafter_lora_r=0), "lora_r >= 1"),
+        (dict(drafter_lora_dropout=1.0), "lora_dropout"),
+        (dict(drafter_lora_target_modules=[]), "train nothing"),
     ],
 )
 def test_impossible_drafter_configs_raise(kwargs, message):
@@ -83,14 +85,14 @@ def test_impossible_drafter_configs_raise(kwargs, message):
 
 def test_adapter_save_load_round_trip_with_versions(tmp_path):
     policy = tiny_causal_lm("llama", num_layers=2)
-    trained = build_drafter(policy, DrafterConfig(num_layers=1, lora_r=4))
+    trained = build_drafter(policy, DrafterConfig(drafter_num_layers=1, drafter_lora_r=4))
     with torch.no_grad():
         for name, param in trained.named_parameters():
             if "lora_B" in name:
                 param.normal_()
     save_adapter(trained, tmp_path / "adapter", AdapterVersion(adapter_version=3, policy_version=41))
     save_adapter(trained, tmp_path / "adapter", AdapterVersion(adapter_version=4, policy_version=42))  # overwrite
-    fresh = build_drafter(policy, DrafterConfig(num_layers=1, lora_r=4))
+    fresh = build_drafter(policy, DrafterConfig(drafter_num_layers=1, drafter_lora_r=4))
     assert load_adapter(fresh, tmp_path / "adapter") == AdapterVersion(4, 42)
     ids = torch.randint(3, 256, (2, 6))
     assert torch.equal(fresh(input_ids=ids).logits, trained(input_ids=ids).logits)
@@ -100,8 +102,14 @@ def test_adapter_save_load_round_trip_with_versions(tmp_path):
 
 def test_adapter_of_another_shape_is_refused(tmp_path):
     policy = tiny_causal_lm("llama", num_layers=2)
-    save_adapter(build_drafter(policy, DrafterConfig(num_layers=1, lora_r=4)), tmp_path / "a", AdapterVersion(1, 1))
-    other = build_drafter(policy, DrafterConfig(num_layers=1, lora_r=4, lora_target_modules=["q_proj"]))
+    save_adapter(
+        build_drafter(policy, DrafterConfig(drafter_num_layers=1, drafter_lora_r=4)),
+        tmp_path / "a",
+        AdapterVersion(1, 1),
+    )
+    other = build_drafter(
+        policy, DrafterConfig(drafter_num_layers=1, drafter_lora_r=4, drafter_lora_target_modules=["q_proj"])
+    )
     with pytest.raises(ValueError, match="does not fit this drafter"):
         load_adapter(other, tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="No drafter adapter"):

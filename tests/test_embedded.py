@@ -33,11 +33,13 @@ def test_embedded_model_loads_offline_as_documented(embedded):
 
 def test_greedy_identity_on_the_embedded_model(embedded):
     policy, tokenizer, batch = embedded
-    engine = SpeculativeEngine(policy, truncated_drafter(policy, 4), SpecConfig(num_draft_tokens=4), tokenizer=tokenizer)
+    engine = SpeculativeEngine(
+        policy, truncated_drafter(policy, 4), SpecConfig(num_draft_tokens=4), tokenizer=tokenizer
+    )
     eos = tokenizer.eos_token_id
     out = engine.generate(batch.input_ids, batch.attention_mask, max_new_tokens=24, do_sample=False, eos_token_id=eos)
     with torch.no_grad():
         ref = policy.generate(**batch, max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=eos)
-    expected = [row[: row.index(eos) + 1] if eos in row else row for row in ref[:, batch.input_ids.shape[1]:].tolist()]
+    expected = [row[: row.index(eos) + 1] if eos in row else row for row in ref[:, batch.input_ids.shape[1] :].tolist()]
     assert out.completion_ids == expected
     assert out.stats.verify_steps > 0

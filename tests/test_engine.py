@@ -20,10 +20,14 @@ EOS, PAD = 2, 0
 
 def reference_greedy(policy, ids, mask, max_new_tokens, eos=EOS):
     out = policy.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-        eos_token_id=eos, pad_token_id=PAD,
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=PAD,
     )
-    rows = out[:, ids.shape[1]:].tolist()
+    rows = out[:, ids.shape[1] :].tolist()
     eos_ids = {eos} if isinstance(eos, int) else set(eos)
     return [row[: next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))] for row in rows]
 

@@ -36,11 +36,25 @@ def test_bench_rollout_prints_and_writes_its_table(tmp_path, capsys):
 
 def test_distill_drafter_saves_a_loadable_adapter(tmp_path):
     warm = load_script("distill_drafter")
-    result = warm.main(["--rounds", "2", "--steps-per-round", "2", "--batch-size", "4", "--max-new-tokens", "8",
-                        "--eval-batches", "1", "--out", str(tmp_path / "adapter")])
+    result = warm.main(
+        [
+            "--rounds",
+            "2",
+            "--steps-per-round",
+            "2",
+            "--batch-size",
+            "4",
+            "--max-new-tokens",
+            "8",
+            "--eval-batches",
+            "1",
+            "--out",
+            str(tmp_path / "adapter"),
+        ]
+    )
     assert 0 <= result["before"] <= 1 and 0 <= result["after"] <= 1
     task = warm.tiny_task(warm.parse_args([]))
-    fresh = build_drafter(task.policy, DrafterConfig(num_layers=2, lora_r=32, lora_alpha=64))
+    fresh = build_drafter(task.policy, DrafterConfig(drafter_num_layers=2, drafter_lora_r=32, drafter_lora_alpha=64))
     version = load_adapter(fresh, tmp_path / "adapter")
     assert version.adapter_version == 2 and version.policy_version == 0
 

