@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .config import DrafterConfig
 
@@ -154,6 +154,10 @@ def build_drafter(
             )
         )
         base = base.to(policy.device).eval().requires_grad_(False)
+        if drafter_tokenizer is None and policy_tokenizer is not None and model is None:
+            drafter_tokenizer = AutoTokenizer.from_pretrained(
+                config.drafter_model_name_or_path, trust_remote_code=config.drafter_trust_remote_code
+            )
         check_compatible(policy, base, policy_tokenizer, drafter_tokenizer)
     lora = LoraConfig(
         r=config.drafter_lora_r,

@@ -119,7 +119,7 @@ class SpeculativeRollout:
     def _engine(self, policy: Any, tokenizer: Any) -> SpeculativeEngine:
         if self.engine is None:
             if self.drafter is None:
-                self.drafter = build_drafter(policy, self.drafter_config)
+                self.drafter = build_drafter(policy, self.drafter_config, policy_tokenizer=tokenizer)
             if self.restore_from is not None:
                 version = load_adapter(self.drafter, self.restore_from)
                 logger.info("restored drafter adapter v%d from %s", version.adapter_version, self.restore_from)

@@ -103,7 +103,7 @@ def use_wandb_offline_unless_logged_in(args: GRPOConfig) -> None:
     os.environ.setdefault("WANDB_DIR", args.output_dir)
 
 
-def summary(rollout: SpeculativeRollout, args: GRPOConfig, spec: SpecConfig) -> str:
+def summary(rollout: SpeculativeRollout, args: GRPOConfig, spec: SpecConfig, processes: int = 1) -> str:
     totals = rollout.totals
     alpha = totals["accepted"] / max(1, totals["drafted"])
     accepted_len = totals["accepted"] / max(1, totals["verify_steps"])
@@ -122,6 +122,7 @@ def summary(rollout: SpeculativeRollout, args: GRPOConfig, spec: SpecConfig) -> 
             f"TV {m['drafter/tv_to_policy']:.3f}, KL {m['drafter/kl_to_policy']:.3f}; "
             f"{int(m['drafter/trainer_steps'])} distillation steps, {int(m['drafter/trainer_errors'])} trainer errors"
         )
+    lines.append(f"processes            {processes} (each with its own engine and drafter trainer)")
     lines.append(f"checkpoint           {args.output_dir}")
     import wandb
 
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
     finally:
         rollout.close()
     if trainer.accelerator.is_main_process:
-        print("\n" + summary(rollout, grpo_args, spec))
+        print("\n" + summary(rollout, grpo_args, spec, trainer.accelerator.num_processes))
     return trainer
 
 

