@@ -10,6 +10,7 @@ last good adapter throughout.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -168,6 +169,13 @@ class DrafterTrainer:
         self.stop()
 
     def _run(self) -> None:
+        device = next(self.model.parameters()).device
+        # On a GPU the trainer's kernels go to their own stream so they can overlap the rollouts' on the default one.
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            self._loop()
+
+    def _loop(self) -> None:
         consecutive = 0
         while not self._stop.is_set():
             self._running.wait()
