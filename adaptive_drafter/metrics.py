@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 
 @dataclass
@@ -19,6 +19,10 @@ class SpecStats:
     plain_steps: int = 0  # row-level plain decode steps (the prefill's first token included)
     policy_forwards: int = 0  # batched policy forward passes, prefill included
     drafter_forwards: int = 0  # batched drafter forward passes, prefill included
+
+    def __add__(self, other: SpecStats) -> SpecStats:
+        """Counters summed field by field: the statistics of several rollouts together."""
+        return SpecStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     @property
     def acceptance_rate(self) -> float:

@@ -26,6 +26,7 @@ from trl.models import unwrap_model_for_generation
 from .config import DistillConfig, DrafterConfig, SpecConfig
 from .drafter import AdapterVersion, build_drafter, load_adapter, save_adapter
 from .engine import SpeculativeEngine
+from .metrics import SpecStats
 from .trainer import DrafterTrainer
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class SpeculativeRollout:
         self.engine: SpeculativeEngine | None = None
         self.drafter_trainer: DrafterTrainer | None = None
         self.restore_from: Path | None = None  # a checkpoint's drafter adapter, loaded once the drafter exists
-        self.totals = {"drafted": 0, "accepted": 0, "verify_steps": 0, "tokens": 0}
+        self.totals = SpecStats()  # over the whole run, for the end-of-training summary
 
     def callback(self) -> DrafterCallback:
         """The `TrainerCallback` that versions, checkpoints and restores this rollout's drafter."""
@@ -137,13 +138,7 @@ class SpeculativeRollout:
 
     def _log(self, trainer: Any, engine: SpeculativeEngine, stats: Any) -> None:
         """Hand the metrics to the trainer's own averaging logger (main thread: this runs inside the rollout)."""
-        for name, total in (
-            ("drafted", stats.drafted),
-            ("accepted", stats.accepted),
-            ("verify_steps", stats.verify_steps),
-            ("tokens", stats.verified_tokens),
-        ):
-            self.totals[name] += total
+        self.totals = self.totals + stats
         metrics = engine.metrics(stats)
         if self.drafter_trainer is not None:
             metrics.update(self.drafter_trainer.metrics())

@@ -105,12 +105,11 @@ def use_wandb_offline_unless_logged_in(args: GRPOConfig) -> None:
 
 def summary(rollout: SpeculativeRollout, args: GRPOConfig, spec: SpecConfig, processes: int = 1) -> str:
     totals = rollout.totals
-    alpha = totals["accepted"] / max(1, totals["drafted"])
-    accepted_len = totals["accepted"] / max(1, totals["verify_steps"])
+    alpha, accepted_len = totals.acceptance_rate, totals.mean_accepted_len
     drafter, policy = rollout.drafter, rollout.engine.policy if rollout.engine else None
     cost = sum(p.numel() for p in drafter.parameters()) / sum(p.numel() for p in policy.parameters()) if policy else 0
     lines = [
-        f"acceptance rate      {alpha:.3f} over {totals['drafted']} drafted tokens",
+        f"acceptance rate      {alpha:.3f} over {totals.drafted} drafted tokens",
         f"mean accepted length {accepted_len:.2f} (+1 bonus/correction per verify)",
         f"speed-up estimate    {speedup_estimate(alpha, spec.num_draft_tokens, cost):.2f}x (drafter/policy cost "
         f"c={cost:.2f} from parameter counts, verify cost 1: a GPU at small batch; a CPU verifies slower)",
@@ -119,7 +118,7 @@ def summary(rollout: SpeculativeRollout, args: GRPOConfig, spec: SpecConfig, pro
         m, served = rollout.drafter_trainer.metrics(), rollout.engine.adapter_version
         lines.append(
             f"drafter              adapter v{served.adapter_version if served else 0}, drift to the policy: "
-            f"TV {m['drafter/tv_to_policy']:.3f}, KL {m['drafter/kl_to_policy']:.3f}; "
+            f"TV {m['drafter/tv_to_policy']:.3f}, KL {m['drafter/kl_to_policy']:.3f} (nan: not trained yet); "
             f"{int(m['drafter/trainer_steps'])} distillation steps, {int(m['drafter/trainer_errors'])} trainer errors"
         )
     lines.append(f"processes            {processes} (each with its own engine and drafter trainer)")

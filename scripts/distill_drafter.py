@@ -63,22 +63,20 @@ def embedded_task(args: argparse.Namespace) -> Task:
     return Task(policy, prompts, tokenizer.eos_token_id, f"{EMBEDDED_MODEL_NAME} on the arithmetic task")
 
 
+def rollout(engine: SpeculativeEngine, task: Task, args: argparse.Namespace, seed: int) -> SpecStats:
+    """One batch of sampled completions from prompts drawn with `seed`; returns its statistics."""
+    ids, mask = task.prompts(args.batch_size, seed)
+    generator = torch.Generator(device=ids.device).manual_seed(seed)
+    out = engine.generate(
+        ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        eos_token_id=task.eos_token_id, generator=generator,
+    )  # fmt: skip
+    return out.stats
+
+
 def held_out_stats(engine: SpeculativeEngine, task: Task, args: argparse.Namespace) -> SpecStats:
     """Acceptance of the drafter on held-out prompts (seeds disjoint from the training prompts')."""
-    total = SpecStats()
-    for i in range(args.eval_batches):
-        ids, mask = task.prompts(args.batch_size, 10_000 + i)
-        out = engine.generate(
-            ids,
-            mask,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            eos_token_id=task.eos_token_id,
-            generator=torch.Generator(device=ids.device).manual_seed(i),
-        )
-        for name in ("drafted", "accepted", "verify_steps", "verified_tokens"):
-            setattr(total, name, getattr(total, name) + getattr(out.stats, name))
-    return total
+    return sum((rollout(engine, task, args, 10_000 + i) for i in range(args.eval_batches)), SpecStats())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -133,15 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     before = held_out_stats(evaluator, task, args)
     start = time.perf_counter()
     for round_ in tqdm(range(args.rounds), desc="distilling"):
-        ids, mask = task.prompts(args.batch_size, round_)
-        engine.generate(
-            ids,
-            mask,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            eos_token_id=task.eos_token_id,
-            generator=torch.Generator(device=ids.device).manual_seed(round_),
-        )
+        rollout(engine, task, args, round_)
         for _ in range(args.steps_per_round):
             trainer.step()
     engine.swap_adapter()

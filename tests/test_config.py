@@ -23,3 +23,13 @@ def test_defaults_are_lossless():
 def test_impossible_configs_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SpecConfig(**kwargs)
+
+
+def test_spec_stats_add_up():
+    from adaptive_drafter import SpecStats
+
+    total = SpecStats(drafted=4, accepted=3, verify_steps=1, verified_tokens=4) + SpecStats(
+        drafted=4, verify_steps=1, verified_tokens=1
+    )
+    assert (total.drafted, total.accepted, total.verify_steps) == (8, 3, 2)
+    assert total.acceptance_rate == 3 / 8 and total.tokens_per_verify == 2.5
