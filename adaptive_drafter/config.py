@@ -29,6 +29,17 @@ class SpecConfig:
         default=0.3,
         metadata={"help": "Lossy 'cascade' rule only: accept a draft token d when p(d) >= threshold * max p."},
     )
+    elastic: bool = field(
+        default=False,
+        metadata={
+            "help": "Choose per step between plain decoding and speculation with k <= num_draft_tokens, maximising the "
+            "expected speed-up from the measured acceptance and costs at the current batch size. Off: always k."
+        },
+    )
+    plain_batch_threshold: int | None = field(
+        default=None,
+        metadata={"help": "Decode plainly (no drafting) while at least this many rows are active. None: no limit."},
+    )
     vocab_size: int | None = field(
         default=None,
         metadata={
@@ -58,6 +69,10 @@ class SpecConfig:
             raise ValueError(
                 f"Unknown acceptance rule {self.acceptance!r}: choose one of {', '.join(ACCEPTANCE_RULES)} "
                 "('exact' is the lossless default)."
+            )
+        if self.plain_batch_threshold is not None and self.plain_batch_threshold < 1:
+            raise ValueError(
+                f"SpecConfig.plain_batch_threshold must be >= 1 or None, got {self.plain_batch_threshold}."
             )
         if self.lenience < 1.0:
             raise ValueError(f"SpecConfig.lenience must be >= 1 (1 is the exact rule), got {self.lenience}.")

@@ -13,6 +13,7 @@ cache lags further, by the tokens in `pending` (left-padded), which it consumes 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from transformers import DynamicCache
 from . import acceptance
 from .config import SpecConfig
 from .distill import PolicyTargets
+from .elastic import ElasticController
 from .drafter import AdapterVersion, check_compatible, load_adapter_state
 from .metrics import SpecStats
 from .sampling import SamplingParams, process_logits, sample
@@ -88,6 +90,11 @@ def _forward(model: Any, kv: _KV, tokens: torch.Tensor, token_valid: torch.Tenso
     return out.logits
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _max_positions(model: Any) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
@@ -120,6 +127,8 @@ class SpeculativeEngine:
         self.adapter_version: AdapterVersion | None = None  # the drafter adapter being served
         self.trainer: Any = None
         self._lock = threading.Lock()  # a swap never overlaps a rollout
+        # Persists across calls: acceptance and costs measured in one rollout inform the next.
+        self.controller = ElasticController(self.config.num_draft_tokens, self.config.plain_batch_threshold)
 
     def attach(self, trainer: Any) -> None:
         """Feed `trainer` (a `DrafterTrainer`) with every rollout's policy targets, and serve the newest adapter it
@@ -259,6 +268,7 @@ class _Rollout:
         self.vocab_size, self.params, self.eos, self.pad = engine.vocab_size, params, eos, pad
         self.max_new_tokens, self.generator = max_new_tokens, generator
         self.policy_version, self.topk = engine.policy_version, engine._collect_topk()
+        self.controller, self.draft_seconds = engine.controller, 0.0
         self.stats = SpecStats()
         # A sliding-window model sees exactly the full context only while its cache fits in the window.
         windows = [_sliding_window(m) for m in (self.policy, self.drafter)]
@@ -285,9 +295,11 @@ class _Rollout:
 
         while rows:
             remaining = max(self.max_new_tokens - len(self.completions[r]) for r in rows)
-            k = min(self.config.num_draft_tokens, remaining - 1)
+            k = self._draft_length(len(rows), limit=min(self.config.num_draft_tokens, remaining - 1))
+            started = time.perf_counter()
             step = self._plain_step() if k == 0 else self._speculative_step(k)
-            done = self._record(rows, step)
+            done = self._record(rows, step)  # synchronises: the step's time is now known
+            self._observe(len(rows), k, step, time.perf_counter() - started)
             keep = [i for i, finished in enumerate(done) if not finished]
             if len(keep) < len(rows):
                 self._select(torch.tensor(keep, dtype=torch.long, device=device))
@@ -298,10 +310,33 @@ class _Rollout:
             self.dr.compact(self.config.compact_threshold, self.max_slots[1])
         return SpecOutput(self.completions, self.logprobs, self.stats, self._policy_targets(input_ids, mask))
 
+    def _draft_length(self, batch: int, limit: int) -> int:
+        if self.config.elastic:
+            return self.controller.choose(batch, limit)
+        threshold = self.config.plain_batch_threshold
+        return 0 if limit <= 0 or (threshold is not None and batch >= threshold) else limit
+
+    def _observe(self, batch: int, k: int, step: _Step, seconds: float) -> None:
+        """Feed the elastic controller the step's measured cost and acceptance."""
+        if not self.config.elastic:
+            return
+        if k == 0:
+            self.controller.observe_plain(batch, seconds)
+            return
+        accepted = step.count - 1
+        draft_seconds = self.draft_seconds
+        self.controller.observe_speculation(
+            batch, k, draft_seconds, seconds - draft_seconds, int(accepted.sum()), int((accepted < k).sum())
+        )
+
     def _speculative_step(self, k: int) -> _Step:
         """Draft k tokens per row, verify them in one policy pass, accept a ragged prefix per row."""
         last = self.pending[:, -1:]
+        started = time.perf_counter()
         draft, q = self._draft(k)
+        if self.config.elastic:  # time drafting apart from verifying (waits for the device only when measuring)
+            _synchronize(draft.device)
+            self.draft_seconds = time.perf_counter() - started
         block = torch.cat([last, draft], 1)
         log_p = self._policy_logprobs(_forward(self.policy, self.pol, block, torch.ones_like(block, dtype=torch.bool)))
         self.stats.policy_forwards += 1

@@ -228,17 +228,22 @@ def run_spec(engine: SpeculativeEngine, setup: Setup, ids: torch.Tensor, mask: t
     return out.completion_ids, out.stats, time.perf_counter() - start
 
 
-def bench_batch(setup: Setup, engine: SpeculativeEngine, batch: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Warm up, then time plain and speculative decoding back to back `--repeats` times; median times."""
+def bench_batch(
+    setup: Setup, engine: SpeculativeEngine, elastic: SpeculativeEngine, batch: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Warm up, then time plain, speculative (fixed k) and elastic decoding back to back `--repeats` times; medians."""
     ids, mask = (t.to(args.device) for t in setup.make_prompts(batch))
     run_plain(setup, ids, mask, args, min(8, args.max_new_tokens))  # warm-up (allocator, kernels, lazy init)
     run_spec(engine, setup, ids, mask, args, min(8, args.max_new_tokens))
-    plain_times, spec_times = [], []
+    run_spec(elastic, setup, ids, mask, args, args.max_new_tokens)  # the controller measures costs at this batch
+    plain_times, spec_times, elastic_times = [], [], []
     for _ in range(args.repeats):
         plain, seconds = run_plain(setup, ids, mask, args, args.max_new_tokens)
         plain_times.append(seconds)
         spec, stats, seconds = run_spec(engine, setup, ids, mask, args, args.max_new_tokens)
         spec_times.append(seconds)
+        elastic_out, elastic_stats, seconds = run_spec(elastic, setup, ids, mask, args, args.max_new_tokens)
+        elastic_times.append(seconds)
     plain_tokens, spec_tokens = sum(map(len, plain)), sum(map(len, spec))
     plain_s, spec_s = statistics.median(plain_times), statistics.median(spec_times)
     row = dict(
@@ -255,6 +260,10 @@ def bench_batch(setup: Setup, engine: SpeculativeEngine, batch: int, args: argpa
         stats=stats.as_dict(),
     )
     row["ratio"] = row["spec_tok_s"] / row["plain_tok_s"]
+    row["elastic_tok_s"] = sum(map(len, elastic_out)) / statistics.median(elastic_times)
+    row["elastic_ratio"] = row["elastic_tok_s"] / row["plain_tok_s"]
+    row["elastic_times"] = elastic_times
+    row["elastic_sd_fraction"] = elastic_stats.metrics()["spec/sd_fraction"]
     if not args.do_sample:
         row["identical_rows"] = sum(p == s for p, s in zip(plain, spec)) / batch
     return row
@@ -262,7 +271,17 @@ def bench_batch(setup: Setup, engine: SpeculativeEngine, batch: int, args: argpa
 
 def format_table(rows: list[dict[str, Any]], greedy: bool) -> str:
     """The result rows as an aligned text table."""
-    header = ["batch", "plain tok/s", "spec tok/s", "ratio", "accept", "mean acc len", "tok/verify"]
+    header = [
+        "batch",
+        "plain tok/s",
+        "spec tok/s",
+        "ratio",
+        "elastic",
+        "sd frac",
+        "accept",
+        "mean acc len",
+        "tok/verify",
+    ]
     if greedy:
         header.append("identical")
     lines = []
@@ -273,6 +292,8 @@ def format_table(rows: list[dict[str, Any]], greedy: bool) -> str:
             f"{r['plain_tok_s']:.1f}",
             f"{r['spec_tok_s']:.1f}",
             f"{r['ratio']:.2f}x",
+            f"{r['elastic_ratio']:.2f}x",
+            f"{r['elastic_sd_fraction']:.2f}",
             f"{s.acceptance_rate:.3f}",
             f"{s.mean_accepted_len:.2f}",
             f"{s.tokens_per_verify:.2f}",
@@ -358,16 +379,20 @@ def main(argv: list[str] | None = None) -> None:
     setup.policy.to(args.device)
     setup.drafter.to(args.device)
     engine = SpeculativeEngine(setup.policy, setup.drafter, SpecConfig(num_draft_tokens=args.k))
+    elastic = SpeculativeEngine(setup.policy, setup.drafter, SpecConfig(num_draft_tokens=args.k, elastic=True))
     mode = f"sampling, temperature {args.temperature}" if args.do_sample else "greedy"
     print(f"model: {setup.description}")
     print(
         f"k={args.k}, max_new_tokens={args.max_new_tokens}, {mode}, median of {args.repeats} run(s), seed {args.seed}"
     )
 
-    rows = [bench_batch(setup, engine, batch, args) for batch in tqdm(args.batch_sizes, desc="batch sizes")]
+    rows = [bench_batch(setup, engine, elastic, b, args) for b in tqdm(args.batch_sizes, desc="batch sizes")]
 
     print(format_table(rows, greedy=not args.do_sample))
-    print("tokens counted up to and including each row's first eos; ratio = spec tok/s / plain tok/s (>1: spec wins)")
+    print(
+        "tokens counted up to and including each row's first eos; ratio = spec tok/s / plain tok/s (>1: spec wins); "
+        "elastic = elastic engine's ratio, sd frac = its share of row-steps that speculated"
+    )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(

@@ -1,0 +1,99 @@
+"""Elastic speculation: per decode step, plain decoding or speculation with the k that maximises the expected speed-up
+
+    S(α, k, c, v_k) = (1 − α^(k+1)) / ((1 − α)(k·c + v_k))
+
+from quantities measured online: α the drafter's acceptance probability, c the cost of one drafter step and v_k the cost
+of verifying k+1 tokens, both relative to one plain decode step of the policy *at the current active batch size*.
+Costs are kept per batch-size bucket (powers of two) because they change as rows finish: a large batch is
+compute-bound (verifying k+1 tokens costs ~k+1 decode steps, speculation loses), the long tail of a few rows is not
+(verifying costs ~1 step, speculation wins). Nothing is hard-coded per device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Expected tokens one verify of k drafts emits: accepted drafts plus the correction/bonus."""
+    if k == 0:
+        return 1.0
+    return k + 1.0 if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def best_k(alpha: float, cost_ratio: float, verify_costs: list[float]) -> int:
+    """The k in 0..len(verify_costs)-1 with the largest S(α, k, c, v_k); `verify_costs[0]` is a plain step's cost (1)."""
+    speedups = [expected_tokens(alpha, k) / (k * cost_ratio + v) for k, v in enumerate(verify_costs)]
+    return max(range(len(speedups)), key=speedups.__getitem__)
+
+
+def _ema(old: float | None, new: float, weight: float) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
+
+
+@dataclass
+class _Costs:
+    """Seconds of one plain step, one drafter step, and the verify cost's growth per drafted token, at one batch size."""
+
+    plain: float | None = None
+    draft: float | None = None
+    per_token: float | None = None  # verify(k) ≈ plain + k · per_token: the verify cost is linear in its tokens
+
+
+@dataclass
+class ElasticController:
+    """Chooses the draft length of every step from running estimates; `observe_*` feed it measurements."""
+
+    max_k: int
+    min_batch_plain: int | None = None  # at or above this active batch size, always decode plainly
+    alpha_prior: float = 0.6
+    smoothing: float = 0.2
+    memory: float = 0.99  # acceptance counts decay: the drafter and the policy both change
+    explore_every: int = 32  # re-measure a plain step now and then: costs drift as caches grow
+    accepted: float = 0.0
+    rejected: float = 0.0
+    costs: dict[int, _Costs] = field(default_factory=dict)
+    steps: int = 0
+
+    @property
+    def alpha(self) -> float:
+        """Maximum-likelihood acceptance probability from the verify outcomes (n accepted of k, stopped at the first
+        rejection): accepted / (accepted + rejections), with a prior worth a few drafts."""
+        prior = 4.0
+        return (self.accepted + prior * self.alpha_prior) / (self.accepted + self.rejected + prior)
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        return 1 << max(0, math.ceil(math.log2(batch)))
+
+    def choose(self, batch: int, limit: int) -> int:
+        """Draft length for the next step of `batch` active rows, at most `limit`."""
+        self.steps += 1
+        if limit <= 0 or (self.min_batch_plain is not None and batch >= self.min_batch_plain):
+            return 0
+        costs = self.costs.setdefault(self.bucket(batch), _Costs())
+        k_max = min(self.max_k, limit)
+        if costs.draft is None or costs.per_token is None:
+            return k_max  # measure speculation first
+        if costs.plain is None or self.steps % self.explore_every == 0:
+            return 0  # measure (or re-measure) a plain step
+        c = costs.draft / costs.plain
+        verify = [1.0 + k * costs.per_token / costs.plain for k in range(k_max + 1)]
+        return best_k(self.alpha, c, verify)
+
+    def observe_plain(self, batch: int, seconds: float) -> None:
+        costs = self.costs.setdefault(self.bucket(batch), _Costs())
+        costs.plain = _ema(costs.plain, seconds, self.smoothing)
+
+    def observe_speculation(
+        self, batch: int, k: int, draft_seconds: float, verify_seconds: float, accepted: int, rejections: int
+    ) -> None:
+        """One speculative step: k drafter steps took `draft_seconds`, the verify `verify_seconds`; rows accepted
+        `accepted` drafts in total and `rejections` rows stopped at a rejected draft."""
+        costs = self.costs.setdefault(self.bucket(batch), _Costs())
+        costs.draft = _ema(costs.draft, draft_seconds / k, self.smoothing)
+        base = costs.plain if costs.plain is not None else verify_seconds / (k + 1)  # until a plain step is timed
+        costs.per_token = _ema(costs.per_token, max(0.0, verify_seconds - base) / k, self.smoothing)
+        self.accepted = self.memory * self.accepted + accepted
+        self.rejected = self.memory * self.rejected + rejections

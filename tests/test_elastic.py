@@ -1,0 +1,99 @@
+"""Elastic speculation: the controller picks the k the formula says, and switching never changes what is sampled."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from adaptive_drafter import SpecConfig, SpeculativeEngine
+from adaptive_drafter.drafter import noised_copy
+from adaptive_drafter.elastic import ElasticController, best_k, expected_tokens
+from adaptive_drafter.metrics import speedup_estimate
+from adaptive_drafter.testing import left_padded_prompts, tiny_causal_lm
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.6, 0.8, 0.95])
+@pytest.mark.parametrize("c, slope", [(0.05, 0.0), (0.27, 0.15), (0.27, 0.5), (0.5, 1.0)])
+def test_best_k_is_the_argmax_of_the_speedup_formula(alpha, c, slope):
+    verify = [1.0 + k * slope for k in range(9)]
+    formula = {k: speedup_estimate(alpha, k, c, verify[k]) for k in range(1, 9)}
+    formula[0] = 1.0  # plain decoding
+    assert best_k(alpha, c, verify) == max(formula, key=formula.get)
+
+
+def test_expected_tokens_matches_the_closed_form():
+    assert expected_tokens(0.0, 4) == 1.0 and expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def measured(controller: ElasticController, batch: int, plain: float, draft: float, verify_per_token: float, k: int):
+    controller.observe_plain(batch, plain)
+    controller.observe_speculation(batch, k, draft * k, plain + verify_per_token * k, accepted=0, rejections=0)
+
+
+def test_controller_speculates_in_the_long_tail_and_not_at_large_batch():
+    controller = ElasticController(max_k=6)
+    controller.accepted, controller.rejected = 80.0, 20.0  # alpha ~ 0.8
+    # GPU-like long tail: verifying is nearly free, drafting cheap: speculate with a long draft.
+    measured(controller, batch=2, plain=0.010, draft=0.001, verify_per_token=0.0005, k=6)
+    # Compute-bound large batch: each verified token costs as much as a decode step: never speculate.
+    measured(controller, batch=64, plain=0.100, draft=0.030, verify_per_token=0.100, k=6)
+    alpha = controller.alpha
+    expected = max(range(1, 7), key=lambda k: speedup_estimate(alpha, k, 0.1, 1 + k * 0.05))
+    assert controller.choose(batch=2, limit=6) == expected >= 4
+    assert controller.choose(batch=64, limit=6) == 0
+    assert controller.choose(batch=2, limit=3) == 3  # never beyond what the rows can still emit
+
+
+def test_controller_measures_before_it_decides_and_threshold_pins_plain():
+    controller = ElasticController(max_k=4, min_batch_plain=16)
+    assert controller.choose(batch=4, limit=4) == 4  # no cost known yet: measure speculation first
+    controller.observe_speculation(4, 4, 0.004, 0.02, accepted=4, rejections=0)
+    assert controller.choose(batch=4, limit=4) == 0  # then a plain step
+    assert controller.choose(batch=32, limit=4) == 0  # at or above the threshold: plain
+
+
+def test_low_acceptance_turns_speculation_off():
+    controller = ElasticController(max_k=4)
+    measured(controller, batch=1, plain=0.010, draft=0.003, verify_per_token=0.001, k=4)
+    controller.accepted, controller.rejected = 1.0, 99.0
+    assert controller.choose(batch=1, limit=4) == 0
+
+
+def test_switching_between_plain_and_speculative_steps_is_lossless(monkeypatch):
+    policy = tiny_causal_lm("qwen2", logit_scale=8.0)
+    engine = SpeculativeEngine(policy, noised_copy(policy, 0.1), SpecConfig(num_draft_tokens=4, elastic=True))
+    schedule = itertools.cycle([0, 0, 3, 4, 0, 1, 2, 0, 0, 0, 4])  # plain stretches make the drafter catch up
+    monkeypatch.setattr(engine.controller, "choose", lambda batch, limit: min(next(schedule), limit))
+    ids, mask = left_padded_prompts(24, 2, 12, 256, seed=9)
+    out = engine.generate(ids, mask, max_new_tokens=40, do_sample=False, eos_token_id=2)
+    reference = policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    expected = [row[: row.index(2) + 1] if 2 in row else row for row in reference[:, ids.shape[1] :].tolist()]
+    assert out.completion_ids == expected
+    assert out.stats.plain_steps > 24 and out.stats.verify_steps > 0 and out.stats.acceptance_rate > 0.3
+
+
+def test_elastic_engine_samples_the_policys_distribution_and_learns_costs():
+    policy = tiny_causal_lm("llama", logit_scale=4.0)
+    engine = SpeculativeEngine(policy, noised_copy(policy, 0.1), SpecConfig(num_draft_tokens=4, elastic=True))
+    ids, mask = left_padded_prompts(8, 2, 8, 256, seed=1)
+    for seed in range(3):
+        out = engine.generate(ids, mask, max_new_tokens=24, generator=torch.Generator().manual_seed(seed))
+        assert all(len(row) == 24 for row in out.completion_ids)
+    costs = engine.controller.costs[ElasticController.bucket(8)]
+    assert costs.plain is not None and costs.draft is not None and costs.per_token is not None
+    assert 0 < engine.controller.alpha < 1
+
+
+def test_plain_batch_threshold_without_elastic():
+    policy = tiny_causal_lm("llama", logit_scale=8.0)
+    engine = SpeculativeEngine(
+        policy, noised_copy(policy, 0.1), SpecConfig(num_draft_tokens=3, plain_batch_threshold=4)
+    )
+    ids, mask = left_padded_prompts(8, 2, 8, 256, seed=2)
+    out = engine.generate(ids, mask, max_new_tokens=12, do_sample=False)
+    assert out.stats.verify_steps == 0 and out.stats.plain_steps == 8 * 12
+    small = engine.generate(ids[:2], mask[:2], max_new_tokens=12, do_sample=False)
+    assert small.stats.verify_steps > 0
