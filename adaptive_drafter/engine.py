@@ -269,6 +269,7 @@ class _Rollout:
         self.max_new_tokens, self.generator = max_new_tokens, generator
         self.policy_version, self.topk = engine.policy_version, engine._collect_topk()
         self.controller, self.draft_seconds = engine.controller, 0.0
+        self.nonfinite = {"policy": torch.tensor(False), "drafter": torch.tensor(False)}
         self.stats = SpecStats()
         # A sliding-window model sees exactly the full context only while its cache fits in the window.
         windows = [_sliding_window(m) for m in (self.policy, self.drafter)]
@@ -382,7 +383,7 @@ class _Rollout:
         logits = _forward(self.drafter, self.dr, self.pending, self.pending_valid, logits_to_keep=1)
         drafts, dists = [], []
         for i in range(k):
-            q_logits = process_logits(logits[:, -1, : self.vocab_size], self.params)
+            q_logits = process_logits(self._checked(logits[:, -1, : self.vocab_size], "drafter"), self.params)
             if self.params.do_sample:
                 q = q_logits.softmax(-1)
                 token = sample(q, self.generator)
@@ -414,7 +415,14 @@ class _Rollout:
 
     def _policy_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         """The policy's sampling distribution as log-probabilities, over the shared vocabulary."""
-        return process_logits(logits[..., : self.vocab_size], self.params).log_softmax(-1)
+        return process_logits(self._checked(logits[..., : self.vocab_size], "policy"), self.params).log_softmax(-1)
+
+    def _checked(self, logits: torch.Tensor, model: str) -> torch.Tensor:
+        """Note NaN/+inf logits for the step's synchronisation point to raise on (checking here would cost a device
+        sync per forward), and neutralise them so the step can finish without sampling from garbage."""
+        bad = logits.isnan() | logits.isposinf()
+        self.nonfinite[model] = self.nonfinite[model] | bad.any()
+        return logits.masked_fill(bad, 0.0)
 
     def _pick(self, log_p: torch.Tensor) -> torch.Tensor:
         return sample(log_p.exp(), self.generator) if self.params.do_sample else log_p.argmax(-1)
@@ -430,6 +438,12 @@ class _Rollout:
         This is the step's one host-device synchronisation."""
         logprobs = step.log_p.gather(-1, step.tokens[..., None]).squeeze(-1)
         tokens, lps, counts = step.tokens.tolist(), logprobs.tolist(), step.count.tolist()
+        for model, flag in self.nonfinite.items():
+            if bool(flag):
+                raise ValueError(
+                    f"The {model} produced NaN or +inf logits, so nothing it proposes can be sampled from. Check its "
+                    "weights and dtype (fp16 overflows easily; prefer bf16 or fp32)."
+                )
         top = step.log_p.topk(self.topk, dim=-1) if self.topk else None
         done = []
         for i, row in enumerate(rows):

@@ -323,3 +323,17 @@ def test_bad_input_raises_clear_errors(engine, ids, mask, max_new, message):
 def test_bad_sampling_settings_raise(engine):
     with pytest.raises(ValueError, match="temperature must be > 0"):
         engine.generate(torch.tensor([[5, 6]]), temperature=0.0)
+
+
+@pytest.mark.parametrize("broken", ["policy", "drafter"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_logits_raise_a_clear_error(broken, value):
+    policy = tiny_causal_lm("llama", logit_scale=4.0)
+    drafter = noised_copy(policy, 0.1)
+    target = policy if broken == "policy" else drafter
+    target.lm_head.register_forward_hook(lambda module, args, out: out.index_fill(-1, torch.tensor([7]), value))
+    engine = SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=3))
+    ids, mask = left_padded_prompts(4, 2, 6, 256, seed=0)
+    for do_sample in (True, False):
+        with pytest.raises(ValueError, match=f"The {broken} produced NaN or \\+inf logits"):
+            engine.generate(ids, mask, max_new_tokens=8, do_sample=do_sample)
