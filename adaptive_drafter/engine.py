@@ -181,9 +181,13 @@ class SpeculativeEngine:
         self._validate(input_ids, attention_mask, max_new_tokens)
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         pad = pad_token_id if pad_token_id is not None else 0
+        if not 0 <= pad < self.vocab_size:
+            raise ValueError(f"pad_token_id {pad} is outside the vocabulary [0, {self.vocab_size}).")
+        mask = attention_mask.bool()
+        input_ids = input_ids.long().masked_fill(~mask, pad)  # whatever sits under the padding is never looked up
         with self._lock:
             self.swap_adapter()
-            out = _Rollout(self, params, eos, pad, max_new_tokens, generator).run(input_ids, attention_mask.bool())
+            out = _Rollout(self, params, eos, pad, max_new_tokens, generator).run(input_ids, mask)
         if self.trainer is not None and out.targets:
             self.trainer.buffer.add_many(out.targets)
         return out
