@@ -40,6 +40,14 @@ class SpecConfig:
         default=None,
         metadata={"help": "Decode plainly (no drafting) while at least this many rows are active. None: no limit."},
     )
+    stale_acceptance: float = field(
+        default=0.05,
+        metadata={"help": "Alarm (warning + drafter/stale_alarm metric) when the running acceptance falls below this."},
+    )
+    stale_version_lag: int = field(
+        default=50,
+        metadata={"help": "Alarm when the served adapter lags the policy by more than this many policy versions."},
+    )
     vocab_size: int | None = field(
         default=None,
         metadata={

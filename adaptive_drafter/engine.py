@@ -12,6 +12,7 @@ cache lags further, by the tokens in `pending` (left-padded), which it consumes 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from .elastic import ElasticController
 from .drafter import AdapterVersion, check_compatible, load_adapter_state
 from .metrics import SpecStats
 from .sampling import SamplingParams, process_logits, sample
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -129,6 +132,8 @@ class SpeculativeEngine:
         self._lock = threading.Lock()  # a swap never overlaps a rollout
         # Persists across calls: acceptance and costs measured in one rollout inform the next.
         self.controller = ElasticController(self.config.num_draft_tokens, self.config.plain_batch_threshold)
+        self.acceptance_ema: float | None = None  # running acceptance over rollouts, for the stale-drafter alarm
+        self._alarm: list[str] = []
 
     def attach(self, trainer: Any) -> None:
         """Feed `trainer` (a `DrafterTrainer`) with every rollout's policy targets, and serve the newest adapter it
@@ -149,6 +154,7 @@ class SpeculativeEngine:
     def metrics(self, stats: SpecStats) -> dict[str, float]:
         """`spec/*` metrics of one rollout plus the served adapter's version and its lag behind the policy."""
         out = stats.metrics()
+        out["drafter/stale_alarm"] = float(bool(self.stale_reasons()))
         if self.adapter_version is not None:
             out["drafter/version"] = float(self.adapter_version.adapter_version)
             out["drafter/version_lag"] = float(self.policy_version - self.adapter_version.policy_version)
@@ -190,7 +196,31 @@ class SpeculativeEngine:
             out = _Rollout(self, params, eos, pad, max_new_tokens, generator).run(input_ids, mask)
         if self.trainer is not None and out.targets:
             self.trainer.buffer.add_many(out.targets)
+        self._watch(out.stats)
         return out
+
+    def _watch(self, stats: SpecStats) -> None:
+        """The stale-drafter alarm: the field's commonest silent failure is a drafter never updated after the policy
+        moved, acceptance collapsing to ~1 token per verify. Warn when it starts, with the reasons."""
+        if stats.drafted:
+            rate = stats.acceptance_rate
+            self.acceptance_ema = rate if self.acceptance_ema is None else 0.7 * self.acceptance_ema + 0.3 * rate
+        alarm = self.stale_reasons()
+        if alarm and not self._alarm:
+            logger.warning("stale drafter: %s", "; ".join(alarm))
+        self._alarm = alarm
+
+    def stale_reasons(self) -> list[str]:
+        """Why the drafter looks stale (empty when it does not)."""
+        reasons = []
+        if self.acceptance_ema is not None and self.acceptance_ema < self.config.stale_acceptance:
+            reasons.append(
+                f"acceptance {self.acceptance_ema:.3f} < {self.config.stale_acceptance} (speculation is not paying)"
+            )
+        lag = self.policy_version - self.adapter_version.policy_version if self.adapter_version else None
+        if self.trainer is not None and lag is not None and lag > self.config.stale_version_lag:
+            reasons.append(f"the adapter lags the policy by {lag} versions: is the drafter trainer running?")
+        return reasons
 
     def _collect_topk(self) -> int:
         """Top-K targets to keep: the config's, else the attached trainer's, else none."""

@@ -171,3 +171,25 @@ def test_trainer_needs_lora_weights():
         DistillConfig(distill_loss="mix", distill_mix_weights="fkl=1")
     assert DistillConfig(distill_loss="mix", distill_mix_weights="fkl:0.5, tv:0.5").mix() == {"fkl": 0.5, "tv": 0.5}
     del policy
+
+
+def test_stale_drafter_alarm_on_low_acceptance_and_on_version_lag(caplog):
+    policy = tiny_causal_lm("llama", num_layers=3, logit_scale=6.0)
+    random_drafter = build_drafter(policy, DrafterConfig(drafter_kind="model"), model=tiny_causal_lm("llama", seed=9))
+    engine = SpeculativeEngine(policy, random_drafter, SpecConfig(num_draft_tokens=3, stale_acceptance=0.2))
+    with caplog.at_level("WARNING", logger="adaptive_drafter.engine"):
+        out = rollout(engine, do_sample=False)
+    assert engine.metrics(out.stats)["drafter/stale_alarm"] == 1.0
+    assert "stale drafter: acceptance" in caplog.text
+
+    _, _, trainer, engine = setup()
+    rollout(engine)
+    for _ in range(4):
+        trainer.step()
+    out = rollout(engine, seed=1)  # serves adapter 1, fitted to policy version 0
+    assert engine.metrics(out.stats)["drafter/stale_alarm"] == 0.0
+    engine.policy_version = 51  # the policy moved on; the trainer published nothing since
+    with caplog.at_level("WARNING", logger="adaptive_drafter.engine"):
+        out = rollout(engine, seed=2)
+    assert engine.metrics(out.stats)["drafter/stale_alarm"] == 1.0
+    assert "lags the policy by 51 versions" in caplog.text
