@@ -27,8 +27,8 @@ The quick mode uses β = 0.05: without it this toy task's policy collapses towar
 2.3 → <0.1 nats/token) and every drafter's acceptance then climbs with the collapse, which hides what the study is
 about (docs/drift_study.md shows both).
 
-Distillation overhead. With `--overhead-run` (on by default in `--quick`) a second, independent copy of the step-0
-policy and warm drafter is trained for the same updates on the same prompts and seeds *without* a trainer, interleaved
+Distillation overhead. With `--overhead-run` (off by default: it doubles the run time) a second, independent copy of
+the step-0 policy and warm drafter is trained for the same updates on the same prompts and seeds *without* a trainer, interleaved
 update by update with the main run (so both see the same background load of a shared machine); the background trainer
 is held while the baseline computes, during evaluations and drafter rebases. The report gives the wall time of the
 rollout + update phases of both runs and their ratio (end to end: it includes the adaptive drafter's effect on
@@ -57,7 +57,8 @@ overhead, every setting, the machine).
 
 Commands:
 
-    python scripts/drift_study.py --quick --out outputs/drift_study_quick      # ≈ 8-10 min on 2 CPU cores
+    python scripts/drift_study.py --quick --out outputs/drift_study_quick      # ≈ 7 min on 2 CPU cores
+    python scripts/drift_study.py --quick --overhead-run                        # + no-distill baseline, ≈ 16 min
     python scripts/drift_study.py --quick --updates 200 --eval-every 20 --no-overhead-run --loss tv   # a shorter look
     python scripts/drift_study.py --device cuda                                # SmolLM2-135M on a GPU
     python scripts/drift_study.py --updates 3 --eval-every 1 --warmup-steps 4 --warmup-rollouts 2   # full mode, CPU
@@ -121,7 +122,7 @@ QUICK_DEFAULTS = dict(
     updates=1000, eval_every=50, k=4, prompts=8, group_size=4, eval_prompts=384, max_new_tokens=12,
     policy_lr=2e-5, kl_coef=0.05, distill_lr=3e-3, loss="fkl", topk=32, distill_batch=32, publish_every=4,
     duty_cycle=0.1, buffer_tokens=8192, recency_half_life=4.0, rejected_weight=1.0, drafter_layers=2, lora_r=16,
-    warmup_steps=300, warmup_rollouts=20, rebase_every=0, update_microbatch=0, overhead_run=True,
+    warmup_steps=300, warmup_rollouts=20, rebase_every=0, update_microbatch=0, overhead_run=False,
 )
 FULL_DEFAULTS = dict(
     updates=1000, eval_every=50, k=4, prompts=8, group_size=4, eval_prompts=64, max_new_tokens=48,
@@ -612,7 +613,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kl-coef", type=float, help="GRPO's KL(policy ‖ step-0 policy) penalty β (k3 estimator; 0: none)")
     p.add_argument("--no-distill", action="store_true", help="no trainer: the served drafter never changes")
     p.add_argument("--overhead-run", action=argparse.BooleanOptionalAction, default=None,
-                   help="also train an interleaved no-distill baseline to measure the overhead (default: on in --quick)")
+                   help="also train an interleaved no-distill baseline to measure the overhead (doubles the time)")
     p.add_argument("--prompts", type=int, help="prompts per update")
     p.add_argument("--group-size", type=int, help="completions per prompt (GRPO group)")
     p.add_argument("--eval-prompts", type=int, help="fresh prompts per evaluation")
