@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -23,3 +27,12 @@ def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
 @pytest.fixture
 def make_tokenizer():
     return word_tokenizer
+
+
+def load_file_module(path: Path):
+    """Import a script (scripts/, recipes/) as a module, so tests can call its functions."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module

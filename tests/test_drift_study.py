@@ -4,24 +4,19 @@ real run's job: docs/drift_study.md)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
 import threading
 from pathlib import Path
 
 import torch
+from conftest import load_file_module
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "drift_study.py"
 
 
 def load_drift_study():
-    spec = importlib.util.spec_from_file_location("drift_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["drift_study"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module(SCRIPT)
 
 
 TINY = [

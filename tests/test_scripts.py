@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from adaptive_drafter.config import DrafterConfig
 from adaptive_drafter.drafter import build_drafter, load_adapter
+from conftest import load_file_module
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module(SCRIPTS / f"{name}.py")
 
 
 def test_bench_rollout_prints_and_writes_its_table(tmp_path, capsys):

@@ -3,7 +3,6 @@ W&B offline logging, and the recipe's command line."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ from adaptive_drafter.config import DistillConfig, DrafterConfig, SpecConfig
 from adaptive_drafter.drafter import AdapterVersion, load_adapter
 from adaptive_drafter.testing import tiny_causal_lm
 from adaptive_drafter.trl import DRAFTER_DIR, SpeculativeRollout
-from conftest import word_tokenizer
+from conftest import load_file_module, word_tokenizer
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 WORDS = [f"w{i}" for i in range(60)]
@@ -162,11 +161,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "grpo_spec.py"
 
 
 def load_recipe():
-    spec = importlib.util.spec_from_file_location("grpo_spec", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["grpo_spec"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module(RECIPE)
 
 
 @pytest.fixture
