@@ -300,18 +300,38 @@ def drift(
 class TrainerGate:
     """Holds the background trainer between optimizer steps while something else must run alone: evaluations, the
     no-distill baseline's phases, drafter rebases. Wraps `trainer.step` (the background loop calls it) with a lock;
-    `hold()` waits for the step in flight, and steps attempted while held return None (the loop then idles)."""
+    `hold()` waits for the step in flight, and steps attempted while held return None (the loop then polls every 50 ms).
+
+    The trainer's loop sleeps `busy · (1/duty_cycle − 1)` after each step. Time held during that sleep must not count
+    as sleep, or the trainer would compute more than `duty_cycle` of the time it is free to run (with the interleaved
+    baseline, about twice as much). So the part of each hold that overlaps the planned sleep is owed and made up before
+    the next step (steps attempted meanwhile return None); holds during the make-up are owed in turn."""
 
     def __init__(self, trainer: DrafterTrainer | None) -> None:
         self.trainer = trainer
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._window = (0.0, 0.0)  # the trainer's current planned rest: (start, end), perf_counter seconds
+        self._makeup_until = 0.0  # no step before this time (a make-up rest)
+        self._owed = 0.0  # held seconds inside the current window, not yet made up
         if trainer is not None:
             step = trainer.step
+            rest_per_busy = 1.0 / trainer.config.distill_duty_cycle - 1.0
 
             def gated_step() -> float | None:
                 with self._lock:
-                    return None if self._closed.is_set() else step()
+                    now = time.perf_counter()
+                    if self._closed.is_set() or now < self._makeup_until:
+                        return None
+                    if self._owed >= 1e-3:
+                        self._window = (now, now + self._owed)
+                        self._makeup_until, self._owed = self._window[1], 0.0
+                        return None
+                    busy_before = trainer.busy_seconds
+                    loss = step()
+                    now = time.perf_counter()
+                    self._window = (now, now + (trainer.busy_seconds - busy_before) * rest_per_busy)
+                    return loss
 
             trainer.step = gated_step  # instance attribute: the background loop's `self.step()` resolves to it
 
@@ -324,9 +344,13 @@ class TrainerGate:
         self.trainer.pause()
         with self._lock:  # the step in flight, if any, has finished
             pass
+        started = time.perf_counter()
         try:
             yield
         finally:
+            with self._lock:
+                start, end = self._window
+                self._owed += max(0.0, min(time.perf_counter(), end) - max(started, start))
             self._closed.clear()
             self.trainer.resume()
 
@@ -692,6 +716,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     trainer.publish(policy_version=0)
     engine.swap_adapter()
     warm_s = time.perf_counter() - warm_start
+    warm_busy_s = trainer.busy_seconds
     frozen_drafter = copy.deepcopy(drafter)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)  # the step-0 policy
     if args.no_distill:
@@ -782,6 +807,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             / len(baseline.rewards[-args.eval_every :]),
         }
     summary["trainer"] = trainer.metrics() if trainer is not None else None
+    if trainer is not None:
+        # The trainer's compute during the study as a share of the main run's rollout + update wall time.
+        summary["trainer"]["busy_s"] = trainer.busy_seconds - warm_busy_s
+        summary["trainer"]["busy_share"] = summary["trainer"]["busy_s"] / max(summary["rollout_update_s"], 1e-9)
     if trainer is not None and trainer.last_error:
         summary["trainer"]["last_error"] = trainer.last_error
     summary["settings"] = {
