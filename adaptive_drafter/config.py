@@ -171,6 +171,13 @@ class DistillConfig:
         default=5, metadata={"help": "Consecutive faults tolerated before the trainer stops."}
     )
     distill_restart_backoff_s: float = field(default=1.0, metadata={"help": "First back-off after a fault; doubles."})
+    distill_step_timeout_s: float | None = field(
+        default=600.0,
+        metadata={
+            "help": "A distillation step running longer than this is a fault (a hang): it is abandoned, the trainer "
+            "rolls back to a fresh copy of the last good adapter and restarts or stops (None: no timeout)."
+        },
+    )
     distill_duty_cycle: float = field(
         default=1.0,
         metadata={
@@ -203,6 +210,10 @@ class DistillConfig:
             raise ValueError("DistillConfig needs learning_rate > 0, rejected_weight >= 0, recency_half_life > 0.")
         if not 0.0 < self.distill_duty_cycle <= 1.0:
             raise ValueError(f"DistillConfig.distill_duty_cycle must lie in (0, 1], got {self.distill_duty_cycle}.")
+        if self.distill_step_timeout_s is not None and self.distill_step_timeout_s <= 0:
+            raise ValueError(
+                f"DistillConfig.distill_step_timeout_s must be > 0 or None, got {self.distill_step_timeout_s}."
+            )
         if self.distill_on_error not in ("restart", "stop"):
             raise ValueError(
                 f"DistillConfig.distill_on_error must be 'restart' or 'stop', got {self.distill_on_error!r}."

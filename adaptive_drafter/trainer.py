@@ -3,14 +3,18 @@ publishes new adapter versions for the engine to swap in between rollouts.
 
 The trainer never touches the serving drafter. It owns a deep copy, trains its LoRA weights on batches sampled from a
 `DistillBuffer` that the engine fills, and every `publish_every` optimizer steps publishes `(version, state_dict)`.
-A fault (an exception, a non-finite loss or gradient) is caught and counted, the private copy is rolled back to the
-last published adapter, and the trainer restarts after a back-off or stops, as configured; the engine keeps serving the
-last good adapter throughout.
+A fault (an exception, a non-finite loss or gradient, a step that hangs past `distill_step_timeout_s`) is caught and
+counted, the private copy is rolled back to the last published adapter, and the trainer restarts after a back-off or
+stops, as configured; the engine keeps serving the last good adapter throughout.
+
+Steps run on a worker thread that the background loop supervises. A Python thread cannot be killed, so a hung step is
+abandoned rather than stopped: the trainer continues on a fresh copy of the model, and whatever the abandoned step
+computes, should it ever return, is dropped (it trained a model object nobody serves or publishes any more).
 """
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import copy
 import logging
 import math
@@ -80,26 +84,32 @@ class DrafterTrainer:
         if self.buffer.num_tokens < self.config.distill_min_buffer_tokens:
             return None
         start = time.perf_counter()
-        batch = self.buffer.sample(self.config.distill_batch_size).to(next(self.model.parameters()).device)
-        loss, logits = self._loss(batch)
+        # Taken once: after a timeout the trainer moves on to a new model, and this step must keep to the old one.
+        model, optimizer, params = self.model, self._optimizer, self._params
+        batch = self.buffer.sample(self.config.distill_batch_size).to(next(model.parameters()).device)
+        loss, logits = self._loss(model, batch)
         if not torch.isfinite(loss):
             raise TrainerFault(f"non-finite distillation loss ({loss.item()}) at step {self.steps + 1}")
-        self._optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.config.distill_max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.distill_max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise TrainerFault(f"non-finite gradient norm at step {self.steps + 1}")
-        self._optimizer.step()
-        self.steps += 1
-        self.last_loss = loss.item()
-        self._track_drift(logits.detach(), batch)
-        if self.steps % self.config.distill_publish_every == 0:
-            self.publish(policy_version=int(batch.policy_versions.max()))
-        self.busy_seconds += time.perf_counter() - start
+        optimizer.step()
+        drift = self._drift(logits.detach(), batch)
+        with self._lock:
+            if model is not self.model:  # abandoned after a timeout: drop what it computed
+                return None
+            self.steps += 1
+            self.last_loss = loss.item()
+            self.tv_to_policy, self.kl_to_policy = drift
+            if self.steps % self.config.distill_publish_every == 0:
+                self._publish(policy_version=int(batch.policy_versions.max()))
+            self.busy_seconds += time.perf_counter() - start
         return self.last_loss
 
-    def _loss(self, batch: DistillBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    def _loss(self, model: PeftModel, batch: DistillBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         loss = distill_loss(
             logits,
             batch,
@@ -109,20 +119,23 @@ class DrafterTrainer:
         )
         return loss, logits
 
-    def _track_drift(self, logits: torch.Tensor, batch: DistillBatch) -> None:
-        """Drafter/policy divergence on the batch just trained on (before the update): the drift metrics."""
+    @staticmethod
+    def _drift(logits: torch.Tensor, batch: DistillBatch) -> tuple[float, float]:
+        """Drafter/policy TV and KL on the batch just trained on (before the update): the drift metrics."""
         mask = batch.loss_mask
         count = mask.sum().clamp_min(1)
-        self.tv_to_policy = float(tv_loss(logits, batch.topk_ids, batch.topk_logprobs, mask).sum() / count)
-        self.kl_to_policy = float(fkl_loss(logits, batch.topk_ids, batch.topk_logprobs, mask).sum() / count)
+        tv = float(tv_loss(logits, batch.topk_ids, batch.topk_logprobs, mask).sum() / count)
+        return tv, float(fkl_loss(logits, batch.topk_ids, batch.topk_logprobs, mask).sum() / count)
 
     def publish(self, policy_version: int) -> PublishedAdapter:
         """Publish the current weights as the next adapter version (fitted to `policy_version`)."""
-        state = adapter_state(self.model)
-        self.adapter_version += 1
-        published = PublishedAdapter(AdapterVersion(self.adapter_version, policy_version), state)
         with self._lock:
-            self._published, self._good_state = published, state
+            return self._publish(policy_version)
+
+    def _publish(self, policy_version: int) -> PublishedAdapter:  # holds self._lock
+        self.adapter_version += 1
+        published = PublishedAdapter(AdapterVersion(self.adapter_version, policy_version), adapter_state(self.model))
+        self._published, self._good_state = published, published.state
         return published
 
     def latest(self) -> PublishedAdapter | None:
@@ -169,11 +182,39 @@ class DrafterTrainer:
         self.stop()
 
     def _run(self) -> None:
+        self._executor = self._new_executor()
+        try:
+            self._loop()
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def _new_executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The worker thread that runs steps, so that the loop can time them out."""
         device = next(self.model.parameters()).device
         # On a GPU the trainer's kernels go to their own stream so they can overlap the rollouts' on the default one.
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            self._loop()
+        return concurrent.futures.ThreadPoolExecutor(
+            1, "drafter-trainer-step", initializer=torch.cuda.set_stream if stream is not None else None,
+            initargs=(stream,) if stream is not None else (),
+        )
+
+    def _timed_step(self) -> float | None:
+        """`step()` on the worker thread; a step that outlives `distill_step_timeout_s` is abandoned and raised as a
+        fault, the trainer moving on to a fresh copy of the model."""
+        future = self._executor.submit(self.step)
+        timeout = self.config.distill_step_timeout_s
+        try:
+            return future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            self._executor.shutdown(wait=False)
+            self._executor = self._new_executor()
+            fresh = copy.deepcopy(self.model)  # the hung step keeps the old object to itself
+            with self._lock:
+                self.model = fresh
+                self._params = [p for p in fresh.parameters() if p.requires_grad]
+            raise TrainerFault(
+                f"a distillation step ran longer than distill_step_timeout_s={timeout} s (hung?); abandoned it"
+            ) from None
 
     def _loop(self) -> None:
         consecutive = 0
@@ -183,7 +224,7 @@ class DrafterTrainer:
                 break
             started = time.perf_counter()
             try:
-                loss = self.step()
+                loss = self._timed_step()
             except Exception as exc:  # noqa: BLE001 - any fault must leave the rollouts serving, never crash them
                 consecutive += 1
                 if not self._recover(exc, consecutive):

@@ -120,14 +120,14 @@ def test_faults_are_counted_rolled_back_and_restarted(monkeypatch, fault):
     original = trainer._loss
     calls = {"n": 0}
 
-    def faulty(batch):
+    def faulty(model, batch):
         calls["n"] += 1
         if calls["n"] <= 3:
             if fault == "exception":
                 raise RuntimeError("injected fault")
-            loss, logits = original(batch)
+            loss, logits = original(model, batch)
             return loss * float("nan"), logits
-        return original(batch)
+        return original(model, batch)
 
     monkeypatch.setattr(trainer, "_loss", faulty)
     trainer.start()
@@ -151,12 +151,48 @@ def test_on_error_stop_keeps_serving_the_last_good_adapter(monkeypatch):
     for _ in range(4):
         trainer.step()
     rollout(engine, seed=1)
-    monkeypatch.setattr(trainer, "_loss", lambda batch: (_ for _ in ()).throw(MemoryError("injected OOM")))
+    monkeypatch.setattr(trainer, "_loss", lambda model, batch: (_ for _ in ()).throw(MemoryError("injected OOM")))
     trainer.start()
     wait_for(lambda: not trainer.alive)
     assert trainer.errors == 1 and "MemoryError: injected OOM" in trainer.last_error
     out = rollout(engine, seed=2)
     assert engine.adapter_version.adapter_version == 1 and out.stats.verify_steps > 0
+
+
+def test_a_hung_step_times_out_and_the_trainer_moves_on(monkeypatch, caplog):
+    _, _, trainer, engine = setup(distill_step_timeout_s=0.5, distill_restart_backoff_s=0.01)
+    rollout(engine)
+    for _ in range(4):
+        trainer.step()
+    rollout(engine, seed=1)  # serving adapter 1
+    hung_model, release, original = trainer.model, threading.Event(), trainer._loss
+
+    def hangs_once(model, batch):
+        if model is hung_model:  # the first step after start() blocks until released
+            release.wait()
+        return original(model, batch)
+
+    monkeypatch.setattr(trainer, "_loss", hangs_once)
+    trainer.start()
+    try:
+        wait_for(lambda: trainer.errors == 1 and trainer.adapter_version >= 3)
+        assert trainer.alive and trainer.model is not hung_model
+        assert "distill_step_timeout_s=0.5" in trainer.last_error and trainer.restarts == 1
+        out = rollout(engine, seed=2)  # rollouts never waited for the hung step
+        assert out.stats.verify_steps > 0 and engine.adapter_version.adapter_version >= 2
+        # The abandoned step finishes late: what it computed is dropped, nothing is published from it.
+        trainer.pause()
+        time.sleep(0.3)  # the step in flight, if any, ends
+        published, steps = trainer.adapter_version, trainer.steps
+        release.set()
+        time.sleep(0.5)
+        assert (trainer.adapter_version, trainer.steps) == (published, steps)
+    finally:
+        release.set()
+        trainer.stop()
+    assert "ran longer than distill_step_timeout_s" in caplog.text
+    with pytest.raises(ValueError, match="distill_step_timeout_s"):
+        DistillConfig(distill_step_timeout_s=0)
 
 
 def test_trainer_needs_lora_weights():
