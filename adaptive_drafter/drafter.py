@@ -15,6 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import DrafterConfig
 
@@ -167,6 +168,57 @@ def build_drafter(
         task_type="CAUSAL_LM",
     )
     return get_peft_model(base, lora).eval()
+
+
+class ReducedVocabDrafter:
+    """The drafter with its LM head restricted to `token_ids`: called like the drafter, it returns logits over the full
+    vocabulary that are -inf (q = 0) outside the subset. A draft step then skips most of the head's matmul, which
+    dominates a small drafter's cost at a 50k-150k vocabulary. The exact acceptance rule stays lossless: a token the
+    drafter cannot propose is emitted from the residual whenever the policy wants it.
+
+    Only the head is cut; the decoder (with its LoRA adapters) is the drafter's own, so hot-swapped adapters apply.
+    """
+
+    def __init__(self, drafter: Any, token_ids: torch.Tensor, vocab_size: int) -> None:
+        base = drafter.get_base_model() if isinstance(drafter, PeftModel) else drafter
+        head = base.get_output_embeddings()
+        if type(head) is not torch.nn.Linear:
+            raise ValueError(
+                f"A reduced draft vocabulary needs a plain Linear LM head, but the drafter's is {type(head).__name__} "
+                "(LoRA on lm_head?). Set SpecConfig.draft_vocab_size=0 or keep lm_head out of the LoRA targets."
+            )
+        self.drafter, self.decoder, self.config = drafter, base.get_decoder(), drafter.config
+        self.token_ids = token_ids.to(head.weight.device, torch.long)
+        self.weight = head.weight.detach()[self.token_ids]
+        self.bias = head.bias.detach()[self.token_ids] if head.bias is not None else None
+        self.vocab_size = vocab_size
+
+    def __call__(self, *, logits_to_keep: int = 0, **forward: Any) -> CausalLMOutputWithPast:
+        hidden = self.decoder(**forward).last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = hidden.new_full((*hidden.shape[:-1], self.vocab_size), -torch.inf)
+        logits[..., self.token_ids] = torch.nn.functional.linear(hidden, self.weight, self.bias)
+        return CausalLMOutputWithPast(logits=logits)
+
+    def check(self) -> None:
+        """Raise `ValueError` unless the drafter's logits are exactly its head over its decoder's output (no logit
+        scaling or soft-capping), compared on a probe input over the subset."""
+        probe = self.token_ids[: min(4, len(self.token_ids))][None]
+        with torch.no_grad():
+            full = self.drafter(input_ids=probe).logits[..., self.token_ids]
+            reduced = self(input_ids=probe).logits[..., self.token_ids]
+        if not torch.allclose(full.float(), reduced.float(), rtol=1e-3, atol=1e-3):
+            raise ValueError(
+                "This drafter's logits are not its LM head over its decoder's output (logit scaling or soft-capping?), "
+                "so a reduced draft vocabulary cannot be used with it. Set SpecConfig.draft_vocab_size=0."
+            )
+
+
+def frequent_tokens(counts: torch.Tensor, size: int) -> torch.Tensor:
+    """The ids of the `size` most frequent tokens in `counts` (a per-id tally), never one that was not seen; sorted."""
+    size = min(size, int((counts > 0).sum()))
+    return counts.topk(size).indices.sort().values
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from . import acceptance
 from .config import SpecConfig
 from .distill import PolicyTargets
 from .elastic import ElasticController
-from .drafter import AdapterVersion, check_compatible, load_adapter_state
+from .drafter import AdapterVersion, ReducedVocabDrafter, check_compatible, frequent_tokens, load_adapter_state
 from .metrics import SpecStats
 from .sampling import SamplingParams, process_logits, sample
 
@@ -134,7 +134,22 @@ class SpeculativeEngine:
         self.controller = ElasticController(self.config.num_draft_tokens, self.config.plain_batch_threshold)
         self.acceptance_ema: float | None = None  # running acceptance over rollouts, for the stale-drafter alarm
         self._alarm: list[str] = []
+        # The reduced draft vocabulary: pinned by `set_draft_vocab`, else the most frequent tokens of past completions.
+        self.token_counts = torch.zeros(self.vocab_size, dtype=torch.long)
+        self.draft_vocab: torch.Tensor | None = None
+        self.draft_vocab_coverage: float | None = None  # share of the last rollout's tokens inside it
+        self._reduced_head_checked = False
 
+    def set_draft_vocab(self, token_ids: Sequence[int] | torch.Tensor | None) -> None:
+        """Pin the tokens the drafter may propose (None: back to `SpecConfig.draft_vocab_size`'s frequent tokens).
+        Lossless whatever the set: the policy still emits any token it wants."""
+        if token_ids is None:
+            self.draft_vocab = None
+            return
+        ids = torch.as_tensor(token_ids, dtype=torch.long).unique()
+        if len(ids) == 0 or ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(f"The draft vocabulary must be a non-empty set of token ids in [0, {self.vocab_size}).")
+        self.draft_vocab = ids
     def attach(self, trainer: Any) -> None:
         """Feed `trainer` (a `DrafterTrainer`) with every rollout's policy targets, and serve the newest adapter it
         publishes, swapped in at the start of the next `generate` call, never during one."""
@@ -155,6 +170,8 @@ class SpeculativeEngine:
         """`spec/*` metrics of one rollout plus the served adapter's version and its lag behind the policy."""
         out = stats.metrics()
         out["drafter/stale_alarm"] = float(bool(self.stale_reasons()))
+        if self.draft_vocab_coverage is not None:
+            out["spec/draft_vocab_coverage"] = self.draft_vocab_coverage
         if self.adapter_version is not None:
             out["drafter/version"] = float(self.adapter_version.adapter_version)
             out["drafter/version_lag"] = float(self.policy_version - self.adapter_version.policy_version)
@@ -193,11 +210,34 @@ class SpeculativeEngine:
         input_ids = input_ids.long().masked_fill(~mask, pad)  # whatever sits under the padding is never looked up
         with self._lock:
             self.swap_adapter()
-            out = _Rollout(self, params, eos, pad, max_new_tokens, generator).run(input_ids, mask)
+            draft_model = self._draft_model()
+            out = _Rollout(self, draft_model, params, eos, pad, max_new_tokens, generator).run(input_ids, mask)
+        self._count_tokens(out.completion_ids, draft_model)
         if self.trainer is not None and out.targets:
             self.trainer.buffer.add_many(out.targets)
         self._watch(out.stats)
         return out
+
+    def _draft_model(self) -> Any:
+        """The drafter as this rollout drafts with it: whole, or with its head cut to the reduced draft vocabulary."""
+        ids = self.draft_vocab
+        if ids is None and self.config.draft_vocab_size:
+            ids = frequent_tokens(self.token_counts, self.config.draft_vocab_size)
+        if ids is None or len(ids) == 0:  # nothing pinned and no completions seen yet
+            return self.drafter
+        reduced = ReducedVocabDrafter(self.drafter, ids, self.vocab_size)
+        if not self._reduced_head_checked:
+            reduced.check()
+            self._reduced_head_checked = True
+        return reduced
+
+    def _count_tokens(self, completions: list[list[int]], draft_model: Any) -> None:
+        """Tally emitted tokens (what the reduced draft vocabulary is chosen from) and the share it covered."""
+        flat = torch.tensor([t for row in completions for t in row], dtype=torch.long)
+        if self.config.draft_vocab_size or self.draft_vocab is not None:
+            self.token_counts += torch.bincount(flat, minlength=self.vocab_size)
+        if isinstance(draft_model, ReducedVocabDrafter) and len(flat):
+            self.draft_vocab_coverage = float(torch.isin(flat, draft_model.token_ids.cpu()).float().mean())
 
     def _watch(self, stats: SpecStats) -> None:
         """The stale-drafter alarm: the field's commonest silent failure is a drafter never updated after the policy
@@ -292,13 +332,14 @@ class _Rollout:
     def __init__(
         self,
         engine: SpeculativeEngine,
+        draft_model: Any,
         params: SamplingParams,
         eos: set[int],
         pad: int,
         max_new_tokens: int,
         generator: torch.Generator | None,
     ) -> None:
-        self.policy, self.drafter, self.config = engine.policy, engine.drafter, engine.config
+        self.policy, self.drafter, self.config = engine.policy, draft_model, engine.config
         self.vocab_size, self.params, self.eos, self.pad = engine.vocab_size, params, eos, pad
         self.max_new_tokens, self.generator = max_new_tokens, generator
         self.policy_version, self.topk = engine.policy_version, engine._collect_topk()

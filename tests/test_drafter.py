@@ -124,3 +124,35 @@ def test_model_drafter_from_a_path_with_another_tokenizer_is_refused(tmp_path, m
     with pytest.raises(ValueError, match="Tokenizer mismatch"):
         build_drafter(policy, config, policy_tokenizer=make_tokenizer(["a", "b", "c"]))
     assert build_drafter(policy, config, policy_tokenizer=make_tokenizer(["b", "a", "c"])) is not None
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_reduced_vocab_drafter_is_the_head_over_a_subset(arch):
+    from adaptive_drafter.drafter import ReducedVocabDrafter, build_drafter
+    from adaptive_drafter.config import DrafterConfig
+
+    policy = tiny_causal_lm(arch, num_layers=2)
+    drafter = build_drafter(policy, DrafterConfig(drafter_num_layers=1, drafter_lora_r=4))
+    subset = torch.tensor([3, 7, 50, 200])
+    reduced = ReducedVocabDrafter(drafter, subset, 256)
+    reduced.check()
+    ids = torch.randint(3, 256, (2, 6))
+    full, cut = drafter(input_ids=ids).logits, reduced(input_ids=ids).logits
+    assert torch.allclose(cut[..., subset], full[..., subset], atol=1e-5)
+    outside = torch.ones(256, dtype=torch.bool).index_fill(0, subset, False)
+    assert bool((cut[..., outside] == -torch.inf).all())
+    assert reduced(input_ids=ids, logits_to_keep=1).logits.shape == (2, 1, 256)
+
+
+def test_reduced_vocab_refuses_heads_it_cannot_cut():
+    from adaptive_drafter.drafter import ReducedVocabDrafter, build_drafter
+    from adaptive_drafter.config import DrafterConfig
+
+    policy = tiny_causal_lm("llama")
+    scaled = truncated_drafter(policy, 1)  # logits scaled after the head, as some models do
+    scaled.get_output_embeddings().register_forward_hook(lambda module, args, out: 0.5 * out)
+    with pytest.raises(ValueError, match="soft-capping"):
+        ReducedVocabDrafter(scaled, torch.arange(3, 40), 256).check()
+    lora_head = build_drafter(policy, DrafterConfig(drafter_num_layers=1, drafter_lora_target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match="plain Linear LM head"):
+        ReducedVocabDrafter(lora_head, torch.arange(3, 40), 256)

@@ -337,3 +337,43 @@ def test_nonfinite_logits_raise_a_clear_error(broken, value):
     for do_sample in (True, False):
         with pytest.raises(ValueError, match=f"The {broken} produced NaN or \\+inf logits"):
             engine.generate(ids, mask, max_new_tokens=8, do_sample=do_sample)
+
+
+# --- reduced draft vocabulary ----------------------------------------------------------------------------------
+
+
+def test_reduced_draft_vocabulary_is_lossless_and_follows_frequent_tokens():
+    policy = tiny_causal_lm("llama", logit_scale=8.0)
+    ids, mask = left_padded_prompts(16, 2, 10, 256, seed=8)
+    expected = reference_greedy(policy, ids, mask, 24, eos=[])
+    emitted = torch.bincount(torch.tensor(sum(expected, [])), minlength=256)
+    engine = SpeculativeEngine(policy, noised_copy(policy, 0.05), SpecConfig(num_draft_tokens=4, draft_vocab_size=8))
+    first = engine.generate(ids, mask, max_new_tokens=24, do_sample=False)  # no counts yet: the full vocabulary
+    assert first.completion_ids == expected and engine.draft_vocab_coverage is None
+    assert torch.equal(engine.token_counts, emitted)
+    second = engine.generate(ids, mask, max_new_tokens=24, do_sample=False)  # drafts over the 8 most frequent
+    assert second.completion_ids == expected
+    covered = emitted.topk(8).values.sum() / emitted.sum()
+    assert engine.draft_vocab_coverage == pytest.approx(float(covered)) and covered < 1
+    assert engine.metrics(second.stats)["spec/draft_vocab_coverage"] == engine.draft_vocab_coverage
+    # Tokens outside the subset are never proposed, so fewer drafts are accepted, but the output is the same.
+    assert 0 < second.stats.acceptance_rate < first.stats.acceptance_rate
+    sampled = engine.generate(ids, mask, max_new_tokens=24, generator=torch.Generator().manual_seed(0))
+    assert engine.draft_vocab_coverage < 1 and sampled.stats.accepted > 0  # tokens outside it were still emitted
+
+
+def test_pinned_draft_vocabulary_keeps_the_sampling_distribution(small_vocab_models):
+    policy, drafter = small_vocab_models
+    prompt, params = [3, 1, 4, 5], SamplingParams(do_sample=True, temperature=1.0)
+    target = exact_joint(policy, prompt, params)
+    engine = SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=3))
+    engine.set_draft_vocab([0, 2, 3])
+    ids = torch.tensor([prompt]).expand(SAMPLES, -1)
+    out = engine.generate(ids, None, max_new_tokens=STEPS, generator=torch.Generator().manual_seed(5))
+    firsts = torch.tensor([row[:STEPS] for row in out.completion_ids])
+    empirical = torch.bincount((firsts * torch.tensor([VOCAB**2, VOCAB, 1])).sum(-1), minlength=VOCAB**STEPS)
+    tv = 0.5 * float((empirical.double() / SAMPLES - target).abs().sum())
+    assert tv < noise_bound(target, SAMPLES)
+    assert 0 < engine.draft_vocab_coverage < 1 and 0 < out.stats.acceptance_rate
+    with pytest.raises(ValueError, match="non-empty set of token ids"):
+        engine.set_draft_vocab([0, VOCAB])
