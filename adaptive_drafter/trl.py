@@ -34,6 +34,22 @@ logger = logging.getLogger(__name__)
 DRAFTER_DIR = "drafter"  # beside the trainer's files inside every checkpoint directory
 
 
+def last_complete_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest `checkpoint-N` under `output_dir` that was completely written, or None.
+
+    Trainer checkpoints are not written atomically: a kill mid-save leaves a partial `checkpoint-N`, which
+    `transformers.trainer_utils.get_last_checkpoint` would pick. The drafter adapter is saved last (`on_save`, after the
+    trainer state, itself by atomic rename), so a checkpoint holding both is complete."""
+    complete = [
+        path
+        for path in Path(output_dir).glob("checkpoint-*")
+        if path.name.split("-")[-1].isdigit()
+        and (path / "trainer_state.json").is_file()
+        and (path / DRAFTER_DIR / "drafter_version.json").is_file()
+    ]
+    return max(complete, key=lambda path: int(path.name.split("-")[-1]), default=None)
+
+
 def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

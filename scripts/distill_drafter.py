@@ -17,6 +17,7 @@ are those of distillation alone.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,20 +64,32 @@ def embedded_task(args: argparse.Namespace) -> Task:
     return Task(policy, prompts, tokenizer.eos_token_id, f"{EMBEDDED_MODEL_NAME} on the arithmetic task")
 
 
-def rollout(engine: SpeculativeEngine, task: Task, args: argparse.Namespace, seed: int) -> SpecStats:
-    """One batch of sampled completions from prompts drawn with `seed`; returns its statistics."""
+def rollout(
+    engine: SpeculativeEngine, task: Task, args: argparse.Namespace, seed: int, do_sample: bool = True
+) -> SpecStats:
+    """One batch of completions (sampled, or greedy) from prompts drawn with `seed`; returns its statistics."""
     ids, mask = task.prompts(args.batch_size, seed)
     generator = torch.Generator(device=ids.device).manual_seed(seed)
     out = engine.generate(
-        ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature, do_sample=do_sample,
         eos_token_id=task.eos_token_id, generator=generator,
     )  # fmt: skip
     return out.stats
 
 
-def held_out_stats(engine: SpeculativeEngine, task: Task, args: argparse.Namespace) -> SpecStats:
+def held_out_stats(
+    engine: SpeculativeEngine, task: Task, args: argparse.Namespace, do_sample: bool = True
+) -> SpecStats:
     """Acceptance of the drafter on held-out prompts (seeds disjoint from the training prompts')."""
-    return sum((rollout(engine, task, args, 10_000 + i) for i in range(args.eval_batches)), SpecStats())
+    return sum((rollout(engine, task, args, 10_000 + i, do_sample) for i in range(args.eval_batches)), SpecStats())
+
+
+def evaluate(evaluator: SpeculativeEngine, task: Task, args: argparse.Namespace) -> dict[str, float]:
+    """Held-out acceptance, sampled at --temperature and (with --eval-greedy) greedy: one point of the curve."""
+    point = {"acceptance": held_out_stats(evaluator, task, args).acceptance_rate}
+    if args.eval_greedy:
+        point["greedy_acceptance"] = held_out_stats(evaluator, task, args, do_sample=False).acceptance_rate
+    return point
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--topk", type=int, default=32)
     p.add_argument("--eval-batches", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N rounds: the learning curve")
+    p.add_argument("--eval-greedy", action="store_true", help="also measure greedy acceptance at each evaluation")
+    p.add_argument("--json", type=Path, default=None, help="write the curve and settings to this JSON file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=Path("outputs/drafter_warm_start"))
@@ -129,13 +145,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"policy: {task.description}; drafter: first {args.drafter_layers} layers + LoRA r={args.lora_r}")
 
     before = held_out_stats(evaluator, task, args)
-    start = time.perf_counter()
+    curve = [{"round": 0, "minutes": 0.0, **evaluate(evaluator, task, args)}] if args.eval_every else []
+    start, eval_seconds = time.perf_counter(), 0.0
     for round_ in tqdm(range(args.rounds), desc="distilling"):
         rollout(engine, task, args, round_)
         for _ in range(args.steps_per_round):
             trainer.step()
+        if args.eval_every and (round_ + 1) % args.eval_every == 0:
+            engine.swap_adapter()
+            evaluated = time.perf_counter()
+            training_minutes = (evaluated - start - eval_seconds) / 60  # evaluation time is not training time
+            curve.append({"round": round_ + 1, "minutes": training_minutes, **evaluate(evaluator, task, args)})
+            eval_seconds += time.perf_counter() - evaluated
+            tqdm.write(f"round {round_ + 1}: {curve[-1]}")
     engine.swap_adapter()
-    minutes = (time.perf_counter() - start) / 60
+    minutes = (time.perf_counter() - start - eval_seconds) / 60
     after = held_out_stats(evaluator, task, args)
 
     path = save_adapter(drafter, args.out, AdapterVersion(trainer.adapter_version, policy_version=0))
@@ -146,7 +170,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{trainer.steps} optimizer steps on {args.rounds} rollout batches in {minutes:.1f} min "
         f"(rollouts included); last loss {trainer.last_loss:.3f}; adapter v{trainer.adapter_version} saved to {path}"
     )
-    return {"before": before.acceptance_rate, "after": after.acceptance_rate, "minutes": minutes}
+    result = {"before": before.acceptance_rate, "after": after.acceptance_rate, "minutes": minutes, "curve": curve}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        args.json.write_text(json.dumps({"settings": settings, "policy": task.description, **result}, indent=2) + "\n")
+    return result
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from trl import GRPOConfig, GRPOTrainer
 from adaptive_drafter.config import DistillConfig, DrafterConfig, SpecConfig
 from adaptive_drafter.drafter import AdapterVersion, load_adapter
 from adaptive_drafter.testing import tiny_causal_lm
-from adaptive_drafter.trl import DRAFTER_DIR, SpeculativeRollout
+from adaptive_drafter.trl import DRAFTER_DIR, SpeculativeRollout, last_complete_checkpoint
 from conftest import load_file_module, word_tokenizer
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -245,6 +245,17 @@ def test_two_cpu_processes_with_gloo(tmp_path, tiny_model_dir):
     assert (tmp_path / "out" / "checkpoint-2" / DRAFTER_DIR / "adapter.safetensors").exists()
 
 
+def test_last_complete_checkpoint_skips_a_partial_one(tmp_path):
+    assert last_complete_checkpoint(tmp_path) is None
+    for step, complete in ((2, True), (10, True), (11, False)):
+        path = tmp_path / f"checkpoint-{step}"
+        (path / DRAFTER_DIR).mkdir(parents=True)
+        (path / "trainer_state.json").write_text("{}")
+        if complete:
+            (path / DRAFTER_DIR / "drafter_version.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-10"  # numeric order, the partial 11 skipped
+
+
 def test_kill_9_after_a_checkpoint_then_resume(tmp_path, tiny_model_dir):
     """A run killed with SIGKILL resumes from its last complete checkpoint: same policy step, same drafter adapter."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
@@ -263,14 +274,10 @@ def test_kill_9_after_a_checkpoint_then_resume(tmp_path, tiny_model_dir):
     finally:
         run.send_signal(signal.SIGKILL)
         run.wait()
-    # A kill can land between the trainer's files and the drafter's (written just after, on_save): such a checkpoint
-    # resumes with a fresh drafter and a warning; here take the last one that has both.
-    complete = sorted(
-        int(p.name.split("-")[1])
-        for p in out.glob("checkpoint-*")
-        if (p / "trainer_state.json").exists() and (p / DRAFTER_DIR / "drafter_version.json").exists()
-    )
-    last = out / f"checkpoint-{complete[-1]}"
+    # A kill can land mid-save, between the trainer's files and the drafter's (written last, on_save): resume from the
+    # last checkpoint that has both.
+    last = last_complete_checkpoint(out)
+    complete = [int(last.name.split("-")[1])]
     saved = json.loads((last / DRAFTER_DIR / "drafter_version.json").read_text())
 
     module = load_recipe()
