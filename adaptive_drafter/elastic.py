@@ -50,7 +50,7 @@ class ElasticController:
     alpha_prior: float = 0.6
     smoothing: float = 0.2
     memory: float = 0.99  # acceptance counts decay: the drafter and the policy both change
-    explore_every: int = 32  # re-measure a plain step now and then: costs drift as caches grow
+    explore_every: int = 32  # re-measure now and then: costs drift as caches grow, acceptance as the drafter learns
     accepted: float = 0.0
     rejected: float = 0.0
     costs: dict[int, _Costs] = field(default_factory=dict)
@@ -80,7 +80,16 @@ class ElasticController:
             return 0  # measure (or re-measure) a plain step
         c = costs.draft / costs.plain
         verify = [1.0 + k * costs.per_token / costs.plain for k in range(k_max + 1)]
-        return best_k(self.alpha, c, verify)
+        k = best_k(self.alpha, c, verify)
+        if k == 0 and self.steps % self.explore_every == self.explore_every // 2:
+            return 1  # a one-token probe: without it a drafter that got better (distillation) would never be seen
+        return k
+
+    def forget_acceptance(self, keep: float = 0.1) -> None:
+        """A new drafter adapter was swapped in: the acceptance history describes the old one, so shrink it to a few
+        drafts' worth and let the next steps re-measure (costs are unchanged)."""
+        self.accepted *= keep
+        self.rejected *= keep
 
     def observe_plain(self, batch: int, seconds: float) -> None:
         costs = self.costs.setdefault(self.bucket(batch), _Costs())

@@ -164,6 +164,7 @@ class SpeculativeEngine:
             return False
         load_adapter_state(self.drafter, latest.state)
         self.adapter_version = latest.version
+        self.controller.forget_acceptance()
         return True
 
     def metrics(self, stats: SpecStats) -> dict[str, float]:

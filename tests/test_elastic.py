@@ -62,6 +62,23 @@ def test_low_acceptance_turns_speculation_off():
     assert controller.choose(batch=1, limit=4) == 0
 
 
+def test_plain_mode_probes_acceptance_and_returns_when_the_drafter_improves():
+    controller = ElasticController(max_k=4)
+    controller.accepted, controller.rejected = 2.0, 98.0
+    measured(controller, batch=1, plain=0.010, draft=0.001, verify_per_token=0.0005, k=4)
+    picks = [controller.choose(1, limit=4) for _ in range(64)]
+    assert picks.count(1) == 2 and set(picks) == {0, 1}  # plain, with a 1-token probe every explore_every steps
+    for _ in range(300):  # the drafter now agrees: the probes see it, slowly (the history weighs 1/(1 - memory))
+        controller.observe_speculation(1, 1, 0.001, 0.0105, accepted=1, rejections=0)
+    assert controller.choose(1, limit=4) == 4
+    # A swapped-in adapter makes the history stale at once: the controller forgets most of it and re-measures.
+    controller.accepted, controller.rejected = 2.0, 98.0
+    controller.forget_acceptance()
+    for _ in range(8):
+        controller.observe_speculation(1, 4, 0.004, 0.012, accepted=4, rejections=0)
+    assert controller.alpha > 0.75 and controller.choose(1, limit=4) == 4
+
+
 def test_switching_between_plain_and_speculative_steps_is_lossless(monkeypatch):
     policy = tiny_causal_lm("qwen2", logit_scale=8.0)
     engine = SpeculativeEngine(policy, noised_copy(policy, 0.1), SpecConfig(num_draft_tokens=4, elastic=True))
