@@ -150,6 +150,12 @@ class DistillBatch:
         """A copy with every tensor on `device`."""
         return DistillBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+    def at_targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`topk_ids`, `topk_logprobs`, `loss_mask` and `rejected` at the N positions of `loss_mask` only, as one
+        `[1, N, ...]` row: aligned with logits computed at those positions (`[N, V]`, unsqueezed)."""
+        mask = self.loss_mask.bool()
+        return self.topk_ids[mask][None], self.topk_logprobs[mask][None], mask[mask][None], self.rejected[mask][None]
+
     @property
     def num_targets(self) -> int:
         """Number of completion positions with a target in the batch."""
@@ -428,8 +434,9 @@ def distill_loss(
     mix_weights: dict[str, float] | None = None,
     rejected_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Scalar distillation loss of the drafter's logits `[B, L, V]` (over `batch.input_ids`) against the batch's
-    policy targets.
+    """Scalar distillation loss of the drafter's logits against the batch's policy targets. The logits are `[B, L, V]`
+    over `batch.input_ids`, or `[N, V]` at the N positions of `batch.loss_mask` only (row-major order), which spares
+    the LM head and the float32 copies below every prompt position.
 
     `kind` is one of "fkl", "rkl", "tv", "jsd" or "mix" (Σ `mix_weights[d]` · d over the named divergences; see the
     module docstring). The per-position losses are averaged over `batch.loss_mask` with weight `rejected_weight` on
@@ -440,9 +447,14 @@ def distill_loss(
     weights = _check_mix(kind, mix_weights)
     if rejected_weight < 0:
         raise ValueError(f"rejected_weight must be >= 0, got {rejected_weight}.")
-    mask = batch.loss_mask.bool()
-    log_p, log_q = _log_dists(drafter_logits, batch.topk_ids, batch.topk_logprobs, mask)
+    if drafter_logits.dim() == 2:
+        topk_ids, topk_logprobs, mask, rejected = batch.at_targets()
+        drafter_logits = drafter_logits[None]
+    else:
+        topk_ids, topk_logprobs, mask, rejected = batch.topk_ids, batch.topk_logprobs, batch.loss_mask, batch.rejected
+    mask = mask.bool()
+    log_p, log_q = _log_dists(drafter_logits, topk_ids, topk_logprobs, mask)
     per_position = sum(w * _DIVERGENCE_FNS[name](log_p, log_q) for name, w in weights.items())
-    position_weight = torch.where(batch.rejected.bool(), rejected_weight, 1.0) * mask
+    position_weight = torch.where(rejected.bool(), rejected_weight, 1.0) * mask
     per_position = torch.where(mask, per_position, torch.zeros((), dtype=per_position.dtype, device=mask.device))
     return (per_position * position_weight).sum() / position_weight.sum().clamp_min(1e-12)

@@ -180,14 +180,13 @@ class ReducedVocabDrafter:
     """
 
     def __init__(self, drafter: Any, token_ids: torch.Tensor, vocab_size: int) -> None:
-        base = drafter.get_base_model() if isinstance(drafter, PeftModel) else drafter
-        head = base.get_output_embeddings()
+        decoder, head = decoder_and_head(drafter)
         if type(head) is not torch.nn.Linear:
             raise ValueError(
                 f"A reduced draft vocabulary needs a plain Linear LM head, but the drafter's is {type(head).__name__} "
                 "(LoRA on lm_head?). Set SpecConfig.draft_vocab_size=0 or keep lm_head out of the LoRA targets."
             )
-        self.drafter, self.decoder, self.config = drafter, base.get_decoder(), drafter.config
+        self.drafter, self.decoder, self.config = drafter, decoder, drafter.config
         self.token_ids = token_ids.to(head.weight.device, torch.long)
         self.weight = head.weight.detach()[self.token_ids]
         self.bias = head.bias.detach()[self.token_ids] if head.bias is not None else None
@@ -204,15 +203,28 @@ class ReducedVocabDrafter:
     def check(self) -> None:
         """Raise `ValueError` unless the drafter's logits are exactly its head over its decoder's output (no logit
         scaling or soft-capping), compared on a probe input over the subset."""
-        probe = self.token_ids[: min(4, len(self.token_ids))][None]
-        with torch.no_grad():
-            full = self.drafter(input_ids=probe).logits[..., self.token_ids]
-            reduced = self(input_ids=probe).logits[..., self.token_ids]
-        if not torch.allclose(full.float(), reduced.float(), rtol=1e-3, atol=1e-3):
+        if not logits_are_head_over_decoder(self.drafter):
             raise ValueError(
                 "This drafter's logits are not its LM head over its decoder's output (logit scaling or soft-capping?), "
                 "so a reduced draft vocabulary cannot be used with it. Set SpecConfig.draft_vocab_size=0."
             )
+
+
+def decoder_and_head(drafter: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The drafter's decoder (embeddings, layers, final norm; LoRA included) and its LM head, peft-wrapped or not."""
+    base = drafter.get_base_model() if isinstance(drafter, PeftModel) else drafter
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def logits_are_head_over_decoder(drafter: Any) -> bool:
+    """Whether `drafter(x).logits == head(decoder(x))` on a probe input: false for models that scale or soft-cap
+    their logits after the head, which the shortcuts built on the two parts would silently get wrong."""
+    decoder, head = decoder_and_head(drafter)
+    probe = torch.arange(3, 7, device=head.weight.device)[None]
+    with torch.no_grad():
+        full = drafter(input_ids=probe).logits
+        parts = head(decoder(input_ids=probe).last_hidden_state)
+    return full.shape == parts.shape and torch.allclose(full.float(), parts.float(), rtol=1e-3, atol=1e-3)
 
 
 def frequent_tokens(counts: torch.Tensor, size: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from peft import PeftModel
 
 from .config import DistillConfig
 from .distill import DistillBatch, DistillBuffer, distill_loss, fkl_loss, tv_loss
-from .drafter import AdapterVersion, adapter_state, load_adapter_state
+from .drafter import AdapterVersion, adapter_state, decoder_and_head, load_adapter_state, logits_are_head_over_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,9 @@ class DrafterTrainer:
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         if not self._params:
             raise ValueError("The drafter has no trainable parameters: build it with build_drafter (LoRA adapters).")
+        # Run the LM head only at positions with a target (not over prompts): exact when the logits are the head over
+        # the decoder's output, which is checked once; otherwise the full forward is used.
+        self._head_at_targets = logits_are_head_over_decoder(self.model)
         self._optimizer = self._new_optimizer()
         self._good_state = adapter_state(self.model)  # what a fault rolls back to: the last published weights
         self._published: PublishedAdapter | None = None
@@ -109,7 +112,12 @@ class DrafterTrainer:
         return self.last_loss
 
     def _loss(self, model: PeftModel, batch: DistillBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        if self._head_at_targets:
+            decoder, head = decoder_and_head(model)
+            hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            logits = head(hidden[batch.loss_mask.bool()])  # [N, V]
+        else:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         loss = distill_loss(
             logits,
             batch,
@@ -121,11 +129,16 @@ class DrafterTrainer:
 
     @staticmethod
     def _drift(logits: torch.Tensor, batch: DistillBatch) -> tuple[float, float]:
-        """Drafter/policy TV and KL on the batch just trained on (before the update): the drift metrics."""
-        mask = batch.loss_mask
+        """Drafter/policy TV and KL on the batch just trained on (before the update): the drift metrics. `logits` are
+        `[B, L, V]` or `[N, V]` at the targets (see `distill_loss`)."""
+        if logits.dim() == 2:
+            topk_ids, topk_logprobs, mask, _ = batch.at_targets()
+            logits = logits[None]
+        else:
+            topk_ids, topk_logprobs, mask = batch.topk_ids, batch.topk_logprobs, batch.loss_mask
         count = mask.sum().clamp_min(1)
-        tv = float(tv_loss(logits, batch.topk_ids, batch.topk_logprobs, mask).sum() / count)
-        return tv, float(fkl_loss(logits, batch.topk_ids, batch.topk_logprobs, mask).sum() / count)
+        tv = float(tv_loss(logits, topk_ids, topk_logprobs, mask).sum() / count)
+        return tv, float(fkl_loss(logits, topk_ids, topk_logprobs, mask).sum() / count)
 
     def publish(self, policy_version: int) -> PublishedAdapter:
         """Publish the current weights as the next adapter version (fitted to `policy_version`)."""

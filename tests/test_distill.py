@@ -274,6 +274,16 @@ def test_distill_loss_masks_and_weights_rejected_positions(kind):
     )
 
 
+@pytest.mark.parametrize("kind", list(LOSS_FNS))
+def test_logits_at_the_targets_only_give_the_same_loss(kind):
+    logits, ids, logprobs, mask = random_targets(seed=10)
+    rejected = (torch.rand(mask.shape, generator=GEN(11)) < 0.4) & mask
+    batch = as_batch(logits, ids, logprobs, mask, rejected)
+    full = distill_loss(logits, batch, kind, rejected_weight=2.0)
+    at_targets = distill_loss(logits[mask.bool()], batch, kind, rejected_weight=2.0)  # [N, V]
+    assert at_targets.item() == pytest.approx(full.item(), rel=1e-6)
+
+
 def test_distill_loss_mix_is_the_weighted_sum_and_bad_kinds_are_rejected():
     logits, ids, logprobs, mask = random_targets(seed=8)
     batch = as_batch(logits, ids, logprobs, mask, torch.zeros_like(mask))

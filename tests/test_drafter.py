@@ -149,8 +149,15 @@ def test_reduced_vocab_refuses_heads_it_cannot_cut():
     from adaptive_drafter.config import DrafterConfig
 
     policy = tiny_causal_lm("llama")
-    scaled = truncated_drafter(policy, 1)  # logits scaled after the head, as some models do
-    scaled.get_output_embeddings().register_forward_hook(lambda module, args, out: 0.5 * out)
+    scaled = truncated_drafter(policy, 1)  # logits scaled after the head, as soft-capping models do
+    forward = scaled.forward
+
+    def scaled_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = 0.5 * out.logits
+        return out
+
+    scaled.forward = scaled_forward
     with pytest.raises(ValueError, match="soft-capping"):
         ReducedVocabDrafter(scaled, torch.arange(3, 40), 256).check()
     lora_head = build_drafter(policy, DrafterConfig(drafter_num_layers=1, drafter_lora_target_modules=["lm_head"]))

@@ -56,6 +56,19 @@ def test_distillation_wins_back_acceptance_after_the_policy_moves():
     assert math.isfinite(metrics["drafter/tv_to_policy"]) and metrics["spec/acceptance_rate"] > 0
 
 
+def test_head_only_at_targets_gives_the_full_forwards_loss():
+    _, _, trainer, engine = setup()
+    rollout(engine)
+    batch = trainer.buffer.sample(4, generator=torch.Generator().manual_seed(0))
+    assert trainer._head_at_targets
+    fast, fast_logits = trainer._loss(trainer.model, batch)
+    trainer._head_at_targets = False
+    full, full_logits = trainer._loss(trainer.model, batch)
+    assert fast_logits.shape == (batch.num_targets, 256) and full_logits.dim() == 3
+    assert fast.item() == pytest.approx(full.item(), rel=1e-5)
+    assert trainer._drift(fast_logits, batch) == pytest.approx(trainer._drift(full_logits, batch), rel=1e-5)
+
+
 def test_swap_happens_only_between_rollouts():
     _, drafter, trainer, engine = setup()
     rollout(engine)
