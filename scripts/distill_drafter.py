@@ -103,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--k", type=int, default=4, help="num_draft_tokens")
+    p.add_argument(
+        "--elastic", action="store_true", help="training rollouts decode plainly where speculation does not pay yet"
+    )
     p.add_argument("--loss", default="fkl", choices=("fkl", "rkl", "tv", "jsd"))
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--topk", type=int, default=32)
@@ -139,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     trainer = DrafterTrainer(drafter, config)
     spec = SpecConfig(num_draft_tokens=args.k)
-    engine = SpeculativeEngine(task.policy, drafter, spec)
+    # Targets come from plain steps as well as verifies, so elastic training rollouts lose nothing but time.
+    engine = SpeculativeEngine(task.policy, drafter, SpecConfig(num_draft_tokens=args.k, elastic=args.elastic))
     engine.attach(trainer)
     evaluator = SpeculativeEngine(task.policy, drafter, spec)  # same serving drafter, feeds no buffer
     print(f"policy: {task.description}; drafter: first {args.drafter_layers} layers + LoRA r={args.lora_r}")
