@@ -24,7 +24,7 @@ from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser
 
 from adaptive_drafter.config import DistillConfig, DrafterConfig, SpecConfig
 from adaptive_drafter.metrics import speedup_estimate
-from adaptive_drafter.trl import SpeculativeRollout
+from adaptive_drafter.trl import SpeculativeRollout, last_complete_checkpoint
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "grpo_spec.yaml"
 
@@ -131,6 +131,18 @@ def summary(rollout: SpeculativeRollout, args: GRPOConfig, spec: SpecConfig, pro
     return "\n".join(lines)
 
 
+def resume_point(args: GRPOConfig) -> str | None:
+    """`--resume_from_checkpoint last` resumes from the newest checkpoint written completely (a run killed mid-save
+    leaves a partial one, which `true` would pick); any other value is passed to the trainer as it is."""
+    if args.resume_from_checkpoint != "last":
+        return args.resume_from_checkpoint
+    checkpoint = last_complete_checkpoint(args.output_dir)
+    if checkpoint is None:
+        raise ValueError(f"--resume_from_checkpoint last: no complete checkpoint under {args.output_dir}.")
+    print(f"resuming from {checkpoint}")
+    return str(checkpoint)
+
+
 def main(argv: list[str] | None = None) -> GRPOTrainer:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
@@ -151,7 +163,7 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
         callbacks=[rollout.callback()],
     )
     try:
-        trainer.train(resume_from_checkpoint=grpo_args.resume_from_checkpoint)
+        trainer.train(resume_from_checkpoint=resume_point(grpo_args))
         trainer.save_model(grpo_args.output_dir)
         rollout.save(Path(grpo_args.output_dir) / "drafter")
     finally:

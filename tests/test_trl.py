@@ -282,7 +282,7 @@ def test_kill_9_after_a_checkpoint_then_resume(tmp_path, tiny_model_dir):
 
     module = load_recipe()
     argv[argv.index("--max_steps") + 1] = str(complete[-1] + 1)
-    trainer = module.main([*argv, "--resume_from_checkpoint", str(last)])
+    trainer = module.main([*argv, "--resume_from_checkpoint", "last"])
     assert trainer.state.global_step == complete[-1] + 1
     rollout = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "rollout")).rollout
     assert rollout.restore_from == last / DRAFTER_DIR
