@@ -220,7 +220,7 @@ def logits_are_head_over_decoder(drafter: Any) -> bool:
     """Whether `drafter(x).logits == head(decoder(x))` on a probe input: false for models that scale or soft-cap
     their logits after the head, which the shortcuts built on the two parts would silently get wrong."""
     decoder, head = decoder_and_head(drafter)
-    probe = torch.arange(3, 7, device=head.weight.device)[None]
+    probe = (torch.arange(3, 7, device=head.weight.device) % drafter.config.vocab_size)[None]
     with torch.no_grad():
         full = drafter(input_ids=probe).logits
         parts = head(decoder(input_ids=probe).last_hidden_state)
