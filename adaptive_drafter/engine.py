@@ -211,7 +211,7 @@ class SpeculativeEngine:
         input_ids = input_ids.long().masked_fill(~mask, pad)  # whatever sits under the padding is never looked up
         with self._lock:
             self.swap_adapter()
-            draft_model = self._draft_model()
+            draft_model = self.draft_model()
             out = _Rollout(self, draft_model, params, eos, pad, max_new_tokens, generator).run(input_ids, mask)
         self._count_tokens(out.completion_ids, draft_model)
         if self.trainer is not None and out.targets:
@@ -219,7 +219,7 @@ class SpeculativeEngine:
         self._watch(out.stats)
         return out
 
-    def _draft_model(self) -> Any:
+    def draft_model(self) -> Any:
         """The drafter as this rollout drafts with it: whole, or with its head cut to the reduced draft vocabulary."""
         ids = self.draft_vocab
         if ids is None and self.config.draft_vocab_size:

@@ -31,6 +31,7 @@ OpenMP threads slow PyTorch down by orders of magnitude.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -45,9 +46,13 @@ from typing import Any, Callable
 import torch
 import transformers
 from tqdm import tqdm
+from transformers import DynamicCache
 
 from adaptive_drafter import SpecConfig, SpeculativeEngine, SpecStats
-from adaptive_drafter.drafter import truncated_drafter
+from adaptive_drafter.config import DrafterConfig
+from adaptive_drafter.drafter import build_drafter, frequent_tokens, load_adapter, truncated_drafter
+from adaptive_drafter.elastic import expected_tokens
+from adaptive_drafter.metrics import speedup_estimate
 from adaptive_drafter.testing import dampen_layers, left_padded_prompts, tiny_causal_lm
 
 TINY = dict(arch="llama", vocab_size=512, hidden_size=256, num_layers=12, logit_scale=8.0)
@@ -127,7 +132,7 @@ class Setup:
 
     policy: Any
     drafter: Any
-    make_prompts: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # batch size -> (input_ids, attention_mask)
+    make_prompts: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]  # (batch, seed) -> (input_ids, mask)
     eos_token_id: int
     pad_token_id: int
     description: str
@@ -136,12 +141,12 @@ class Setup:
 def tiny_setup(args: argparse.Namespace) -> Setup:
     """A random tiny Llama with damped late layers, drafted by its own first layers (controlled agreement)."""
     policy = dampen_layers(tiny_causal_lm(seed=args.seed, **TINY), args.drafter_layers, args.dampen)
-    drafter = truncated_drafter(policy, args.drafter_layers)
+    drafter = make_drafter(policy, args)
     config = policy.config
 
-    def make_prompts(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def make_prompts(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = TINY_PROMPT_LENGTHS
-        return left_padded_prompts(batch, lo, hi, config.vocab_size, pad_id=config.pad_token_id, seed=args.seed)
+        return left_padded_prompts(batch, lo, hi, config.vocab_size, pad_id=config.pad_token_id, seed=seed)
 
     description = (
         f"tiny random Llama ({TINY['num_layers']} layers, hidden {TINY['hidden_size']}, vocab {TINY['vocab_size']}), "
@@ -151,26 +156,38 @@ def tiny_setup(args: argparse.Namespace) -> Setup:
     return Setup(policy, drafter, make_prompts, config.eos_token_id, config.pad_token_id, description)
 
 
+def make_drafter(policy: Any, args: argparse.Namespace) -> Any:
+    """The policy's first `--drafter-layers` layers: untrained, or with the LoRA adapter saved at `--adapter`
+    (by scripts/distill_drafter.py) loaded."""
+    if args.adapter is None:
+        return truncated_drafter(policy, args.drafter_layers)
+    config = DrafterConfig(
+        drafter_num_layers=args.drafter_layers, drafter_lora_r=args.lora_r, drafter_lora_alpha=2 * args.lora_r
+    )
+    drafter = build_drafter(policy, config)
+    load_adapter(drafter, args.adapter)
+    return drafter
+
+
 def embedded_setup(args: argparse.Namespace) -> Setup:
-    """SmolLM2-135M-Instruct on chat-templated questions, drafted by its own first layers (untrained)."""
-    from adaptive_drafter.embedded import EMBEDDED_MODEL_NAME, load_embedded
+    """SmolLM2-135M-Instruct on chat-templated questions or the recipe's arithmetic task, drafted by its own first
+    layers (untrained, or distilled with `--adapter`)."""
+    from adaptive_drafter.embedded import EMBEDDED_MODEL_NAME, arithmetic_task, chat_batch, load_embedded
 
     policy, tokenizer = load_embedded()
-    drafter = truncated_drafter(policy, args.drafter_layers)
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-        for q in QUESTIONS
-    ]
+    drafter = make_drafter(policy, args)
 
-    def make_prompts(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        chosen = [texts[i % len(texts)] for i in range(batch)]
-        enc = tokenizer(chosen, return_tensors="pt", padding=True, add_special_tokens=False)
-        return enc.input_ids, enc.attention_mask
+    def make_prompts(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if args.prompts == "arithmetic":  # the GRPO recipe's task; held out from distill_drafter's seeds 0..rounds
+            return chat_batch(tokenizer, arithmetic_task(batch, seed=50_000 + seed)["prompt"])
+        questions = [QUESTIONS[(seed + i) % len(QUESTIONS)] for i in range(batch)]
+        return chat_batch(tokenizer, [[{"role": "user", "content": q}] for q in questions])
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trained = f"LoRA adapter {args.adapter}" if args.adapter else "UNTRAINED: expect low acceptance and a slow-down"
     description = (
-        f"{EMBEDDED_MODEL_NAME} ({policy.config.num_hidden_layers} layers); drafter = its first "
-        f"{args.drafter_layers} layers + LM head, UNTRAINED self-draft: expect low acceptance and a slow-down"
+        f"{EMBEDDED_MODEL_NAME} ({policy.config.num_hidden_layers} layers) on {args.prompts} prompts; drafter = its "
+        f"first {args.drafter_layers} layers + LM head, {trained}"
     )
     return Setup(policy, drafter, make_prompts, tokenizer.eos_token_id, pad, description)
 
@@ -228,15 +245,80 @@ def run_spec(engine: SpeculativeEngine, setup: Setup, ids: torch.Tensor, mask: t
     return out.completion_ids, out.stats, time.perf_counter() - start
 
 
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Median seconds of `fn()` over `repeats` calls."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_seconds(model: Any, ids: torch.Tensor, mask: torch.Tensor, tokens: int, logits: int, repeats: int) -> float:
+    """Seconds of one forward of `tokens` new tokens per row over the prompts' KV cache (cropped back each time)."""
+    cache = DynamicCache()
+    model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    new = ids[:, -tokens:]
+    full_mask = torch.cat([mask, torch.ones_like(new)], 1)
+
+    def once() -> None:
+        model(input_ids=new, attention_mask=full_mask, past_key_values=cache, use_cache=True, logits_to_keep=logits)
+        cache.crop(-tokens)
+
+    once()  # warm-up
+    return timed(once, ids.device, repeats)
+
+
+def step_costs(setup: Setup, engine: SpeculativeEngine, ids: torch.Tensor, mask: torch.Tensor, k: int) -> dict:
+    """The cost ratios of the speed-up formula at this batch size, timed directly: c = one drafter step (as the engine
+    drafts: reduced vocabulary included) / one policy decode step, v_k = a policy forward of k + 1 tokens / one step."""
+    repeats = 5
+    decode = forward_seconds(setup.policy, ids, mask, 1, 1, repeats)
+    draft = forward_seconds(engine.draft_model(), ids, mask, 1, 1, repeats)
+    verify = forward_seconds(setup.policy, ids, mask, k + 1, 0, repeats)
+    return dict(decode_s=decode, c=draft / decode, v_k=verify / decode)
+
+
+def effective_alpha(tokens_per_verify: float, k: int) -> float:
+    """The per-token acceptance probability α whose expected tokens per verify, (1 − α^(k+1)) / (1 − α), equals the
+    measured one (bisection: it is increasing in α)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_tokens(mid, k) < tokens_per_verify else (lo, mid)
+    return lo
+
+
+def run_assisted(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, args: argparse.Namespace, max_new: int):
+    """Hugging Face assisted generation (`generate(assistant_model=...)`, batch 1 only) with the same drafter, LoRA
+    merged; HF's own schedule of draft lengths. Returns (completions cut at eos, seconds)."""
+    assistant = setup.drafter
+    if hasattr(assistant, "merge_and_unload"):  # a peft drafter: HF wants a plain model
+        assistant = copy.deepcopy(assistant).merge_and_unload()
+    synchronize(ids.device)
+    start = time.perf_counter()
+    out = setup.policy.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new, assistant_model=assistant,
+        eos_token_id=setup.eos_token_id, pad_token_id=setup.pad_token_id, **sampling_kwargs(args),
+    )  # fmt: skip
+    synchronize(ids.device)
+    return count_until_eos(out[:, ids.shape[1] :].tolist(), setup.eos_token_id), time.perf_counter() - start
+
+
 def bench_batch(
     setup: Setup, engine: SpeculativeEngine, elastic: SpeculativeEngine, batch: int, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Warm up, then time plain, speculative (fixed k) and elastic decoding back to back `--repeats` times; medians."""
-    ids, mask = (t.to(args.device) for t in setup.make_prompts(batch))
+    """Warm up, then time plain, speculative (fixed k) and elastic decoding back to back `--repeats` times; medians.
+    At batch 1, HF assisted generation runs beside them as a peer."""
+    ids, mask = (t.to(args.device) for t in setup.make_prompts(batch, args.seed))
     run_plain(setup, ids, mask, args, min(8, args.max_new_tokens))  # warm-up (allocator, kernels, lazy init)
     run_spec(engine, setup, ids, mask, args, min(8, args.max_new_tokens))
     run_spec(elastic, setup, ids, mask, args, args.max_new_tokens)  # the controller measures costs at this batch
-    plain_times, spec_times, elastic_times = [], [], []
+    assisted = batch == 1 and not args.no_assisted
+    plain_times, spec_times, elastic_times, assisted_times = [], [], [], []
     for _ in range(args.repeats):
         plain, seconds = run_plain(setup, ids, mask, args, args.max_new_tokens)
         plain_times.append(seconds)
@@ -244,6 +326,12 @@ def bench_batch(
         spec_times.append(seconds)
         elastic_out, elastic_stats, seconds = run_spec(elastic, setup, ids, mask, args, args.max_new_tokens)
         elastic_times.append(seconds)
+        if assisted:
+            try:
+                assisted_out, seconds = run_assisted(setup, ids, mask, args, args.max_new_tokens)
+                assisted_times.append(seconds)
+            except Exception as exc:  # noqa: BLE001 - a peer's failure is reported in the table, not fatal
+                assisted, assisted_error = False, f"{type(exc).__name__}: {exc}"[:200]
     plain_tokens, spec_tokens = sum(map(len, plain)), sum(map(len, spec))
     plain_s, spec_s = statistics.median(plain_times), statistics.median(spec_times)
     row = dict(
@@ -264,9 +352,78 @@ def bench_batch(
     row["elastic_ratio"] = row["elastic_tok_s"] / row["plain_tok_s"]
     row["elastic_times"] = elastic_times
     row["elastic_sd_fraction"] = elastic_stats.metrics()["spec/sd_fraction"]
+    if assisted:
+        row["assisted_ratio"] = sum(map(len, assisted_out)) / statistics.median(assisted_times) / row["plain_tok_s"]
+        row["assisted_times"] = assisted_times
+    elif batch == 1 and not args.no_assisted:
+        row["assisted_error"] = assisted_error
+    costs = step_costs(setup, engine, ids, mask, args.k)
+    alpha = effective_alpha(stats.tokens_per_verify, args.k)
+    predicted = speedup_estimate(alpha, args.k, costs["c"], costs["v_k"])
+    row.update(costs, alpha_effective=alpha, predicted=predicted, achieved_over_predicted=row["ratio"] / predicted)
     if not args.do_sample:
         row["identical_rows"] = sum(p == s for p, s in zip(plain, spec)) / batch
     return row
+
+
+def memory_report(setup: Setup, batch: int, tokens: int) -> dict[str, float]:
+    """What speculation adds to plain decoding, in MiB: the drafter's weights (its own copy) and its KV cache at
+    `batch` rows of `tokens` slots (the policy's cache for scale; the verify adds k slots per row to it)."""
+
+    def kv_bytes(model: Any) -> int:
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+        return per_token * batch * tokens * next(model.parameters()).element_size()
+
+    mib = 2**20
+    return dict(
+        batch=batch,
+        tokens=tokens,
+        policy_weights_mib=sum(p.numel() * p.element_size() for p in setup.policy.parameters()) / mib,
+        drafter_weights_mib=sum(p.numel() * p.element_size() for p in setup.drafter.parameters()) / mib,
+        policy_kv_mib=kv_bytes(setup.policy) / mib,
+        drafter_kv_mib=kv_bytes(setup.drafter) / mib,
+    )
+
+
+def calibrate_draft_vocab(setup: Setup, engines: list[SpeculativeEngine], args: argparse.Namespace) -> float:
+    """Pin each engine's draft vocabulary to the `--draft-vocab` tokens most frequent in plain completions of held-out
+    prompts (another seed than the benchmark's); return the share of those completions' tokens it covers."""
+    ids, mask = (t.to(args.device) for t in setup.make_prompts(32, args.seed + 1))
+    rows, _ = run_plain(setup, ids, mask, args, args.max_new_tokens)
+    counts = torch.bincount(torch.tensor([t for row in rows for t in row]), minlength=engines[0].vocab_size)
+    vocab = frequent_tokens(counts, args.draft_vocab)
+    for engine in engines:
+        engine.set_draft_vocab(vocab)
+    return float(counts[vocab].sum() / counts.sum())
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Speed-up over plain decoding vs batch size: fixed k, elastic, predicted, and the break-even line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = [r["batch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(batches, [r["ratio"] for r in rows], "o-", label="speculative, fixed k")
+    ax.plot(batches, [r["elastic_ratio"] for r in rows], "s-", label="elastic")
+    ax.plot(batches, [r["predicted"] for r in rows], "x--", label="predicted S (measured α, c, v_k)")
+    assisted = [(r["batch"], r["assisted_ratio"]) for r in rows if "assisted_ratio" in r]
+    if assisted:
+        ax.plot(*zip(*assisted), "^", label="HF assisted generation")
+    ax.axhline(1.0, color="gray", lw=1, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("tokens/s relative to plain decoding")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def format_table(rows: list[dict[str, Any]], greedy: bool) -> str:
@@ -279,8 +436,12 @@ def format_table(rows: list[dict[str, Any]], greedy: bool) -> str:
         "elastic",
         "sd frac",
         "accept",
-        "mean acc len",
         "tok/verify",
+        "c",
+        "v_k",
+        "predicted",
+        "achieved/pred",
+        "HF assisted",
     ]
     if greedy:
         header.append("identical")
@@ -295,8 +456,12 @@ def format_table(rows: list[dict[str, Any]], greedy: bool) -> str:
             f"{r['elastic_ratio']:.2f}x",
             f"{r['elastic_sd_fraction']:.2f}",
             f"{s.acceptance_rate:.3f}",
-            f"{s.mean_accepted_len:.2f}",
             f"{s.tokens_per_verify:.2f}",
+            f"{r['c']:.3f}",
+            f"{r['v_k']:.2f}",
+            f"{r['predicted']:.2f}x",
+            f"{r['achieved_over_predicted']:.2f}",
+            f"{r['assisted_ratio']:.2f}x" if "assisted_ratio" in r else ("error" if "assisted_error" in r else "-"),
         ]
         if greedy:
             cells.append(f"{r['identical_rows']:.2f}")
@@ -340,6 +505,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--drafter-layers", type=int, default=None, help="truncated drafter depth (default: 2 tiny, 4 embedded)"
     )
     parser.add_argument("--dampen", type=float, default=0.05, help="tiny: scale of the layers the drafter lacks")
+    parser.add_argument("--adapter", type=Path, default=None, help="a distilled LoRA adapter (distill_drafter.py --out)")
+    parser.add_argument("--lora-r", type=int, default=32, help="LoRA rank the adapter was trained with (default 32)")
+    parser.add_argument(
+        "--prompts", choices=("questions", "arithmetic"), default="questions", help="embedded: which prompts"
+    )
+    parser.add_argument(
+        "--draft-vocab", type=int, default=0, help="draft over the N most frequent completion tokens (0: all)"
+    )
+    parser.add_argument("--no-assisted", action="store_true", help="skip HF assisted generation at batch 1")
+    parser.add_argument("--plot", type=Path, default=None, help="save a PNG of the speed-up vs batch size here")
     parser.add_argument(
         "--repeats",
         type=int,
@@ -358,6 +533,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.drafter_layers = 2 if args.model == "tiny" else 4
     if args.repeats is None:
         args.repeats = 3 if args.model == "tiny" else 1
+    if args.do_sample:
+        args.no_assisted = True  # HF's assisted sampling is another algorithm; compare it greedy
     if not args.batch_sizes or min(args.batch_sizes) < 1 or args.repeats < 1 or args.max_new_tokens < 1:
         parser.error("batch sizes, --repeats and --max-new-tokens must be positive")
     return args
@@ -385,14 +562,28 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"k={args.k}, max_new_tokens={args.max_new_tokens}, {mode}, median of {args.repeats} run(s), seed {args.seed}"
     )
+    coverage = calibrate_draft_vocab(setup, [engine, elastic], args) if args.draft_vocab else None
+    if coverage is not None:
+        print(f"draft vocabulary: {args.draft_vocab} most frequent tokens, covering {coverage:.3f} of held-out tokens")
 
     rows = [bench_batch(setup, engine, elastic, b, args) for b in tqdm(args.batch_sizes, desc="batch sizes")]
 
     print(format_table(rows, greedy=not args.do_sample))
     print(
         "tokens counted up to and including each row's first eos; ratio = spec tok/s / plain tok/s (>1: spec wins); "
-        "elastic = elastic engine's ratio, sd frac = its share of row-steps that speculated"
+        "elastic = elastic engine's ratio, sd frac = its share of row-steps that speculated; c, v_k = measured "
+        "drafter-step and (k+1)-token verify costs relative to a decode step; predicted = S(α, k, c, v_k) with α "
+        "fitted to the measured tokens/verify; HF assisted = transformers' assisted generation (batch 1, greedy)"
     )
+    memory = memory_report(setup, max(args.batch_sizes), rows[-1]["prompt_width"] + args.max_new_tokens)
+    print(
+        f"memory added by speculation at batch {memory['batch']} x {memory['tokens']} slots: drafter weights "
+        f"{memory['drafter_weights_mib']:.1f} MiB (policy {memory['policy_weights_mib']:.1f}), drafter KV cache "
+        f"{memory['drafter_kv_mib']:.1f} MiB (policy {memory['policy_kv_mib']:.1f}); the verify adds k slots per row"
+    )
+    if args.plot is not None:
+        plot(rows, args.plot, f"{setup.description[:90]}\nk={args.k}, {mode}")
+        print(f"wrote {args.plot}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(
@@ -401,6 +592,8 @@ def main(argv: list[str] | None = None) -> None:
             args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             machine=machine,
             model=setup.description,
+            draft_vocab_coverage=coverage,
+            memory=memory,
         )
         args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from adaptive_drafter.config import DrafterConfig
-from adaptive_drafter.drafter import build_drafter, load_adapter
+from adaptive_drafter.drafter import AdapterVersion, build_drafter, load_adapter, save_adapter
+from adaptive_drafter.testing import tiny_causal_lm
 from conftest import load_file_module
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -27,6 +28,22 @@ def test_bench_rollout_prints_and_writes_its_table(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 3]
     assert all(r["identical_rows"] == 1.0 and r["plain_tok_s"] > 0 and r["spec_tok_s"] > 0 for r in rows)
+
+
+def test_bench_rollout_with_an_adapter_a_draft_vocabulary_and_a_plot(tmp_path, capsys):
+    bench = load_script("bench_rollout")
+    policy = tiny_causal_lm(seed=0, **bench.TINY)  # the benchmark's tiny policy (adapters depend only on its shapes)
+    config = DrafterConfig(drafter_num_layers=2, drafter_lora_r=32, drafter_lora_alpha=64)
+    adapter = save_adapter(build_drafter(policy, config), tmp_path / "adapter", AdapterVersion(1, 0))
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    bench.main(["--batch-sizes", "1", "--max-new-tokens", "8", "--repeats", "1", "--drafter-layers", "2",
+                "--adapter", str(adapter), "--draft-vocab", "64", "--plot", str(png), "--json", str(out)])  # fmt: skip
+    assert "HF assisted" in capsys.readouterr().out and png.stat().st_size > 0
+    result = json.loads(out.read_text())
+    row = result["rows"][0]
+    assert row["identical_rows"] == 1.0 and row["assisted_ratio"] > 0 and 0 < row["c"] < 1 and row["v_k"] > 0
+    assert row["predicted"] > 0 and 0 < result["meta"]["draft_vocab_coverage"] <= 1
+    assert result["meta"]["memory"]["drafter_weights_mib"] > 0
 
 
 def test_distill_drafter_saves_a_loadable_adapter(tmp_path):
