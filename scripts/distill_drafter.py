@@ -92,6 +92,29 @@ def evaluate(evaluator: SpeculativeEngine, task: Task, args: argparse.Namespace)
     return point
 
 
+def plot_curve(result: dict, path: Path) -> None:
+    """Held-out acceptance (sampled and, if measured, greedy) against minutes of distillation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = result["curve"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    minutes = [point["minutes"] for point in curve]
+    ax.plot(minutes, [point["acceptance"] for point in curve], "o-", label="sampled (T=1): acceptance rate")
+    if all("greedy_acceptance" in point for point in curve):
+        ax.plot(minutes, [point["greedy_acceptance"] for point in curve], "s-", label="greedy: acceptance rate")
+    ax.set_xlabel("minutes of distillation (rollouts included, evaluations excluded)")
+    ax.set_ylabel("held-out acceptance")
+    ax.set_ylim(0, 1)
+    ax.set_title(result.get("policy", ""), fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=("tiny", "embedded"), default="tiny")
@@ -113,6 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N rounds: the learning curve")
     p.add_argument("--eval-greedy", action="store_true", help="also measure greedy acceptance at each evaluation")
     p.add_argument("--json", type=Path, default=None, help="write the curve and settings to this JSON file")
+    p.add_argument("--plot", type=Path, default=None, help="plot the curve (with --eval-every) to this PNG")
+    p.add_argument("--replot", type=Path, default=None, help="only plot the curve of this --json file to --plot")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=Path("outputs/drafter_warm_start"))
@@ -122,8 +147,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.replot is not None:
+        result = json.loads(args.replot.read_text())
+        plot_curve(result, args.plot or args.replot.with_suffix(".png"))
+        return result
     torch.manual_seed(args.seed)
     task = (tiny_task if args.model == "tiny" else embedded_task)(args)
     drafter = build_drafter(
@@ -175,10 +204,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"(rollouts included); last loss {trainer.last_loss:.3f}; adapter v{trainer.adapter_version} saved to {path}"
     )
     result = {"before": before.acceptance_rate, "after": after.acceptance_rate, "minutes": minutes, "curve": curve}
+    result["policy"] = task.description
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        args.json.write_text(json.dumps({"settings": settings, "policy": task.description, **result}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"settings": settings, **result}, indent=2) + "\n")
+    if args.plot is not None and curve:
+        plot_curve(result, args.plot)
     return result
 
 

@@ -60,11 +60,19 @@ def test_distill_drafter_saves_a_loadable_adapter(tmp_path):
             "8",
             "--eval-batches",
             "1",
+            "--eval-every",
+            "1",
+            "--json",
+            str(tmp_path / "curve.json"),
+            "--plot",
+            str(tmp_path / "curve.png"),
             "--out",
             str(tmp_path / "adapter"),
         ]
     )
     assert 0 <= result["before"] <= 1 and 0 <= result["after"] <= 1
+    curve = json.loads((tmp_path / "curve.json").read_text())["curve"]
+    assert [point["round"] for point in curve] == [0, 1, 2] and (tmp_path / "curve.png").stat().st_size > 0
     task = warm.tiny_task(warm.parse_args([]))
     fresh = build_drafter(task.policy, DrafterConfig(drafter_num_layers=2, drafter_lora_r=32, drafter_lora_alpha=64))
     version = load_adapter(fresh, tmp_path / "adapter")
