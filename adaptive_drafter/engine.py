@@ -358,17 +358,17 @@ class _Rollout:
         self.targets: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(batch)]
         rows = list(range(batch))  # original index of each active row
 
-        # Prefill both caches with all but the prompts' last column. That column (a real token in every left-padded
-        # row) is the first pending token, so the first step is an ordinary step and may already speculate.
+        # Prefill the policy's cache with all but the prompts' last column. That column (a real token in every
+        # left-padded row) is the first step's input, so the first step is an ordinary step and may already speculate.
         empty = torch.zeros(batch, 0, dtype=torch.bool, device=device)
         self.pol, self.dr = _KV(DynamicCache(), empty), _KV(DynamicCache(), empty.clone())
         if input_ids.shape[1] > 1:
             _forward(self.policy, self.pol, input_ids[:, :-1], mask[:, :-1], logits_to_keep=1)
-            _forward(self.drafter, self.dr, input_ids[:, :-1], mask[:, :-1], logits_to_keep=1)
             self.stats.policy_forwards += 1
-            self.stats.drafter_forwards += 1
-        # Tokens the drafter has not consumed yet, left-padded; the last column is every row's newest token.
-        self.pending, self.pending_valid = input_ids[:, -1:], mask[:, -1:]
+        # Tokens the drafter has not consumed yet, left-padded; the last column is every row's newest token. The whole
+        # prompt starts here: the drafter prefills it when it first drafts, so a rollout that never speculates
+        # (elastic or plain_batch_threshold) never runs the drafter.
+        self.pending, self.pending_valid = input_ids, mask
 
         while rows:
             remaining = max(self.max_new_tokens - len(self.completions[r]) for r in rows)
