@@ -99,7 +99,7 @@ class SpecConfig:
         if self.collect_topk < 0:
             raise ValueError(f"SpecConfig.collect_topk must be >= 0 (0 disables it), got {self.collect_topk}.")
         if self.draft_vocab_size < 0:
-            raise ValueError(f"SpecConfig.draft_vocab_size must be >= 0 (0: full vocabulary), got {self.draft_vocab_size}.")
+            raise ValueError(f"SpecConfig.draft_vocab_size must be >= 0 (0: all tokens), got {self.draft_vocab_size}.")
         if not 0.0 < self.compact_threshold <= 1.0:
             raise ValueError(f"SpecConfig.compact_threshold must lie in (0, 1], got {self.compact_threshold}.")
 

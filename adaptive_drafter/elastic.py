@@ -96,12 +96,14 @@ class ElasticController:
         costs.plain = _ema(costs.plain, seconds, self.smoothing)
 
     def observe_speculation(
-        self, batch: int, k: int, draft_seconds: float, verify_seconds: float, accepted: int, rejections: int
+        self, batch: int, k: int, draft_seconds: float | None, verify_seconds: float, accepted: int, rejections: int
     ) -> None:
-        """One speculative step: k drafter steps took `draft_seconds`, the verify `verify_seconds`; rows accepted
-        `accepted` drafts in total and `rejections` rows stopped at a rejected draft."""
+        """One speculative step: k drafter steps took `draft_seconds` (None: not representative, e.g. the drafter
+        caught up on a long pending block first), the verify `verify_seconds`; rows accepted `accepted` drafts in total
+        and `rejections` rows stopped at a rejected draft."""
         costs = self.costs.setdefault(self.bucket(batch), _Costs())
-        costs.draft = _ema(costs.draft, draft_seconds / k, self.smoothing)
+        if draft_seconds is not None:
+            costs.draft = _ema(costs.draft, draft_seconds / k, self.smoothing)
         base = costs.plain if costs.plain is not None else verify_seconds / (k + 1)  # until a plain step is timed
         costs.per_token = _ema(costs.per_token, max(0.0, verify_seconds - base) / k, self.smoothing)
         self.accepted = self.memory * self.accepted + accepted

@@ -344,7 +344,7 @@ class _Rollout:
         self.vocab_size, self.params, self.eos, self.pad = engine.vocab_size, params, eos, pad
         self.max_new_tokens, self.generator = max_new_tokens, generator
         self.policy_version, self.topk = engine.policy_version, engine._collect_topk()
-        self.controller, self.draft_seconds = engine.controller, 0.0
+        self.controller, self.draft_seconds, self.draft_steady = engine.controller, 0.0, True
         self.nonfinite = {"policy": torch.tensor(False), "drafter": torch.tensor(False)}
         self.stats = SpecStats()
         # A sliding-window model sees exactly the full context only while its cache fits in the window.
@@ -401,14 +401,21 @@ class _Rollout:
             self.controller.observe_plain(batch, seconds)
             return
         accepted = step.count - 1
-        draft_seconds = self.draft_seconds
         self.controller.observe_speculation(
-            batch, k, draft_seconds, seconds - draft_seconds, int(accepted.sum()), int((accepted < k).sum())
+            batch,
+            k,
+            self.draft_seconds if self.draft_steady else None,
+            seconds - self.draft_seconds,
+            int(accepted.sum()),
+            int((accepted < k).sum()),
         )
 
     def _speculative_step(self, k: int) -> _Step:
         """Draft k tokens per row, verify them in one policy pass, accept a ragged prefix per row."""
         last = self.pending[:, -1:]
+        # The drafter's step cost is measured only in steady state: after plain steps (or at the start, the prompt)
+        # its first forward catches up on many pending tokens, a one-off that would inflate c and keep it off.
+        self.draft_steady = self.pending.shape[1] <= 2
         started = time.perf_counter()
         draft, q = self._draft(k)
         if self.config.elastic:  # time drafting apart from verifying (waits for the device only when measuring)

@@ -79,6 +79,31 @@ def test_plain_mode_probes_acceptance_and_returns_when_the_drafter_improves():
     assert controller.alpha > 0.75 and controller.choose(1, limit=4) == 4
 
 
+def test_unrepresentative_draft_times_leave_the_cost_alone():
+    controller = ElasticController(max_k=4)
+    measured(controller, batch=1, plain=0.010, draft=0.001, verify_per_token=0.0005, k=4)
+    before = controller.costs[1].draft
+    controller.observe_speculation(1, 4, None, 0.012, accepted=4, rejections=0)  # a catch-up step: time not used
+    assert controller.costs[1].draft == before and controller.accepted == 4
+
+
+def test_elastic_engine_measures_the_drafter_only_in_steady_state():
+    policy = tiny_causal_lm("llama", logit_scale=8.0)
+    engine = SpeculativeEngine(policy, noised_copy(policy, 0.05), SpecConfig(num_draft_tokens=3, elastic=True))
+    ids, mask = left_padded_prompts(1, 12, 12, 256, seed=0)
+    seen = []
+    original = engine.controller.observe_speculation
+
+    def observe(batch, k, draft, *rest):
+        seen.append(draft)
+        original(batch, k, draft, *rest)
+
+    engine.controller.observe_speculation = observe
+    engine.generate(ids, mask, max_new_tokens=24, do_sample=False)
+    assert seen[0] is None  # the first draft prefilled the 12-token prompt: not a drafter step's cost
+    assert any(t is not None and t > 0 for t in seen[1:])
+
+
 def test_switching_between_plain_and_speculative_steps_is_lossless(monkeypatch):
     policy = tiny_causal_lm("qwen2", logit_scale=8.0)
     engine = SpeculativeEngine(policy, noised_copy(policy, 0.1), SpecConfig(num_draft_tokens=4, elastic=True))

@@ -238,7 +238,7 @@ def test_low_precision_greedy_is_identical_up_to_near_ties(dtype):
         ids, mask, max_new_tokens=48, do_sample=False
     )
     gaps = check_near_ties(policy, ids, mask, expected, out.completion_ids, tolerance=0.05)
-    print(f"{dtype}: {len(gaps)} of {len(expected)} rows diverged, largest float32 logit gap {max(gaps, default=0):.4f}")
+    print(f"{dtype}: {len(gaps)} of {len(expected)} rows diverged, largest fp32 logit gap {max(gaps, default=0):.4f}")
     assert len(gaps) <= len(expected) // 4, f"{diverged} of {len(expected)} rows diverged"
 
 
@@ -255,4 +255,4 @@ def test_low_precision_greedy_on_gpu(dtype):
         ids, mask, max_new_tokens=128, do_sample=False
     )
     gaps = check_near_ties(policy, ids, mask, expected, out.completion_ids, tolerance=0.05)
-    print(f"{dtype}: {len(gaps)} of {len(expected)} rows diverged, largest float32 logit gap {max(gaps, default=0):.4f}")
+    print(f"{dtype}: {len(gaps)} of {len(expected)} rows diverged, largest fp32 logit gap {max(gaps, default=0):.4f}")
