@@ -23,5 +23,7 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -m "not gpu" -q
 
+# A quick version (a few minutes on 2 CPU cores, tiny models); docs/benchmarks.md lists the full commands.
 bench: install
-	$(PYTHON) scripts/bench_rollout.py
+	$(PYTHON) scripts/bench_rollout.py --batch-sizes 1,16 --max-new-tokens 32 --repeats 1
+	$(PYTHON) scripts/bench_longtail.py --batch 16 --max-new-tokens 128

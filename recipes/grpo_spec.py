@@ -4,6 +4,7 @@
     accelerate launch recipes/grpo_spec.py --config configs/grpo_spec.yaml --max_steps 50
     accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml recipes/grpo_spec.py \
         --config configs/qwen2.5-1.5b_gsm8k.yaml
+    accelerate launch recipes/grpo_spec.py --speculative false              # the same GRPO with TRL's own generate
 
 Every option of GRPOConfig, ModelConfig, SpecConfig, DrafterConfig and DistillConfig is a flag (`--help` lists them);
 a YAML file given with `--config` sets defaults that flags override. With no `--config`, configs/grpo_spec.yaml is used:
@@ -36,6 +37,16 @@ class TaskArguments:
     dataset_name: str = field(default="arithmetic", metadata={"help": "'arithmetic' (generated) or a dataset path."})
     dataset_split: str = field(default="train", metadata={"help": "Split of dataset_name to train on."})
     num_examples: int = field(default=512, metadata={"help": "arithmetic: how many problems to generate."})
+
+
+@dataclass
+class RolloutArguments:
+    """Which rollout backend generates: the speculative engine, or TRL's own `generate` (the baseline to compare)."""
+
+    speculative: bool = field(
+        default=True,
+        metadata={"help": "false: TRL's own generate, no drafter (the plain baseline of scripts/bench_grpo_step.py)."},
+    )
 
 
 def load_policy(model_args: ModelConfig, trust_remote_code: bool = False):
@@ -147,12 +158,16 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
-    parser = TrlParser((TaskArguments, GRPOConfig, ModelConfig, SpecConfig, DrafterConfig, DistillConfig))
-    task_args, grpo_args, model_args, spec, drafter_config, distill_config = parser.parse_args_and_config(argv)
+    parser = TrlParser(
+        (TaskArguments, RolloutArguments, GRPOConfig, ModelConfig, SpecConfig, DrafterConfig, DistillConfig)
+    )
+    task_args, rollout_args, grpo_args, model_args, spec, drafter_config, distill_config = (
+        parser.parse_args_and_config(argv)
+    )
     use_wandb_offline_unless_logged_in(grpo_args)
 
     policy, tokenizer = load_policy(model_args, grpo_args.trust_remote_code)  # off unless the user sets it
-    rollout = SpeculativeRollout(spec, drafter_config, distill_config)
+    rollout = SpeculativeRollout(spec, drafter_config, distill_config) if rollout_args.speculative else None
     trainer = GRPOTrainer(
         model=policy,
         reward_funcs=[exact_match_reward, format_reward],
@@ -160,16 +175,22 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
         train_dataset=load_task(task_args),
         processing_class=tokenizer,
         rollout_func=rollout,
-        callbacks=[rollout.callback()],
+        callbacks=[rollout.callback()] if rollout is not None else None,
     )
     try:
         trainer.train(resume_from_checkpoint=resume_point(grpo_args))
         trainer.save_model(grpo_args.output_dir)
-        rollout.save(Path(grpo_args.output_dir) / "drafter")
+        trainer.save_state()  # trainer_state.json: the log history (per-step times) for scripts/bench_grpo_step.py
+        if rollout is not None:
+            rollout.save(Path(grpo_args.output_dir) / "drafter")
     finally:
-        rollout.close()
+        if rollout is not None:
+            rollout.close()
     if trainer.accelerator.is_main_process:
-        print("\n" + summary(rollout, grpo_args, spec, trainer.accelerator.num_processes))
+        if rollout is not None:
+            print("\n" + summary(rollout, grpo_args, spec, trainer.accelerator.num_processes))
+        else:
+            print(f"\nplain rollouts (TRL's own generate, no drafter); checkpoint {grpo_args.output_dir}")
     return trainer
 
 

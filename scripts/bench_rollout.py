@@ -36,6 +36,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -49,7 +50,8 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from adaptive_drafter import SpecConfig, SpeculativeEngine, SpecStats
-from adaptive_drafter.config import DrafterConfig
+from adaptive_drafter.config import DistillConfig, DrafterConfig
+from adaptive_drafter.distill import DistillBuffer
 from adaptive_drafter.drafter import build_drafter, frequent_tokens, load_adapter, truncated_drafter
 from adaptive_drafter.elastic import expected_tokens
 from adaptive_drafter.metrics import speedup_estimate
@@ -133,7 +135,7 @@ class Setup:
     policy: Any
     drafter: Any
     make_prompts: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]  # (batch, seed) -> (input_ids, mask)
-    eos_token_id: int
+    eos_token_id: int | list[int]
     pad_token_id: int
     description: str
 
@@ -199,9 +201,10 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(do_sample=False)
 
 
-def count_until_eos(rows: list[list[int]], eos: int) -> list[list[int]]:
-    """Each row cut after its first eos (eos included)."""
-    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
+def count_until_eos(rows: list[list[int]], eos: int | list[int]) -> list[list[int]]:
+    """Each row cut after its first eos (one id or a set of them; eos included)."""
+    stops = {eos} if isinstance(eos, int) else set(eos)
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))] for row in rows]
 
 
 def synchronize(device: torch.device) -> None:
@@ -366,9 +369,13 @@ def bench_batch(
     return row
 
 
-def memory_report(setup: Setup, batch: int, tokens: int) -> dict[str, float]:
-    """What speculation adds to plain decoding, in MiB: the drafter's weights (its own copy) and its KV cache at
-    `batch` rows of `tokens` slots (the policy's cache for scale; the verify adds k slots per row to it)."""
+def memory_report(setup: Setup, batch: int, tokens: int, args: argparse.Namespace) -> dict[str, Any]:
+    """What speculation adds to plain decoding, in MiB: the drafter's weights (`truncated_drafter` copies them: nothing
+    is shared with the policy; tied tensors are counted once), its KV cache at `batch` rows of `tokens` slots (the
+    policy's for scale; the verify adds k slots per row to it), and the distillation buffer's top-K targets (bytes per
+    token measured on a short rollout, times the buffer's default capacity). Peak memory: on CUDA per phase (plain,
+    then speculative, peak reset between them); on CPU only the process's peak RSS, which phases cannot be told apart
+    in (the first phase to reach it sets it for the rest of the process)."""
 
     def kv_bytes(model: Any) -> int:
         config = model.config
@@ -376,15 +383,54 @@ def memory_report(setup: Setup, batch: int, tokens: int) -> dict[str, float]:
         per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
         return per_token * batch * tokens * next(model.parameters()).element_size()
 
-    mib = 2**20
-    return dict(
+    def weight_bytes(model: Any) -> int:
+        return sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() skips tied duplicates
+
+    mib, distill = 2**20, DistillConfig()
+    report = dict(
         batch=batch,
         tokens=tokens,
-        policy_weights_mib=sum(p.numel() * p.element_size() for p in setup.policy.parameters()) / mib,
-        drafter_weights_mib=sum(p.numel() * p.element_size() for p in setup.drafter.parameters()) / mib,
+        policy_weights_mib=weight_bytes(setup.policy) / mib,
+        drafter_weights_mib=weight_bytes(setup.drafter) / mib,
         policy_kv_mib=kv_bytes(setup.policy) / mib,
         drafter_kv_mib=kv_bytes(setup.drafter) / mib,
+        distill_topk=distill.distill_topk,
+        distill_bytes_per_token=target_bytes_per_token(setup, distill.distill_topk, args),
+        distill_buffer_tokens=distill.distill_buffer_tokens,
     )
+    report["distill_buffer_mib"] = report["distill_bytes_per_token"] * distill.distill_buffer_tokens / mib
+    if args.device.startswith("cuda"):
+        report.update(cuda_peaks(setup, batch, args))
+    else:
+        report["process_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return report
+
+
+def target_bytes_per_token(setup: Setup, topk: int, args: argparse.Namespace) -> float:
+    """Bytes one completion token's distillation targets take in the buffer (top-K ids and logprobs, the drafted and
+    accepted flags), measured on the targets the engine collects in a short rollout."""
+    engine = SpeculativeEngine(setup.policy, setup.drafter, SpecConfig(num_draft_tokens=args.k, collect_topk=topk))
+    ids, mask = (t.to(args.device) for t in setup.make_prompts(2, args.seed))
+    out = engine.generate(ids, mask, max_new_tokens=8, eos_token_id=setup.eos_token_id,
+                          pad_token_id=setup.pad_token_id, **sampling_kwargs(args))  # fmt: skip
+    buffer = DistillBuffer(max_tokens=10**9)
+    buffer.add_many(out.targets)
+    tensors = [t for row in out.targets for t in (row.topk_ids, row.topk_logprobs, row.drafted, row.accepted)]
+    return sum(t.numel() * t.element_size() for t in tensors) / max(1, buffer.num_tokens)
+
+
+def cuda_peaks(setup: Setup, batch: int, args: argparse.Namespace) -> dict[str, float]:
+    """Peak allocated CUDA memory of one plain and one speculative rollout at `batch`, reset between them (MiB)."""
+    ids, mask = (t.to(args.device) for t in setup.make_prompts(batch, args.seed))
+    engine = SpeculativeEngine(setup.policy, setup.drafter, SpecConfig(num_draft_tokens=args.k))
+    peaks = {}
+    for name, run in (("plain", lambda: run_plain(setup, ids, mask, args, args.max_new_tokens)),
+                      ("spec", lambda: run_spec(engine, setup, ids, mask, args, args.max_new_tokens))):  # fmt: skip
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        peaks[f"cuda_peak_{name}_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return peaks
 
 
 def calibrate_draft_vocab(setup: Setup, engines: list[SpeculativeEngine], args: argparse.Namespace) -> float:
@@ -471,6 +517,25 @@ def format_table(rows: list[dict[str, Any]], greedy: bool) -> str:
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
 
+def format_memory(memory: dict[str, Any]) -> str:
+    """The memory report as a small table: what speculation adds, beside the policy's own for scale."""
+    row = lambda name, spec, plain: f"  {name:<44}{spec:>14}{plain:>14}"  # noqa: E731
+    buffer = f"distillation buffer ({memory['distill_buffer_tokens']} tok x {memory['distill_bytes_per_token']:.0f} B)"
+    lines = [
+        f"memory in MiB, batch {memory['batch']} x {memory['tokens']} slots",
+        row("", "spec adds", "policy"),
+        row("weights", f"{memory['drafter_weights_mib']:.1f}", f"{memory['policy_weights_mib']:.1f}"),
+        row("KV cache at the end of the rollout", f"{memory['drafter_kv_mib']:.1f}", f"{memory['policy_kv_mib']:.1f}"),
+        row(buffer, f"{memory['distill_buffer_mib']:.1f}", "-"),
+    ]
+    if "cuda_peak_plain_mib" in memory:
+        lines.append(row("CUDA peak allocated: spec run / plain run", f"{memory['cuda_peak_spec_mib']:.1f}",
+                         f"{memory['cuda_peak_plain_mib']:.1f}"))  # fmt: skip
+    else:
+        lines.append(row("process peak RSS (phases not separable on CPU)", "-", f"{memory['process_peak_rss_mib']:.0f}"))
+    return "\n".join(lines)
+
+
 def machine_info() -> dict[str, Any]:
     """Where and with what the benchmark ran."""
     info = dict(
@@ -505,7 +570,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--drafter-layers", type=int, default=None, help="truncated drafter depth (default: 2 tiny, 4 embedded)"
     )
     parser.add_argument("--dampen", type=float, default=0.05, help="tiny: scale of the layers the drafter lacks")
-    parser.add_argument("--adapter", type=Path, default=None, help="a distilled LoRA adapter (distill_drafter.py --out)")
+    parser.add_argument(
+        "--adapter", type=Path, default=None, help="a distilled LoRA adapter (distill_drafter.py --out)"
+    )
     parser.add_argument("--lora-r", type=int, default=32, help="LoRA rank the adapter was trained with (default 32)")
     parser.add_argument(
         "--prompts", choices=("questions", "arithmetic"), default="questions", help="embedded: which prompts"
@@ -575,12 +642,8 @@ def main(argv: list[str] | None = None) -> None:
         "drafter-step and (k+1)-token verify costs relative to a decode step; predicted = S(α, k, c, v_k) with α "
         "fitted to the measured tokens/verify; HF assisted = transformers' assisted generation (batch 1, greedy)"
     )
-    memory = memory_report(setup, max(args.batch_sizes), rows[-1]["prompt_width"] + args.max_new_tokens)
-    print(
-        f"memory added by speculation at batch {memory['batch']} x {memory['tokens']} slots: drafter weights "
-        f"{memory['drafter_weights_mib']:.1f} MiB (policy {memory['policy_weights_mib']:.1f}), drafter KV cache "
-        f"{memory['drafter_kv_mib']:.1f} MiB (policy {memory['policy_kv_mib']:.1f}); the verify adds k slots per row"
-    )
+    memory = memory_report(setup, max(args.batch_sizes), rows[-1]["prompt_width"] + args.max_new_tokens, args)
+    print(format_memory(memory))
     if args.plot is not None:
         plot(rows, args.plot, f"{setup.description[:90]}\nk={args.k}, {mode}")
         print(f"wrote {args.plot}")

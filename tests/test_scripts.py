@@ -84,3 +84,19 @@ def test_bench_rollout_rejects_bad_numbers(flag):
     bench = load_script("bench_rollout")
     with pytest.raises(SystemExit):
         bench.parse_args([flag, "0"])
+
+
+def test_bench_distill_step_times_both_head_placements():
+    result = load_script("bench_distill_step").main(["--batch-size", "2", "--repeats", "1"])
+    assert result["at_targets_s"] > 0 and result["everywhere_s"] > 0
+
+
+def test_bench_longtail_finishes_the_same_rows_faster_or_not_and_says_so(tmp_path):
+    bench = load_script("bench_longtail")
+    out, png = tmp_path / "lt.json", tmp_path / "lt.png"
+    result = bench.main(["--batch", "8", "--max-new-tokens", "32", "--json", str(out), "--plot", str(png)])
+    lengths = result["lengths"]
+    assert len(lengths) == 8 and max(lengths) > min(lengths) and png.stat().st_size > 0
+    for name in ("fixed_k", "elastic"):
+        assert result[name]["identical_rows"] == 1.0 and result[name]["speedup"] > 0
+    assert json.loads(out.read_text())["result"]["plain"]["seconds"] > 0

@@ -304,3 +304,14 @@ def test_kill_9_after_a_checkpoint_then_resume(tmp_path, tiny_model_dir):
     )  # fmt: skip
     expected = load_file(last / DRAFTER_DIR / "adapter.safetensors")
     assert all(torch.equal(expected[k], v) for k, v in adapter_state(fresh.drafter).items())
+
+
+def test_bench_grpo_step_times_plain_and_speculative_runs(tmp_path, tiny_model_dir):
+    bench = load_file_module(Path(__file__).resolve().parents[1] / "scripts" / "bench_grpo_step.py")
+    argv = recipe_argv(tmp_path, tiny_model_dir)
+    del argv[argv.index("--output_dir") : argv.index("--output_dir") + 2]  # each mode gets its own
+    flags = ["--threads", "1", "--out-dir", str(tmp_path / "runs"), "--json", str(tmp_path / "g.json")]
+    result = bench.main([*flags, *argv])
+    assert [len(result["runs"][mode]["step_times"]) for mode in ("plain", "speculative")] == [2, 2]
+    assert result["speedup"] > 0 and "spec/acceptance_rate" in result["runs"]["speculative"]["spec"]
+    assert json.loads((tmp_path / "g.json").read_text())["meta"]["omp_num_threads"] == 1

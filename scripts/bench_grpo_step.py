@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""End-to-end GRPO step time: the recipe with plain rollouts (TRL's own `generate`) vs speculative rollouts with the
+adaptive drafter, same config, seed and steps.
+
+Each mode runs `recipes/grpo_spec.py` in its own subprocess, one after the other (never side by side: they would share
+the cores), with `OMP_NUM_THREADS` set. A GRPO step's time is TRL's `step_time` metric (the whole `training_step`:
+generation, reward scoring, the loss and its backward pass), read from the `trainer_state.json` the recipe saves. The
+speculative mode also pays for its background distillation thread, which shares the cores with the rollouts: that is
+part of its real cost. With sampling, the two modes draw different (equally distributed) completions, so the mean
+completion length is printed beside each: a step's time follows it.
+
+Flags other than this script's own go to the recipe, for both modes, after the defaults `--max_steps 4 --report_to
+none --save_strategy no` (so flags given here override them):
+
+    python scripts/bench_grpo_step.py --json docs/results/grpo_step_embedded_cpu.json    # the embedded default
+    python scripts/bench_grpo_step.py --max_steps 8 --num_draft_tokens 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "grpo_spec.py"
+DEFAULT_RECIPE_FLAGS = ["--max_steps", "4", "--report_to", "none", "--save_strategy", "no"]
+SHOWN = ("spec/acceptance_rate", "spec/tokens_per_verify", "spec/sd_fraction", "drafter/version")  # printed
+MODES = {"plain": "false", "speculative": "true"}  # mode -> the recipe's --speculative
+
+
+def run_recipe(mode: str, recipe_flags: list[str], out_dir: Path, threads: int) -> dict[str, Any]:
+    """Run the recipe in one mode in a subprocess; return its per-step times and logged metrics."""
+    run_dir = out_dir / mode
+    command = [sys.executable, str(RECIPE), *DEFAULT_RECIPE_FLAGS, *recipe_flags]
+    command += ["--speculative", MODES[mode], "--output_dir", str(run_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TRL_EXPERIMENTAL_SILENCE": "1"}
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"the recipe failed in mode {mode} (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    return summarize(mode, history, wall)
+
+
+def summarize(mode: str, history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """Per-step times (TRL's `step_time`), their mean with and without the first (warm-up) step, completion lengths
+    and the speculative counters the rollout logged."""
+    steps = [entry for entry in history if "step_time" in entry]
+    times = [entry["step_time"] for entry in steps]
+    if not times:
+        raise RuntimeError(f"mode {mode}: no step_time in the trainer's log history (is logging_steps 1?)")
+    lengths = [entry["completions/mean_length"] for entry in steps if "completions/mean_length" in entry]
+    spec_keys = sorted({key for entry in steps for key in entry if key.startswith(("spec/", "drafter/"))})
+    return dict(
+        mode=mode,
+        step_times=times,
+        mean_step_s=statistics.mean(times),
+        mean_step_s_after_first=statistics.mean(times[1:]) if len(times) > 1 else times[0],
+        mean_completion_length=statistics.mean(lengths) if lengths else None,
+        wall_s=wall,
+        spec={key: mean_of(e.get(key) for e in steps) for key in spec_keys},
+    )
+
+
+def mean_of(values: Any) -> float | None:
+    """Mean of the finite numbers among `values` (a metric is missing or NaN at steps where it was not measured)."""
+    numbers = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return statistics.mean(numbers) if numbers else None
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """This script's own flags, and the rest (the recipe's)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
+                        help="OMP_NUM_THREADS of each run (default: this process's, else all cores)")  # fmt: skip
+    parser.add_argument("--out-dir", type=Path, default=None, help="where the runs write (default: a temporary dir)")
+    parser.add_argument("--json", type=Path, default=None, help="write both runs' times and the ratio here")
+    args, recipe_flags = parser.parse_known_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be positive")
+    return args, recipe_flags
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args, recipe_flags = parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        out_dir = args.out_dir or Path(scratch)
+        runs = {mode: run_recipe(mode, recipe_flags, out_dir, args.threads) for mode in MODES}
+    plain, spec = runs["plain"], runs["speculative"]
+    result = dict(
+        runs=runs,
+        speedup=plain["mean_step_s"] / spec["mean_step_s"],
+        speedup_after_first=plain["mean_step_s_after_first"] / spec["mean_step_s_after_first"],
+    )
+    print(f"recipe flags: {' '.join(DEFAULT_RECIPE_FLAGS + recipe_flags)} | OMP_NUM_THREADS={args.threads}")
+    print(f"{'mode':12}{'mean step s':>12}{'w/o step 1':>12}{'completion len':>16}{'wall s':>9}  step times")
+    for run in runs.values():
+        length = f"{run['mean_completion_length']:.1f}" if run["mean_completion_length"] is not None else "-"
+        print(f"{run['mode']:12}{run['mean_step_s']:12.2f}{run['mean_step_s_after_first']:12.2f}{length:>16}"
+              f"{run['wall_s']:9.1f}  {', '.join(f'{t:.2f}' for t in run['step_times'])}")  # fmt: skip
+    print(f"speed-up (plain / speculative step time): {result['speedup']:.2f}x, "
+          f"{result['speedup_after_first']:.2f}x without the first step")  # fmt: skip
+    if spec["spec"]:
+        print("speculative run, mean of logged metrics: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in spec["spec"].items() if k in SHOWN and v is not None))  # fmt: skip
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(
+            date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            command=" ".join(sys.argv),
+            recipe_flags=DEFAULT_RECIPE_FLAGS + recipe_flags,
+            omp_num_threads=args.threads,
+            machine=machine(),
+        )
+        args.json.write_text(json.dumps(dict(meta=meta, **result), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+def machine() -> dict[str, Any]:
+    """bench_rollout's machine description (imported lazily: it imports torch, which this parent does not need)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_rollout
+
+    return bench_rollout.machine_info()
+
+
+if __name__ == "__main__":
+    main()
