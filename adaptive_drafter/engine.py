@@ -25,8 +25,8 @@ from transformers import DynamicCache
 from . import acceptance
 from .config import SpecConfig
 from .distill import PolicyTargets
-from .elastic import ElasticController
 from .drafter import AdapterVersion, ReducedVocabDrafter, check_compatible, frequent_tokens, load_adapter_state
+from .elastic import ElasticController
 from .metrics import SpecStats
 from .sampling import SamplingParams, process_logits, sample
 
@@ -150,6 +150,7 @@ class SpeculativeEngine:
         if len(ids) == 0 or ids.min() < 0 or ids.max() >= self.vocab_size:
             raise ValueError(f"The draft vocabulary must be a non-empty set of token ids in [0, {self.vocab_size}).")
         self.draft_vocab = ids
+
     def attach(self, trainer: Any) -> None:
         """Feed `trainer` (a `DrafterTrainer`) with every rollout's policy targets, and serve the newest adapter it
         publishes, swapped in at the start of the next `generate` call, never during one."""
@@ -358,29 +359,24 @@ class _Rollout:
         self.targets: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(batch)]
         rows = list(range(batch))  # original index of each active row
 
-        # Prefill the policy's cache with all but the prompts' last column. That column (a real token in every
-        # left-padded row) is the first step's input, so the first step is an ordinary step and may already speculate.
+        # The prefill is the first plain step: the policy reads the whole prompt and emits each row's first token. The
+        # drafter's pending block starts as the whole prompt: it prefills it when it first drafts, so a rollout that
+        # never speculates (elastic or plain_batch_threshold) never runs the drafter.
         empty = torch.zeros(batch, 0, dtype=torch.bool, device=device)
         self.pol, self.dr = _KV(DynamicCache(), empty), _KV(DynamicCache(), empty.clone())
-        if input_ids.shape[1] > 1:
-            _forward(self.policy, self.pol, input_ids[:, :-1], mask[:, :-1], logits_to_keep=1)
-            self.stats.policy_forwards += 1
-        # Tokens the drafter has not consumed yet, left-padded; the last column is every row's newest token. The whole
-        # prompt starts here: the drafter prefills it when it first drafts, so a rollout that never speculates
-        # (elastic or plain_batch_threshold) never runs the drafter.
         self.pending, self.pending_valid = input_ids, mask
+        rows = self._drop_finished(rows, self._record(rows, self._plain_step(input_ids, mask)))
 
         while rows:
             remaining = max(self.max_new_tokens - len(self.completions[r]) for r in rows)
             k = self._draft_length(len(rows), limit=min(self.config.num_draft_tokens, remaining - 1))
             started = time.perf_counter()
-            step = self._plain_step() if k == 0 else self._speculative_step(k)
+            step = (
+                self._speculative_step(k) if k else self._plain_step(self.pending[:, -1:], self.pending_valid[:, -1:])
+            )
             done = self._record(rows, step)  # synchronises: the step's time is now known
             self._observe(len(rows), k, step, time.perf_counter() - started)
-            keep = [i for i, finished in enumerate(done) if not finished]
-            if len(keep) < len(rows):
-                self._select(torch.tensor(keep, dtype=torch.long, device=device))
-                rows = [rows[i] for i in keep]
+            rows = self._drop_finished(rows, done)
             self.pol.crop()
             self.dr.crop()
             self.pol.compact(self.config.compact_threshold, self.max_slots[0])
@@ -448,12 +444,12 @@ class _Rollout:
         tokens = torch.cat([draft, draft[:, :1]], 1).scatter(1, n[:, None], token[:, None])
         return _Step(tokens, n + 1, log_p, (position < k).expand(rows, -1), position < n[:, None])
 
-    def _plain_step(self) -> _Step:
-        """One ordinary decode step of the policy; the drafter catches up on the token later."""
-        last = self.pending[:, -1:]
-        log_p = self._policy_logprobs(_forward(self.policy, self.pol, last, torch.ones_like(last, dtype=torch.bool)))
+    def _plain_step(self, tokens: torch.Tensor, valid: torch.Tensor) -> _Step:
+        """One ordinary decode step: the policy reads `tokens` (each row's newest token, or at the start the whole
+        prompt: the prefill) and emits one token per row; the drafter catches up on them later."""
+        log_p = self._policy_logprobs(_forward(self.policy, self.pol, tokens, valid, logits_to_keep=1))
         self.stats.policy_forwards += 1
-        self.stats.plain_steps += len(last)
+        self.stats.plain_steps += len(tokens)
         token = self._pick(log_p[:, -1])
         self.pending = torch.cat([self.pending, token[:, None]], 1)
         self.pending_valid = torch.cat([self.pending_valid, torch.ones_like(token[:, None], dtype=torch.bool)], 1)
@@ -510,11 +506,15 @@ class _Rollout:
     def _pick(self, log_p: torch.Tensor) -> torch.Tensor:
         return sample(log_p.exp(), self.generator) if self.params.do_sample else log_p.argmax(-1)
 
-    def _select(self, keep: torch.Tensor) -> None:
-        """Drop finished rows from both caches and the pending block."""
-        self.pol.select(keep)
-        self.dr.select(keep)
-        self.pending, self.pending_valid = self.pending[keep], self.pending_valid[keep]
+    def _drop_finished(self, rows: list[int], done: list[bool]) -> list[int]:
+        """Drop the finished rows from both caches and the pending block; return the original indices still active."""
+        keep = [i for i, finished in enumerate(done) if not finished]
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, dtype=torch.long, device=self.pending.device)
+            self.pol.select(index)
+            self.dr.select(index)
+            self.pending, self.pending_valid = self.pending[index], self.pending_valid[index]
+        return [rows[i] for i in keep]
 
     def _record(self, rows: list[int], step: _Step) -> list[bool]:
         """Append each row's emitted tokens, stopping at its first eos or at max_new_tokens; return which finished.

@@ -80,6 +80,17 @@ def test_drafter_equal_to_policy_accepts_everything():
     assert out.stats.acceptance_rate == 1.0
     assert out.stats.tokens_per_verify == k + 1
     assert all(len(row) == 41 for row in out.completion_ids)
+    assert out.stats.policy_forwards == 1 + 40 // (k + 1)  # the prefill emits the first token, then 8 verifies
+
+
+def test_plain_decoding_runs_as_many_policy_forwards_as_generate():
+    """The prefill emits each row's first token, as in `generate`: n tokens cost n policy forwards, not n + 1."""
+    policy = tiny_causal_lm("llama", logit_scale=8.0)
+    ids, mask = left_padded_prompts(4, 3, 10, 256, seed=1)
+    engine = SpeculativeEngine(policy, copy.deepcopy(policy), SpecConfig(num_draft_tokens=4, plain_batch_threshold=1))
+    out = engine.generate(ids, mask, max_new_tokens=12, do_sample=False)
+    assert out.completion_ids == reference_greedy(policy, ids, mask, 12, eos=-1)
+    assert out.stats.policy_forwards == 12 and out.stats.drafter_forwards == 0
 
 
 def test_peft_wrapped_drafter(arch_models):

@@ -175,8 +175,16 @@ def test_drafter_equal_to_policy_accepts_every_sampled_draft():
     policy = tiny_causal_lm("llama", logit_scale=4.0)
     ids, mask = padded_prompts(16, min_pad=3, seed=2)
     k = 5
-    out = SpeculativeEngine(policy, copy.deepcopy(policy), SpecConfig(num_draft_tokens=k)).generate(
-        ids, mask, max_new_tokens=30, temperature=0.9, top_p=0.95, generator=torch.Generator().manual_seed(0)
+    out = SpeculativeEngine(
+        policy, copy.deepcopy(policy), SpecConfig(num_draft_tokens=k)
+    ).generate(
+        ids,
+        mask,
+        max_new_tokens=1
+        + 5
+        * (
+            k + 1
+        ),  # the prefill's token, then five full verifies temperature=0.9, top_p=0.95, generator=torch.Generator().manual_seed(0)
     )
     assert out.stats.acceptance_rate == 1.0 and out.stats.tokens_per_verify == k + 1
 
