@@ -6,7 +6,11 @@ from quantities measured online: α the drafter's acceptance probability, c the 
 of verifying k+1 tokens, both relative to one plain decode step of the policy *at the current active batch size*.
 Costs are kept per batch-size bucket (powers of two) because they change as rows finish: a large batch is
 compute-bound (verifying k+1 tokens costs ~k+1 decode steps, speculation loses), the long tail of a few rows is not
-(verifying costs ~1 step, speculation wins). Nothing is hard-coded per device.
+(verifying costs ~1 step, speculation wins). v_k is measured for each k tried and interpolated between them, with
+no shape assumed. Nothing is hard-coded per device.
+
+While plain, the controller probes now and then, drafting the k that would pay if α were at the optimistic end of
+what its acceptance counts allow, so a drafter that got better is noticed and one known to be poor costs nothing.
 """
 
 from __future__ import annotations
@@ -32,13 +36,27 @@ def _ema(old: float | None, new: float, weight: float) -> float:
     return new if old is None else (1 - weight) * old + weight * new
 
 
+def interpolate(measured: dict[int, float], k_max: int) -> list[float]:
+    """Verify costs v_0..v_k_max (relative to a plain step: v_0 = 1) from those measured at some k: linear between measured
+    neighbours, and past the largest measured k along the last segment's slope. No shape is assumed: on a GPU at small
+    batch v_k is nearly flat, on a CPU it jumps from one token to two and then barely grows (it may even fall, as the
+    matrix kernels change), at large batch it grows like k + 1."""
+    points = sorted({0: 1.0, **measured}.items())
+    out = []
+    for k in range(k_max + 1):
+        upper = next((i for i, (x, _) in enumerate(points) if x >= k), len(points) - 1)
+        (x0, y0), (x1, y1) = points[max(0, upper - 1)], points[upper]
+        out.append(y1 if x1 == x0 else y0 + (y1 - y0) * (k - x0) / (x1 - x0))
+    return out
+
+
 @dataclass
 class _Costs:
-    """Seconds of one plain step, one drafter step, and the verify cost's growth per drafted token, at one batch size."""
+    """Seconds of one plain step, one drafter step, and a verify of k drafts for each k tried, at one batch size."""
 
     plain: float | None = None
     draft: float | None = None
-    per_token: float | None = None  # verify(k) ≈ plain + k · per_token: the verify cost is linear in its tokens
+    verify: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,10 +69,12 @@ class ElasticController:
     smoothing: float = 0.2
     memory: float = 0.99  # acceptance counts decay: the drafter and the policy both change
     explore_every: int = 32  # re-measure now and then: costs drift as caches grow, acceptance as the drafter learns
+    optimism: float = 2.0  # a probe assumes α this many standard errors above its estimate
     accepted: float = 0.0
     rejected: float = 0.0
     costs: dict[int, _Costs] = field(default_factory=dict)
     steps: int = 0
+    observed_at: int = 0  # the step of the last speculative outcome
 
     @property
     def alpha(self) -> float:
@@ -62,6 +82,15 @@ class ElasticController:
         rejection): accepted / (accepted + rejections), with a prior worth a few drafts."""
         prior = 4.0
         return (self.accepted + prior * self.alpha_prior) / (self.accepted + self.rejected + prior)
+
+    @property
+    def alpha_optimistic(self) -> float:
+        """α at the optimistic end of what the counts allow: the estimate plus `optimism` standard errors. Few counts
+        (a swapped-in adapter) leave room for a better drafter, many low ones do not; and evidence ages with the plain
+        steps since it was gathered (by `memory` per step), so a drafter once found poor is probed again, rarely."""
+        age = self.memory ** (self.steps - self.observed_at)
+        alpha, trials = self.alpha, (self.accepted + self.rejected) * age + 4.0
+        return min(1.0, alpha + self.optimism * math.sqrt(alpha * (1 - alpha) / trials))
 
     @staticmethod
     def bucket(batch: int) -> int:
@@ -74,15 +103,18 @@ class ElasticController:
             return 0
         costs = self.costs.setdefault(self.bucket(batch), _Costs())
         k_max = min(self.max_k, limit)
-        if costs.draft is None or costs.per_token is None:
+        if costs.draft is None or not costs.verify:
             return k_max  # measure speculation first
         if costs.plain is None or self.steps % self.explore_every == 0:
             return 0  # measure (or re-measure) a plain step
         c = costs.draft / costs.plain
-        verify = [1.0 + k * costs.per_token / costs.plain for k in range(k_max + 1)]
+        verify = interpolate({n: seconds / costs.plain for n, seconds in costs.verify.items()}, k_max)
         k = best_k(self.alpha, c, verify)
         if k == 0 and self.steps % self.explore_every == self.explore_every // 2:
-            return 1  # a one-token probe: without it a drafter that got better (distillation) would never be seen
+            # A probe: without one a drafter that got better (distillation) would never be seen. It drafts the k that
+            # would pay if α were optimistic (its cost is then worth the information), and none when even that would
+            # not pay (many low acceptance counts: probing would only cost).
+            return best_k(self.alpha_optimistic, c, verify)
         return k
 
     def forget_acceptance(self, keep: float = 0.1) -> None:
@@ -104,7 +136,7 @@ class ElasticController:
         costs = self.costs.setdefault(self.bucket(batch), _Costs())
         if draft_seconds is not None:
             costs.draft = _ema(costs.draft, draft_seconds / k, self.smoothing)
-        base = costs.plain if costs.plain is not None else verify_seconds / (k + 1)  # until a plain step is timed
-        costs.per_token = _ema(costs.per_token, max(0.0, verify_seconds - base) / k, self.smoothing)
+        costs.verify[k] = _ema(costs.verify.get(k), verify_seconds, self.smoothing)
         self.accepted = self.memory * self.accepted + accepted
         self.rejected = self.memory * self.rejected + rejections
+        self.observed_at = self.steps

@@ -9,7 +9,7 @@ import torch
 
 from adaptive_drafter import SpecConfig, SpeculativeEngine
 from adaptive_drafter.drafter import noised_copy
-from adaptive_drafter.elastic import ElasticController, best_k, expected_tokens
+from adaptive_drafter.elastic import ElasticController, best_k, expected_tokens, interpolate
 from adaptive_drafter.metrics import speedup_estimate
 from adaptive_drafter.testing import left_padded_prompts, tiny_causal_lm
 
@@ -62,13 +62,20 @@ def test_low_acceptance_turns_speculation_off():
     assert controller.choose(batch=1, limit=4) == 0
 
 
-def test_plain_mode_probes_acceptance_and_returns_when_the_drafter_improves():
+def test_plain_mode_probes_a_poor_drafter_rarely_and_returns_when_it_improves():
     controller = ElasticController(max_k=4)
     controller.accepted, controller.rejected = 2.0, 98.0
     measured(controller, batch=1, plain=0.010, draft=0.001, verify_per_token=0.0005, k=4)
     picks = [controller.choose(1, limit=4) for _ in range(64)]
-    assert picks.count(1) == 2 and set(picks) == {0, 1}  # plain, with a 1-token probe every explore_every steps
-    for _ in range(300):  # the drafter now agrees: the probes see it, slowly (the history weighs 1/(1 - memory))
+    assert set(picks) == {0}  # fresh evidence of a poor drafter: probing would only cost
+    for _ in range(1000):  # the drafter stays poor: every probe is rejected at its first draft
+        picks.append(controller.choose(1, limit=4))
+        if picks[-1]:
+            controller.observe_speculation(1, picks[-1], 0.001, 0.0105, accepted=0, rejections=1)
+    probes = [i for i, k in enumerate(picks) if k]
+    assert probes and probes[0] >= 64 and len(probes) < 1064 / 64  # as the evidence ages, probes come back, rarely
+    for _ in range(300):  # the drafter now agrees: the probes see it
+        controller.choose(1, limit=4)
         controller.observe_speculation(1, 1, 0.001, 0.0105, accepted=1, rejections=0)
     assert controller.choose(1, limit=4) == 4
     # A swapped-in adapter makes the history stale at once: the controller forgets most of it and re-measures.
@@ -77,6 +84,43 @@ def test_plain_mode_probes_acceptance_and_returns_when_the_drafter_improves():
     for _ in range(8):
         controller.observe_speculation(1, 4, 0.004, 0.012, accepted=4, rejections=0)
     assert controller.alpha > 0.75 and controller.choose(1, limit=4) == 4
+
+
+@pytest.mark.parametrize("accepted, rejected, probes", [(0, 0, True), (6, 4, True), (30, 70, False), (300, 200, False)])
+def test_a_probe_drafts_the_k_that_pays_at_the_optimistic_alpha(accepted, rejected, probes):
+    """CPU-like costs: v_1 = 1.74, v_4 = 1.93 decode steps, c = 0.16; α ≈ 0.6 is below break-even (plain is right).
+    Few counts leave room for a good drafter (probe with the k that would then pay); many do not (no probe)."""
+    controller = ElasticController(max_k=4, memory=1.0)  # no ageing: the counts are what they are
+    controller.observe_plain(1, 1.0)
+    controller.observe_speculation(1, 1, 0.16, 1.74, accepted=0, rejections=0)
+    controller.observe_speculation(1, 4, 0.64, 1.93, accepted=0, rejections=0)
+    controller.accepted, controller.rejected = accepted, rejected
+    verify = interpolate({1: 1.74, 4: 1.93}, 4)
+    assert best_k(controller.alpha, 0.16, verify) == 0
+    controller.steps = controller.explore_every // 2 - 1  # the next step is a probe step
+    expected = best_k(controller.alpha_optimistic, 0.16, verify)
+    assert controller.choose(1, limit=4) == expected
+    assert (expected > 0) == probes
+
+
+def test_verify_costs_are_interpolated_between_the_ks_measured():
+    assert interpolate({4: 2.0}, 4) == pytest.approx([1.0, 1.25, 1.5, 1.75, 2.0])
+    assert interpolate({1: 1.8, 4: 2.1}, 6) == pytest.approx([1.0, 1.8, 1.9, 2.0, 2.1, 2.2, 2.3])
+    assert interpolate({2: 3.0}, 4) == pytest.approx([1.0, 2.0, 3.0, 4.0, 5.0])  # past the last: its slope
+
+
+def test_a_cpu_like_jump_in_verify_cost_does_not_hide_a_good_drafter():
+    """On a CPU verifying 2 tokens costs ~1.7 decode steps and 5 tokens barely more. Measured per k, the controller
+    speculates with k = 4 at α = 0.85 (S ≈ 1.4); a cost linear in k fitted from k = 1 (v_4 ≈ 3.96) would stay plain."""
+    controller = ElasticController(max_k=4, memory=1.0)
+    controller.observe_plain(1, 1.0)
+    controller.observe_speculation(1, 1, 0.16, 1.74, accepted=0, rejections=0)
+    controller.observe_speculation(1, 4, 0.64, 1.93, accepted=0, rejections=0)
+    controller.accepted, controller.rejected = 85.0, 15.0
+    assert controller.choose(1, limit=4) == 4
+    assert speedup_estimate(controller.alpha, 4, 0.16, 1.93) > 1.3
+    linear = [1.0 + 0.74 * k for k in range(5)]
+    assert best_k(controller.alpha, 0.16, linear) == 0
 
 
 def test_unrepresentative_draft_times_leave_the_cost_alone():
@@ -125,7 +169,7 @@ def test_elastic_engine_samples_the_policys_distribution_and_learns_costs():
         out = engine.generate(ids, mask, max_new_tokens=24, generator=torch.Generator().manual_seed(seed))
         assert all(len(row) == 24 for row in out.completion_ids)
     costs = engine.controller.costs[ElasticController.bucket(8)]
-    assert costs.plain is not None and costs.draft is not None and costs.per_token is not None
+    assert costs.plain is not None and costs.draft is not None and costs.verify
     assert 0 < engine.controller.alpha < 1
 
 
