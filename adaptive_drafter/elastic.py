@@ -70,6 +70,7 @@ class ElasticController:
     memory: float = 0.99  # acceptance counts decay: the drafter and the policy both change
     explore_every: int = 32  # re-measure now and then: costs drift as caches grow, acceptance as the drafter learns
     optimism: float = 2.0  # a probe assumes α this many standard errors above its estimate
+    min_speedup: float = 1.05  # speculate only when S beats plain by this much: nearer, the estimates' noise decides
     accepted: float = 0.0
     rejected: float = 0.0
     costs: dict[int, _Costs] = field(default_factory=dict)
@@ -110,6 +111,8 @@ class ElasticController:
         c = costs.draft / costs.plain
         verify = interpolate({n: seconds / costs.plain for n, seconds in costs.verify.items()}, k_max)
         k = best_k(self.alpha, c, verify)
+        if k and expected_tokens(self.alpha, k) / (k * c + verify[k]) < self.min_speedup:
+            k = 0
         if k == 0 and self.steps % self.explore_every == self.explore_every // 2:
             # A probe: without one a drafter that got better (distillation) would never be seen. It drafts the k that
             # would pay if α were optimistic (its cost is then worth the information), and none when even that would

@@ -183,3 +183,15 @@ def test_plain_batch_threshold_without_elastic():
     assert out.stats.verify_steps == 0 and out.stats.plain_steps == 8 * 12
     small = engine.generate(ids[:2], mask[:2], max_new_tokens=12, do_sample=False)
     assert small.stats.verify_steps > 0
+
+
+@pytest.mark.parametrize("verify_cost, expected", [(1.05, 1), (1.40, 0), (1.50, 0)])
+def test_speculation_needs_a_margin_over_plain(verify_cost, expected):
+    """α = 0.5, k = 1, c = 0.05: S = 1.5 / (0.05 + v_1) is 1.36, 1.03 and 0.97. At 1.03 the formula's argmax is k = 1,
+    but a gain that small is within the estimates' noise: the controller stays plain below S = 1.05."""
+    controller = ElasticController(max_k=1, memory=1.0)
+    controller.observe_plain(1, 1.0)
+    controller.observe_speculation(1, 1, 0.05, verify_cost, accepted=0, rejections=0)
+    controller.accepted, controller.rejected = 50.0, 50.0
+    assert controller.choose(1, limit=1) == expected
+    assert best_k(controller.alpha, 0.05, [1.0, verify_cost]) == int(verify_cost < 1.45)
