@@ -36,6 +36,13 @@ class SpecConfig:
             "expected speed-up from the measured acceptance and costs at the current batch size. Off: always k."
         },
     )
+    merge_lora: bool = field(
+        default=True,
+        metadata={
+            "help": "Draft with a copy of the drafter whose LoRA weights are merged into its adapted layers, refreshed "
+            "whenever the adapter changes: faster steps for the memory of those layers. Off: draft with the peft model."
+        },
+    )
     plain_batch_threshold: int | None = field(
         default=None,
         metadata={"help": "Decode plainly (no drafting) while at least this many rows are active. None: no limit."},

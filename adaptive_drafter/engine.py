@@ -20,12 +20,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from peft import PeftModel
 from transformers import DynamicCache
 
 from . import acceptance
 from .config import SpecConfig
 from .distill import PolicyTargets
-from .drafter import AdapterVersion, ReducedVocabDrafter, check_compatible, frequent_tokens, load_adapter_state
+from .drafter import (
+    AdapterVersion,
+    ReducedVocabDrafter,
+    check_compatible,
+    frequent_tokens,
+    load_adapter_state,
+    lora_fingerprint,
+    merged_copy,
+)
 from .elastic import ElasticController
 from .metrics import SpecStats
 from .sampling import SamplingParams, process_logits, sample
@@ -139,6 +148,7 @@ class SpeculativeEngine:
         self.draft_vocab: torch.Tensor | None = None
         self.draft_vocab_coverage: float | None = None  # share of the last rollout's tokens inside it
         self._reduced_head_checked = False
+        self._merged: tuple[Any, Any] | None = None  # (LoRA fingerprint, merged copy) of the drafter being served
 
     def set_draft_vocab(self, token_ids: Sequence[int] | torch.Tensor | None) -> None:
         """Pin the tokens the drafter may propose (None: back to `SpecConfig.draft_vocab_size`'s frequent tokens).
@@ -221,17 +231,28 @@ class SpeculativeEngine:
         return out
 
     def draft_model(self) -> Any:
-        """The drafter as this rollout drafts with it: whole, or with its head cut to the reduced draft vocabulary."""
+        """The drafter as this rollout drafts with it: its LoRA merged (`SpecConfig.merge_lora`), and whole or with its
+        head cut to the reduced draft vocabulary."""
+        drafter = self._serving_drafter()
         ids = self.draft_vocab
         if ids is None and self.config.draft_vocab_size:
             ids = frequent_tokens(self.token_counts, self.config.draft_vocab_size)
         if ids is None or len(ids) == 0:  # nothing pinned and no completions seen yet
-            return self.drafter
-        reduced = ReducedVocabDrafter(self.drafter, ids, self.vocab_size)
+            return drafter
+        reduced = ReducedVocabDrafter(drafter, ids, self.vocab_size)
         if not self._reduced_head_checked:
             reduced.check()
             self._reduced_head_checked = True
         return reduced
+
+    def _serving_drafter(self) -> Any:
+        """The peft drafter, or its merged copy, rebuilt whenever its LoRA weights changed (a swap, or a user's load)."""
+        if not self.config.merge_lora or not isinstance(self.drafter, PeftModel):
+            return self.drafter
+        fingerprint = lora_fingerprint(self.drafter)
+        if self._merged is None or self._merged[0] != fingerprint:
+            self._merged = (fingerprint, merged_copy(self.drafter))
+        return self._merged[1]
 
     def _count_tokens(self, completions: list[list[int]], draft_model: Any) -> None:
         """Tally emitted tokens (what the reduced draft vocabulary is chosen from) and the share it covered."""

@@ -46,13 +46,14 @@ from typing import Any, Callable
 
 import torch
 import transformers
+from peft import PeftModel
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from adaptive_drafter import SpecConfig, SpeculativeEngine, SpecStats
+from adaptive_drafter import SpecConfig, SpecStats, SpeculativeEngine
 from adaptive_drafter.config import DistillConfig, DrafterConfig
 from adaptive_drafter.distill import DistillBuffer
-from adaptive_drafter.drafter import build_drafter, frequent_tokens, load_adapter, truncated_drafter
+from adaptive_drafter.drafter import build_drafter, frequent_tokens, load_adapter, merged_copy, truncated_drafter
 from adaptive_drafter.elastic import expected_tokens
 from adaptive_drafter.metrics import speedup_estimate
 from adaptive_drafter.testing import dampen_layers, left_padded_prompts, tiny_causal_lm
@@ -383,8 +384,12 @@ def memory_report(setup: Setup, batch: int, tokens: int, args: argparse.Namespac
         per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
         return per_token * batch * tokens * next(model.parameters()).element_size()
 
-    def weight_bytes(model: Any) -> int:
-        return sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() skips tied duplicates
+    def weight_bytes(model: Any, shared_with: Any = None) -> int:
+        shared = {id(p) for p in shared_with.parameters()} if shared_with is not None else set()
+        return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in shared)  # tied: once
+
+    # The engine drafts with a copy whose LoRA is merged (SpecConfig.merge_lora): its adapted layers are extra.
+    merged = merged_copy(setup.drafter) if isinstance(setup.drafter, PeftModel) else None
 
     mib, distill = 2**20, DistillConfig()
     report = dict(
@@ -392,6 +397,7 @@ def memory_report(setup: Setup, batch: int, tokens: int, args: argparse.Namespac
         tokens=tokens,
         policy_weights_mib=weight_bytes(setup.policy) / mib,
         drafter_weights_mib=weight_bytes(setup.drafter) / mib,
+        merged_drafter_mib=weight_bytes(merged, shared_with=setup.drafter) / mib if merged is not None else 0.0,
         policy_kv_mib=kv_bytes(setup.policy) / mib,
         drafter_kv_mib=kv_bytes(setup.drafter) / mib,
         distill_topk=distill.distill_topk,
@@ -525,6 +531,7 @@ def format_memory(memory: dict[str, Any]) -> str:
         f"memory in MiB, batch {memory['batch']} x {memory['tokens']} slots",
         row("", "spec adds", "policy"),
         row("weights", f"{memory['drafter_weights_mib']:.1f}", f"{memory['policy_weights_mib']:.1f}"),
+        row("merged copy of the LoRA-adapted layers", f"{memory.get('merged_drafter_mib', 0.0):.1f}", "-"),
         row("KV cache at the end of the rollout", f"{memory['drafter_kv_mib']:.1f}", f"{memory['policy_kv_mib']:.1f}"),
         row(buffer, f"{memory['distill_buffer_mib']:.1f}", "-"),
     ]
@@ -532,7 +539,9 @@ def format_memory(memory: dict[str, Any]) -> str:
         lines.append(row("CUDA peak allocated: spec run / plain run", f"{memory['cuda_peak_spec_mib']:.1f}",
                          f"{memory['cuda_peak_plain_mib']:.1f}"))  # fmt: skip
     else:
-        lines.append(row("process peak RSS (phases not separable on CPU)", "-", f"{memory['process_peak_rss_mib']:.0f}"))
+        lines.append(
+            row("process peak RSS (phases not separable on CPU)", "-", f"{memory['process_peak_rss_mib']:.0f}")
+        )
     return "\n".join(lines)
 
 

@@ -163,3 +163,46 @@ def test_reduced_vocab_refuses_heads_it_cannot_cut():
     lora_head = build_drafter(policy, DrafterConfig(drafter_num_layers=1, drafter_lora_target_modules=["lm_head"]))
     with pytest.raises(ValueError, match="plain Linear LM head"):
         ReducedVocabDrafter(lora_head, torch.arange(3, 40), 256)
+
+
+def trained_lora(drafter, seed: int, scale: float = 0.1) -> dict:
+    """An adapter state with nonzero LoRA weights (a fresh LoRA's B is zero: merging it would prove nothing)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=generator).to(v.dtype) * scale for k, v in adapter_state(drafter).items()}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_merged_copy_computes_what_the_peft_drafter_does_and_shares_the_rest(arch):
+    from adaptive_drafter.drafter import load_adapter_state, merged_copy
+
+    policy = tiny_causal_lm(arch, num_layers=2)
+    drafter = build_drafter(policy, DrafterConfig(drafter_num_layers=1, drafter_lora_r=4))
+    load_adapter_state(drafter, trained_lora(drafter, 0))
+    before = {k: v.clone() for k, v in drafter.state_dict().items()}
+    merged = merged_copy(drafter)
+    ids = torch.randint(3, 256, (2, 9))
+    with torch.no_grad():
+        full, fused = drafter(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert torch.allclose(full, fused, atol=1e-5) and not any("lora_" in n for n, _ in merged.named_parameters())
+    assert merged.get_input_embeddings().weight is drafter.get_input_embeddings().weight  # not copied
+    assert all(torch.equal(v, before[k]) for k, v in drafter.state_dict().items())  # the original is untouched
+
+
+def test_serving_merges_from_the_pristine_base_so_swaps_accumulate_no_rounding():
+    """In bf16, merge/unmerge in place on every swap drifts the base weights; the engine merges a copy from the
+    unmerged drafter instead, so after many swaps the served weights are exactly a fresh merge's."""
+    from adaptive_drafter import SpecConfig, SpeculativeEngine
+    from adaptive_drafter.drafter import load_adapter_state, merged_copy
+
+    policy = tiny_causal_lm("llama", num_layers=2).to(torch.bfloat16)
+    drafter = build_drafter(policy, DrafterConfig(drafter_num_layers=1, drafter_lora_r=4))
+    engine = SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=2))
+    states = [trained_lora(drafter, seed) for seed in range(2)]
+    served = []
+    for swap in range(40):
+        load_adapter_state(drafter, states[swap % 2])  # a user's load: the fingerprint sees it
+        served.append(engine.draft_model())
+    assert len({id(m) for m in served}) == 40  # rebuilt on every change
+    assert engine.draft_model() is served[-1]  # nothing written since: no rebuild
+    fresh = merged_copy(drafter)
+    assert all(torch.equal(a, b) for a, b in zip(served[-1].state_dict().values(), fresh.state_dict().values()))

@@ -16,14 +16,14 @@ from adaptive_drafter.testing import left_padded_prompts, tiny_causal_lm
 from adaptive_drafter.trainer import DrafterTrainer
 
 
-def setup(**distill):
+def setup(spec: dict | None = None, **distill):
     policy = tiny_causal_lm("llama", num_layers=3, logit_scale=6.0)
     drafter = build_drafter(policy, DrafterConfig(drafter_num_layers=2, drafter_lora_r=8, drafter_lora_alpha=16))
     config = DistillConfig(
         **{"distill_min_buffer_tokens": 64, "distill_publish_every": 4, "distill_learning_rate": 1e-2, **distill}
     )
     trainer = DrafterTrainer(drafter, config)
-    engine = SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=3))
+    engine = SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=3, **(spec or {})))
     engine.attach(trainer)
     return policy, drafter, trainer, engine
 
@@ -69,27 +69,32 @@ def test_head_only_at_targets_gives_the_full_forwards_loss():
     assert trainer._drift(fast_logits, batch) == pytest.approx(trainer._drift(full_logits, batch), rel=1e-5)
 
 
-def test_swap_happens_only_between_rollouts():
-    _, drafter, trainer, engine = setup()
+@pytest.mark.parametrize("merge_lora", [True, False])
+def test_swap_happens_only_between_rollouts(merge_lora):
+    _, drafter, trainer, engine = setup(spec={"merge_lora": merge_lora})
     rollout(engine)
     trainer.step()
+    served = engine.draft_model()  # what drafts: the peft drafter, or its merged copy
+    assert (served is drafter) != merge_lora
     seen: list[float] = []
 
     def hook(module, args, kwargs):
         # Mid-rollout: the trainer publishes; the serving drafter must not change until the rollout ends.
         if len(seen) == 2:
             trainer.publish(policy_version=0)
-        seen.append(sum(float(v.abs().sum()) for v in adapter_state(drafter).values()))
+        weights = [*adapter_state(drafter).values(), *served.parameters()]
+        seen.append(sum(float(v.abs().sum()) for v in weights))
 
-    handle = drafter.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = served.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         rollout(engine, seed=1)
     finally:
         handle.remove()
-    assert len(set(seen)) == 1, "the adapter changed during a rollout"
+    assert len(seen) > 2 and len(set(seen)) == 1, "the adapter changed during a rollout"
     assert engine.adapter_version is None
     rollout(engine, seed=2)
     assert engine.adapter_version.adapter_version == trainer.adapter_version == 1
+    assert engine.draft_model() is not served if merge_lora else engine.draft_model() is drafter
 
 
 def test_swapped_drafter_equals_a_fresh_one_loaded_with_the_adapter():
