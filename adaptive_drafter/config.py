@@ -138,6 +138,13 @@ class DrafterConfig:
         default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         metadata={"help": "Module names that get LoRA adapters (all attention and MLP projections by default)."},
     )
+    drafter_adapter_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Warm start: load the LoRA adapter saved here (by scripts/distill_drafter.py or a checkpoint) into "
+            "the new drafter before the first rollout. It must fit this config (layers, rank, targets)."
+        },
+    )
     drafter_trust_remote_code: bool = field(
         default=False, metadata={"help": "kind='model': allow the drafter's own modelling code (off: safer)."}
     )

@@ -137,6 +137,10 @@ class SpeculativeRollout:
         if self.engine is None:
             if self.drafter is None:
                 self.drafter = build_drafter(policy, self.drafter_config, policy_tokenizer=tokenizer)
+                warm = self.drafter_config.drafter_adapter_path
+                if warm is not None and self.restore_from is None:  # a resumed run restores its own adapter instead
+                    load_adapter(self.drafter, warm)  # weights only: this run numbers its adapters from 0
+                    logger.info("drafter warm-started from the adapter at %s", warm)
             if self.restore_from is not None:
                 version = load_adapter(self.drafter, self.restore_from)
                 logger.info("restored drafter adapter v%d from %s", version.adapter_version, self.restore_from)

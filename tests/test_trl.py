@@ -136,6 +136,29 @@ def test_checkpoints_hold_the_drafter_and_resume_restores_it(tmp_path):
     assert fresh.engine.adapter_version.adapter_version >= version.adapter_version
 
 
+def test_a_warm_started_drafter_serves_and_trains_from_the_saved_adapter(tmp_path):
+    """DrafterConfig.drafter_adapter_path: an adapter distilled offline is what the first rollout drafts with and what
+    the background trainer starts from; this run numbers its own adapters from 0."""
+    from adaptive_drafter.drafter import adapter_state, build_drafter, load_adapter_state, save_adapter
+
+    policy = tiny_causal_lm("llama", vocab_size=64, num_layers=3, logit_scale=4.0)
+    config = DrafterConfig(drafter_num_layers=1, drafter_lora_r=4)
+    offline = build_drafter(policy, config)
+    generator = torch.Generator().manual_seed(0)
+    load_adapter_state(
+        offline, {k: torch.randn(v.shape, generator=generator) for k, v in adapter_state(offline).items()}
+    )
+    save_adapter(offline, tmp_path / "warm", AdapterVersion(7, 3))
+    warm = DrafterConfig(drafter_num_layers=1, drafter_lora_r=4, drafter_adapter_path=str(tmp_path / "warm"))
+    rollout = SpeculativeRollout(SpecConfig(num_draft_tokens=3), warm, DistillConfig(distill_min_buffer_tokens=65536))
+    make_trainer(tmp_path, rollout, policy=policy, max_steps=1).train()
+    expected = adapter_state(offline)
+    for model in (rollout.drafter, rollout.drafter_trainer.model):
+        state = adapter_state(model)
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+    assert rollout.engine.adapter_version is None
+
+
 def test_wandb_offline_run_holds_spec_and_drafter_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
