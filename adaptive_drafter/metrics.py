@@ -40,13 +40,15 @@ class SpecStats:
         return self.verified_tokens / self.verify_steps if self.verify_steps else 0.0
 
     def metrics(self) -> dict[str, float]:
-        """The `spec/*` metrics of DESIGN §7 for a logger."""
-        return {
-            "spec/acceptance_rate": self.acceptance_rate,
-            "spec/mean_accepted_len": self.mean_accepted_len,
-            "spec/tokens_per_verify": self.tokens_per_verify,
-            "spec/sd_fraction": self.verify_steps / max(1, self.verify_steps + self.plain_steps),
-        }
+        """The `spec/*` metrics of DESIGN §7 for a logger. The rates of speculation are left out of a rollout that
+        never speculated (elastic mode decoding plainly): a 0 there would drag a logger's average of acceptance down
+        although nothing was rejected."""
+        out = {"spec/sd_fraction": self.verify_steps / max(1, self.verify_steps + self.plain_steps)}
+        if self.verify_steps:
+            out["spec/acceptance_rate"] = self.acceptance_rate
+            out["spec/mean_accepted_len"] = self.mean_accepted_len
+            out["spec/tokens_per_verify"] = self.tokens_per_verify
+        return out
 
     def as_dict(self) -> dict[str, float]:
         """Counters and rates, flat, ready for a logger."""
