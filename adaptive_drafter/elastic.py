@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .metrics import speedup_estimate
+
 
 def expected_tokens(alpha: float, k: int) -> float:
     """Expected tokens one verify of k drafts emits: accepted drafts plus the correction/bonus."""
@@ -111,7 +113,7 @@ class ElasticController:
         c = costs.draft / costs.plain
         verify = interpolate({n: seconds / costs.plain for n, seconds in costs.verify.items()}, k_max)
         k = best_k(self.alpha, c, verify)
-        if k and expected_tokens(self.alpha, k) / (k * c + verify[k]) < self.min_speedup:
+        if k and speedup_estimate(self.alpha, k, c, verify[k]) < self.min_speedup:
             k = 0
         if k == 0 and self.steps % self.explore_every == self.explore_every // 2:
             # A probe: without one a drafter that got better (distillation) would never be seen. It drafts the k that

@@ -28,8 +28,6 @@ the engine drops them. To separate that from speculation, the engine also runs w
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -248,16 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plot(result, list(engines), args.plot, f"long-tail batch: {setup.description[:80]}")
         print(f"wrote {args.plot}")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        meta = dict(
-            date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            command=" ".join(sys.argv),
-            args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            machine=machine,
-            model=setup.description,
-        )
-        args.json.write_text(json.dumps(dict(meta=meta, result=result), indent=2) + "\n")
-        print(f"wrote {args.json}")
+        bench_rollout.write_json(args, dict(machine=machine, model=setup.description), result=result)
     return result
 
 

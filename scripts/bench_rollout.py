@@ -562,6 +562,19 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def write_json(args: argparse.Namespace, meta: dict[str, Any], **results: Any) -> None:
+    """Write `results` to `args.json` beside the run's metadata: date, command line, arguments and `meta`."""
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        command=" ".join(sys.argv),
+        args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **meta,
+    )
+    args.json.write_text(json.dumps(dict(meta=meta, **results), indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
@@ -657,18 +670,8 @@ def main(argv: list[str] | None = None) -> None:
         plot(rows, args.plot, f"{setup.description[:90]}\nk={args.k}, {mode}")
         print(f"wrote {args.plot}")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        meta = dict(
-            date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            command=" ".join(sys.argv),
-            args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            machine=machine,
-            model=setup.description,
-            draft_vocab_coverage=coverage,
-            memory=memory,
-        )
-        args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args, dict(machine=machine, model=setup.description, draft_vocab_coverage=coverage, memory=memory),
+                   rows=rows)  # fmt: skip
 
 
 if __name__ == "__main__":
