@@ -30,10 +30,11 @@ class SpecConfig:
         metadata={"help": "Lossy 'cascade' rule only: accept a draft token d when p(d) >= threshold * max p."},
     )
     elastic: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "Choose per step between plain decoding and speculation with k <= num_draft_tokens, maximising the "
-            "expected speed-up from the measured acceptance and costs at the current batch size. Off: always k."
+            "expected speed-up from the acceptance and costs measured online at the current batch size: an untrained "
+            "or stale drafter then costs next to nothing. false: always draft num_draft_tokens (fixed k, opt-in)."
         },
     )
     merge_lora: bool = field(
@@ -81,6 +82,17 @@ class SpecConfig:
         default=0.5,
         metadata={"help": "Compact the KV caches when more than this fraction of their slots are holes or padding."},
     )
+    suffix_drafting: bool = field(
+        default=False,
+        metadata={
+            "help": "Hybrid drafting: per row and step, draft model-free from the row's siblings' completions, earlier "
+            "rollouts of the same prompt and the row's own context where that promises more accepted tokens than the "
+            "model drafter (lossless under the exact rule). Off by default."
+        },
+    )
+    suffix_max_draft: int = field(
+        default=16, metadata={"help": "suffix_drafting only: the longest suffix draft of a row in one step."}
+    )
 
     def __post_init__(self) -> None:
         if self.num_draft_tokens < 1:
@@ -109,6 +121,8 @@ class SpecConfig:
             raise ValueError(f"SpecConfig.draft_vocab_size must be >= 0 (0: all tokens), got {self.draft_vocab_size}.")
         if not 0.0 < self.compact_threshold <= 1.0:
             raise ValueError(f"SpecConfig.compact_threshold must lie in (0, 1], got {self.compact_threshold}.")
+        if self.suffix_max_draft < 1:
+            raise ValueError(f"SpecConfig.suffix_max_draft must be >= 1, got {self.suffix_max_draft}.")
 
 
 DRAFTER_KINDS = ("truncated", "model")

@@ -78,6 +78,7 @@ class ElasticController:
     costs: dict[int, _Costs] = field(default_factory=dict)
     steps: int = 0
     observed_at: int = 0  # the step of the last speculative outcome
+    measuring_plain: bool = False  # the last `choose` returned 0 to (re-)measure a plain step's cost
 
     @property
     def alpha(self) -> float:
@@ -102,6 +103,7 @@ class ElasticController:
     def choose(self, batch: int, limit: int) -> int:
         """Draft length for the next step of `batch` active rows, at most `limit`."""
         self.steps += 1
+        self.measuring_plain = False
         if limit <= 0 or (self.min_batch_plain is not None and batch >= self.min_batch_plain):
             return 0
         costs = self.costs.setdefault(self.bucket(batch), _Costs())
@@ -109,6 +111,7 @@ class ElasticController:
         if costs.draft is None or not costs.verify:
             return k_max  # measure speculation first
         if costs.plain is None or self.steps % self.explore_every == 0:
+            self.measuring_plain = True
             return 0  # measure (or re-measure) a plain step
         c = costs.draft / costs.plain
         verify = interpolate({n: seconds / costs.plain for n, seconds in costs.verify.items()}, k_max)
@@ -128,6 +131,11 @@ class ElasticController:
         self.accepted *= keep
         self.rejected *= keep
 
+    def plain_seconds(self, batch: int) -> float | None:
+        """The running estimate of one plain step's seconds at this batch size's bucket (None: none measured)."""
+        costs = self.costs.get(self.bucket(batch))
+        return costs.plain if costs is not None else None
+
     def observe_plain(self, batch: int, seconds: float) -> None:
         costs = self.costs.setdefault(self.bucket(batch), _Costs())
         costs.plain = _ema(costs.plain, seconds, self.smoothing)
@@ -138,10 +146,29 @@ class ElasticController:
         """One speculative step: k drafter steps took `draft_seconds` (None: not representative, e.g. the drafter
         caught up on a long pending block first), the verify `verify_seconds`; rows accepted `accepted` drafts in total
         and `rejections` rows stopped at a rejected draft."""
+        self.observe_costs(batch, k, draft_seconds, k, verify_seconds)
+        self.observe_acceptance(accepted, rejections)
+
+    def observe_costs(self, batch: int, k: int, draft_seconds: float | None, width: int, verify_seconds: float) -> None:
+        """A step's costs: k drafter steps took `draft_seconds` (None: the drafter did not run, or not
+        representatively), and verifying `width` drafts per row (plus the last token) took `verify_seconds`. The
+        verify width can differ from k in hybrid steps, where model-free drafts of other lengths share the forward."""
         costs = self.costs.setdefault(self.bucket(batch), _Costs())
-        if draft_seconds is not None:
+        if draft_seconds is not None and k > 0:
             costs.draft = _ema(costs.draft, draft_seconds / k, self.smoothing)
-        costs.verify[k] = _ema(costs.verify.get(k), verify_seconds, self.smoothing)
+        costs.verify[width] = _ema(costs.verify.get(width), verify_seconds, self.smoothing)
+
+    def observe_acceptance(self, accepted: int, rejections: int) -> None:
+        """The model drafter's verify outcomes of one step: `accepted` drafts in total, `rejections` rows stopped at a
+        rejected draft (only rows that verified the model drafter's drafts: α describes the drafter)."""
         self.accepted = self.memory * self.accepted + accepted
         self.rejected = self.memory * self.rejected + rejections
         self.observed_at = self.steps
+
+    def verify_cost(self, batch: int, width: int) -> float | None:
+        """v_width, the cost of verifying `width` drafts per row relative to a plain step at this batch size's bucket,
+        interpolated from the widths measured there (None: no plain step or no verify measured there yet)."""
+        costs = self.costs.get(self.bucket(batch))
+        if costs is None or costs.plain is None or not costs.verify:
+            return None
+        return interpolate({n: seconds / costs.plain for n, seconds in costs.verify.items()}, width)[width]

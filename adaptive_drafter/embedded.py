@@ -134,30 +134,3 @@ def _convert(target: Path) -> None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def arithmetic_task(num_examples: int, seed: int = 0, max_operand: int = 99) -> Any:
-    """A small verifiable task for the embedded model: "What is a + b?" (or a - b, a * b with small operands) as a
-    `datasets.Dataset` in TRL's conversational format: `prompt` (a list of chat messages) and `answer` (a string).
-    SmolLM2-135M gets some of these right, so a reward on them gives RL a learning signal."""
-    import random
-
-    from datasets import Dataset
-
-    rng = random.Random(seed)
-    prompts, answers = [], []
-    for _ in range(num_examples):
-        op = rng.choice("+-*")
-        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand if op != "*" else 12)
-        value = a + b if op == "+" else a - b if op == "-" else a * b
-        question = f"What is {a} {op} {b}? Answer with the number only."
-        prompts.append([{"role": "user", "content": question}])
-        answers.append(str(value))
-    return Dataset.from_dict({"prompt": prompts, "answer": answers})
-
-
-def chat_batch(tokenizer: Any, conversations: list[list[dict[str, str]]], device: str | torch.device = "cpu"):
-    """Chat-templated, left-padded `(input_ids, attention_mask)` for a list of conversations."""
-    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return batch.input_ids.to(device), batch.attention_mask.to(device)

@@ -8,38 +8,37 @@ holes pile up, and finished rows leave the batch.
 
 Invariant between steps: the policy's cache holds every token of a row except the last one emitted; the drafter's
 cache lags further, by the tokens in `pending` (left-padded), which it consumes before drafting.
+
+Hybrid drafting (`SpecConfig.suffix_drafting`): per step, each row verifies either the model drafter's k drafts or a
+model-free suffix draft (`suffix.SuffixDrafter`: its siblings' completions, earlier rollouts, its own context), the one
+with the larger expected accepted length; rows of different draft lengths share one verify forward (`lengths`, padding
+beyond). Rows that did not verify the drafter's drafts turn the drafter's cached drafts into holes and queue what they
+emitted in `pending`, whose slots may be invalid anywhere but whose last column is always each row's newest token.
 """
 
 from __future__ import annotations
 
-import logging
+import inspect
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 from transformers import DynamicCache
 
 from . import acceptance
 from .config import SpecConfig
-from .distill import PolicyTargets
-from .drafter import (
-    AdapterVersion,
-    ReducedVocabDrafter,
-    check_compatible,
-    frequent_tokens,
-    load_adapter_state,
-    lora_fingerprint,
-    merged_copy,
-)
-from .elastic import ElasticController
+from .drafter import ReducedVocabDrafter, check_compatible
+from .elastic import ElasticController, expected_tokens
 from .metrics import SpecStats
 from .sampling import SamplingParams, process_logits, sample
-
-logger = logging.getLogger(__name__)
+from .suffix import SuffixConfig, SuffixDraft, SuffixDrafter, stack_drafts
+from .targets import PolicyTargets
 
 
 @dataclass
@@ -87,6 +86,24 @@ class _KV:
         self.valid = self.valid.gather(1, order)
 
 
+@cache
+def _cache_argument(forward_owner: type) -> str:
+    """The name a model's forward takes its KV cache by: `cache` in recent transformers (which deprecates
+    `past_key_values`), `past_key_values` in older ones (vLLM's environment pins one)."""
+    return "cache" if "cache" in inspect.signature(forward_owner.forward).parameters else "past_key_values"
+
+
+def _forward_owner(model: Any) -> type:
+    if isinstance(model, ReducedVocabDrafter):
+        return type(model.decoder)
+    return type(model.get_base_model() if isinstance(model, PeftModel) else model)
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """`{name: cache}` for a forward call of `model`, under the name its transformers version takes."""
+    return {_cache_argument(_forward_owner(model)): cache}
+
+
 def _forward(model: Any, kv: _KV, tokens: torch.Tensor, token_valid: torch.Tensor, logits_to_keep: int = 0):
     """Run `tokens [B, m]` through `model`, appending m slots to its cache; invalid tokens become holes."""
     positions = kv.valid.sum(1, keepdim=True) + token_valid.cumsum(1) - 1
@@ -95,9 +112,9 @@ def _forward(model: Any, kv: _KV, tokens: torch.Tensor, token_valid: torch.Tenso
         input_ids=tokens,
         attention_mask=kv.valid.long(),
         position_ids=positions.clamp_min(0),
-        past_key_values=kv.cache,
         use_cache=True,
         logits_to_keep=logits_to_keep,
+        **cache_kwargs(model, kv.cache),
     )
     return out.logits
 
@@ -105,6 +122,11 @@ def _forward(model: Any, kv: _KV, tokens: torch.Tensor, token_valid: torch.Tenso
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _max_draft(config: SpecConfig) -> int:
+    """The most drafts a row verifies in one step."""
+    return max(config.num_draft_tokens, config.suffix_max_draft if config.suffix_drafting else 0)
 
 
 def _max_positions(model: Any) -> int | None:
@@ -120,7 +142,9 @@ class SpeculativeEngine:
     policy verifies them all in one forward pass, and the acceptance rule keeps a per-row prefix.
 
     `policy` and `drafter` are Hugging Face causal LMs (plain or peft-wrapped) sharing a tokenizer. Pass the
-    tokenizers to have them checked for compatibility too.
+    tokenizers to have them checked for compatibility too. The engine only decodes: an adaptive drafter
+    (`adaptive_drafter.adaptive.AdaptiveDrafter`) hands it the draft model of each rollout and takes back the policy's
+    targets it collected.
     """
 
     def __init__(
@@ -135,59 +159,17 @@ class SpeculativeEngine:
         self.policy, self.drafter = policy, drafter
         self.config = config if config is not None else SpecConfig()
         self.vocab_size = check_compatible(policy, drafter, tokenizer, drafter_tokenizer, self.config.vocab_size)
-        self.policy_version = 0  # stamped on collected targets; advanced by whoever updates the policy
-        self.adapter_version: AdapterVersion | None = None  # the drafter adapter being served
-        self.trainer: Any = None
-        self._lock = threading.Lock()  # a swap never overlaps a rollout
+        self._lock = threading.Lock()  # one rollout at a time: the controller's measurements are per step
         # Persists across calls: acceptance and costs measured in one rollout inform the next.
         self.controller = ElasticController(self.config.num_draft_tokens, self.config.plain_batch_threshold)
-        self.acceptance_ema: float | None = None  # running acceptance over rollouts, for the stale-drafter alarm
-        self._alarm: list[str] = []
-        # The reduced draft vocabulary: pinned by `set_draft_vocab`, else the most frequent tokens of past completions.
-        self.token_counts = torch.zeros(self.vocab_size, dtype=torch.long)
-        self.draft_vocab: torch.Tensor | None = None
-        self.draft_vocab_coverage: float | None = None  # share of the last rollout's tokens inside it
-        self._reduced_head_checked = False
-        self._merged: tuple[Any, Any] | None = None  # (LoRA fingerprint, merged copy) of the drafter being served
+        # Model-free drafts; persists across calls: its history and global stores are the earlier rollouts.
+        self.suffix = (
+            SuffixDrafter(SuffixConfig(max_len=self.config.suffix_max_draft)) if self.config.suffix_drafting else None
+        )
 
-    def set_draft_vocab(self, token_ids: Sequence[int] | torch.Tensor | None) -> None:
-        """Pin the tokens the drafter may propose (None: back to `SpecConfig.draft_vocab_size`'s frequent tokens).
-        Lossless whatever the set: the policy still emits any token it wants."""
-        if token_ids is None:
-            self.draft_vocab = None
-            return
-        ids = torch.as_tensor(token_ids, dtype=torch.long).unique()
-        if len(ids) == 0 or ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise ValueError(f"The draft vocabulary must be a non-empty set of token ids in [0, {self.vocab_size}).")
-        self.draft_vocab = ids
-
-    def attach(self, trainer: Any) -> None:
-        """Feed `trainer` (a `DrafterTrainer`) with every rollout's policy targets, and serve the newest adapter it
-        publishes, swapped in at the start of the next `generate` call, never during one."""
-        self.trainer = trainer
-
-    def swap_adapter(self) -> bool:
-        """Load the attached trainer's newest adapter into the serving drafter if it is newer; return whether it was.
-        Called by `generate` before each rollout, under the engine's lock."""
-        latest = self.trainer.latest() if self.trainer is not None else None
-        current = self.adapter_version.adapter_version if self.adapter_version is not None else 0
-        if latest is None or latest.version.adapter_version <= current:
-            return False
-        load_adapter_state(self.drafter, latest.state)
-        self.adapter_version = latest.version
+    def drafter_changed(self) -> None:
+        """The draft model's weights changed (a new adapter): the acceptance measured so far describes the old one."""
         self.controller.forget_acceptance()
-        return True
-
-    def metrics(self, stats: SpecStats) -> dict[str, float]:
-        """`spec/*` metrics of one rollout plus the served adapter's version and its lag behind the policy."""
-        out = stats.metrics()
-        out["drafter/stale_alarm"] = float(bool(self.stale_reasons()))
-        if self.draft_vocab_coverage is not None:
-            out["spec/draft_vocab_coverage"] = self.draft_vocab_coverage
-        if self.adapter_version is not None:
-            out["drafter/version"] = float(self.adapter_version.adapter_version)
-            out["drafter/version_lag"] = float(self.policy_version - self.adapter_version.policy_version)
-        return out
 
     @torch.no_grad()
     def generate(
@@ -203,12 +185,19 @@ class SpeculativeEngine:
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        *,
+        drafter: Any = None,
+        collect_topk: int | None = None,
+        policy_version: int = 0,
     ) -> SpecOutput:
         """Generate up to `max_new_tokens` tokens for each left-padded prompt row.
 
         Each row stops after its first token in `eos_token_id` (one id or several). With `acceptance="exact"` the
         completions are samples from the policy's sampling distribution (greedy: identical to
         `policy.generate(do_sample=False)`). `generator` seeds drafting, acceptance and sampling for reproducibility.
+        `drafter` drafts this call instead of the engine's own (a merged or reduced-vocabulary serving copy of it);
+        `collect_topk` (default `SpecConfig.collect_topk`) keeps the policy's top-K logprobs at every generated
+        position in `SpecOutput.targets`, stamped with `policy_version`.
         """
         params = SamplingParams(do_sample, temperature, top_k, top_p, min_p)
         if attention_mask is None:
@@ -218,78 +207,21 @@ class SpeculativeEngine:
         pad = pad_token_id if pad_token_id is not None else 0
         if not 0 <= pad < self.vocab_size:
             raise ValueError(f"pad_token_id {pad} is outside the vocabulary [0, {self.vocab_size}).")
+        topk = self.config.collect_topk if collect_topk is None else collect_topk
+        if topk < 0:
+            raise ValueError(f"collect_topk must be >= 0 (0 collects nothing), got {topk}.")
         mask = attention_mask.bool()
         input_ids = input_ids.long().masked_fill(~mask, pad)  # whatever sits under the padding is never looked up
         with self._lock:
-            self.swap_adapter()
-            draft_model = self.draft_model()
-            out = _Rollout(self, draft_model, params, eos, pad, max_new_tokens, generator).run(input_ids, mask)
-        self._count_tokens(out.completion_ids, draft_model)
-        if self.trainer is not None and out.targets:
-            self.trainer.buffer.add_many(out.targets)
-        self._watch(out.stats)
-        return out
-
-    def draft_model(self) -> Any:
-        """The drafter as this rollout drafts with it: its LoRA merged (`SpecConfig.merge_lora`), and whole or with its
-        head cut to the reduced draft vocabulary."""
-        drafter = self._serving_drafter()
-        ids = self.draft_vocab
-        if ids is None and self.config.draft_vocab_size:
-            ids = frequent_tokens(self.token_counts, self.config.draft_vocab_size)
-        if ids is None or len(ids) == 0:  # nothing pinned and no completions seen yet
-            return drafter
-        reduced = ReducedVocabDrafter(drafter, ids, self.vocab_size)
-        if not self._reduced_head_checked:
-            reduced.check()
-            self._reduced_head_checked = True
-        return reduced
-
-    def _serving_drafter(self) -> Any:
-        """The peft drafter, or its merged copy, rebuilt whenever its LoRA weights changed (a swap, or a user's load)."""
-        if not self.config.merge_lora or not isinstance(self.drafter, PeftModel):
-            return self.drafter
-        fingerprint = lora_fingerprint(self.drafter)
-        if self._merged is None or self._merged[0] != fingerprint:
-            self._merged = (fingerprint, merged_copy(self.drafter))
-        return self._merged[1]
-
-    def _count_tokens(self, completions: list[list[int]], draft_model: Any) -> None:
-        """Tally emitted tokens (what the reduced draft vocabulary is chosen from) and the share it covered."""
-        flat = torch.tensor([t for row in completions for t in row], dtype=torch.long)
-        if self.config.draft_vocab_size or self.draft_vocab is not None:
-            self.token_counts += torch.bincount(flat, minlength=self.vocab_size)
-        if isinstance(draft_model, ReducedVocabDrafter) and len(flat):
-            self.draft_vocab_coverage = float(torch.isin(flat, draft_model.token_ids.cpu()).float().mean())
-
-    def _watch(self, stats: SpecStats) -> None:
-        """The stale-drafter alarm: the field's commonest silent failure is a drafter never updated after the policy
-        moved, acceptance collapsing to ~1 token per verify. Warn when it starts, with the reasons."""
-        if stats.drafted:
-            rate = stats.acceptance_rate
-            self.acceptance_ema = rate if self.acceptance_ema is None else 0.7 * self.acceptance_ema + 0.3 * rate
-        alarm = self.stale_reasons()
-        if alarm and not self._alarm:
-            logger.warning("stale drafter: %s", "; ".join(alarm))
-        self._alarm = alarm
-
-    def stale_reasons(self) -> list[str]:
-        """Why the drafter looks stale (empty when it does not)."""
-        reasons = []
-        if self.acceptance_ema is not None and self.acceptance_ema < self.config.stale_acceptance:
-            reasons.append(
-                f"acceptance {self.acceptance_ema:.3f} < {self.config.stale_acceptance} (speculation is not paying)"
-            )
-        lag = self.policy_version - self.adapter_version.policy_version if self.adapter_version else None
-        if self.trainer is not None and lag is not None and lag > self.config.stale_version_lag:
-            reasons.append(f"the adapter lags the policy by {lag} versions: is the drafter trainer running?")
-        return reasons
-
-    def _collect_topk(self) -> int:
-        """Top-K targets to keep: the config's, else the attached trainer's, else none."""
-        if self.config.collect_topk or self.trainer is None:
-            return self.config.collect_topk
-        return self.trainer.config.distill_topk
+            draft_model = drafter if drafter is not None else self.drafter
+            rollout = _Rollout(self, draft_model, params, eos, pad, max_new_tokens, generator, topk, policy_version)
+            if self.suffix is None:
+                return rollout.run(input_ids, mask)
+            self.suffix.begin([row[row_mask].tolist() for row, row_mask in zip(input_ids, mask)])
+            try:
+                return rollout.run(input_ids, mask)
+            finally:
+                self.suffix.end()  # the completions (so far, on an error) join the history
 
     def _validate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> None:
         if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
@@ -330,7 +262,7 @@ class SpeculativeEngine:
                     "or lower max_new_tokens."
                 )
             window = _sliding_window(model)
-            if window is not None and input_ids.shape[1] + max_new_tokens + self.config.num_draft_tokens + 1 > window:
+            if window is not None and input_ids.shape[1] + max_new_tokens + _max_draft(self.config) + 1 > window:
                 raise ValueError(
                     f"The {name} uses sliding-window attention ({window} tokens), which the engine supports only while "
                     f"prompt width ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) + num_draft_tokens + 1 "
@@ -349,6 +281,17 @@ class _Step:
     accepted: torch.Tensor  # [B, m] bool: ...and accepted
 
 
+@dataclass
+class _Hybrid:
+    """What a hybrid step verified, for the controller: the verify width (the longest row's drafts) and the model
+    drafter's part (k = 0: it did not run)."""
+
+    width: int
+    k: int
+    model_accepted: int  # drafts accepted in the rows that verified the model drafter's drafts
+    model_rejections: int  # ...and those of them stopped at a rejected draft
+
+
 class _Rollout:
     """The state of one `generate` call; `run` is the algorithm, top to bottom."""
 
@@ -361,17 +304,21 @@ class _Rollout:
         pad: int,
         max_new_tokens: int,
         generator: torch.Generator | None,
+        topk: int,
+        policy_version: int,
     ) -> None:
         self.policy, self.drafter, self.config = engine.policy, draft_model, engine.config
         self.vocab_size, self.params, self.eos, self.pad = engine.vocab_size, params, eos, pad
         self.max_new_tokens, self.generator = max_new_tokens, generator
-        self.policy_version, self.topk = engine.policy_version, engine._collect_topk()
+        self.policy_version, self.topk = policy_version, topk
         self.controller, self.draft_seconds, self.draft_steady = engine.controller, 0.0, True
         self.nonfinite = {"policy": torch.tensor(False), "drafter": torch.tensor(False)}
         self.stats = SpecStats()
         # A sliding-window model sees exactly the full context only while its cache fits in the window.
         windows = [_sliding_window(m) for m in (self.policy, self.drafter)]
-        self.max_slots = [None if w is None else w - self.config.num_draft_tokens - 3 for w in windows]
+        self.max_slots = [None if w is None else w - _max_draft(self.config) - 3 for w in windows]
+        self.suffix = engine.suffix
+        self.hybrid: _Hybrid | None = None  # what the last step verified, when it was a hybrid step
 
     def run(self, input_ids: torch.Tensor, mask: torch.Tensor) -> SpecOutput:
         batch, device = input_ids.shape[0], input_ids.device
@@ -387,16 +334,25 @@ class _Rollout:
         self.pol, self.dr = _KV(DynamicCache(), empty), _KV(DynamicCache(), empty.clone())
         self.pending, self.pending_valid = input_ids, mask
         rows = self._drop_finished(rows, self._record(rows, self._plain_step(input_ids, mask)))
+        self.stats.emitted_tokens = 0  # the decode steps' tokens only, as their timing
 
         while rows:
             remaining = max(self.max_new_tokens - len(self.completions[r]) for r in rows)
             k = self._draft_length(len(rows), limit=min(self.config.num_draft_tokens, remaining - 1))
             started = time.perf_counter()
-            step = (
-                self._speculative_step(k) if k else self._plain_step(self.pending[:, -1:], self.pending_valid[:, -1:])
-            )
+            suffix_drafts = self._suffix_drafts(rows, k) if self.suffix is not None else None
+            self.hybrid = None
+            if suffix_drafts is not None:
+                step = self._hybrid_step(k, suffix_drafts)
+            elif k:
+                step = self._speculative_step(k)
+            else:
+                step = self._plain_step(self.pending[:, -1:], self.pending_valid[:, -1:])
+            emitted = self.stats.emitted_tokens
             done = self._record(rows, step)  # synchronises: the step's time is now known
-            self._observe(len(rows), k, step, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self._observe(len(rows), k, step, seconds)
+            self._time(len(rows), self.stats.emitted_tokens - emitted, seconds)
             rows = self._drop_finished(rows, done)
             self.pol.crop()
             self.dr.crop()
@@ -410,14 +366,29 @@ class _Rollout:
         threshold = self.config.plain_batch_threshold
         return 0 if limit <= 0 or (threshold is not None and batch >= threshold) else limit
 
+    def _time(self, batch: int, tokens: int, seconds: float) -> None:
+        """Account the step's wall time beside what plain decoding would have taken for its tokens at this batch size,
+        from the plain steps measured in this engine (none measured at this batch size yet: the step is left out)."""
+        self.stats.decode_seconds += seconds
+        plain = self.controller.plain_seconds(batch)
+        if plain is not None:
+            self.stats.timed_seconds += seconds
+            self.stats.plain_equivalent_seconds += tokens / batch * plain
+
     def _observe(self, batch: int, k: int, step: _Step, seconds: float) -> None:
-        """Feed the elastic controller the step's measured cost and acceptance."""
-        if not self.config.elastic:
+        """Feed the controller the step's measured cost and acceptance (plain costs always: they are the baseline of
+        the measured speed-up)."""
+        if self.hybrid is not None:
+            self._observe_hybrid(batch, self.hybrid, seconds)
             return
         if k == 0:
             self.controller.observe_plain(batch, seconds)
             return
         accepted = step.count - 1
+        if not self.config.elastic:
+            if self.suffix is not None:  # the per-row choice between the sources reads α in both modes
+                self.controller.observe_acceptance(int(accepted.sum()), int((accepted < k).sum()))
+            return
         self.controller.observe_speculation(
             batch,
             k,
@@ -426,6 +397,134 @@ class _Rollout:
             int(accepted.sum()),
             int((accepted < k).sum()),
         )
+
+    def _observe_hybrid(self, batch: int, hybrid: _Hybrid, seconds: float) -> None:
+        """A hybrid step: the verify cost at its width (and the drafter's step cost when it ran) in elastic mode; the
+        model drafter's acceptance, from its rows only, in both modes (the per-row choice reads α)."""
+        if self.config.elastic:
+            draft_seconds = self.draft_seconds if hybrid.k and self.draft_steady else None
+            verify_seconds = seconds - (self.draft_seconds if hybrid.k else 0.0)
+            self.controller.observe_costs(batch, hybrid.k, draft_seconds, hybrid.width, verify_seconds)
+        if hybrid.k:
+            self.controller.observe_acceptance(hybrid.model_accepted, hybrid.model_rejections)
+
+    def _suffix_drafts(self, rows: list[int], k: int) -> list[SuffixDraft | None] | None:
+        """Per active row, the suffix draft it verifies this step instead of the model drafter's (None: the model's
+        k drafts, or with k = 0 a plain decode inside the verify); None when no row takes a suffix draft.
+
+        With k > 0 a row takes its suffix draft when the draft's expected accepted length is at least the model
+        drafter's at k, expected_tokens(α, k) - 1 with the controller's α. With k = 0 (plain chosen) the rows whose
+        suffix draft expects >= 1 accepted token still speculate, unless the controller is measuring a plain step, the
+        batch is at `plain_batch_threshold`, or the verify does not pay: the batch's mean expected tokens per row,
+        (1 + expected accepted) for those rows and 1 for the others, over v_K (the controller's interpolated cost of a
+        verify of the longest of those drafts, K, relative to a plain step) below the controller's `min_speedup`
+        (unmeasured v_K: speculate, the measurement follows). A suffix draft costs no drafter forward (c ~ 0)."""
+        threshold = self.config.plain_batch_threshold
+        if (threshold is not None and len(rows) >= threshold) or (k == 0 and self.controller.measuring_plain):
+            return None
+        drafts = []
+        for row in rows:
+            limit = min(self.config.suffix_max_draft, self.max_new_tokens - len(self.completions[row]) - 1)
+            drafts.append(self.suffix.propose(row, limit) if limit > 0 else None)
+        expected = [0.0 if d is None else d.expected_accepted() for d in drafts]
+        bar = expected_tokens(self.controller.alpha, k) - 1 if k else 1.0
+        chosen = [d if d is not None and e >= bar else None for d, e in zip(drafts, expected)]
+        if not any(d is not None for d in chosen):
+            return None
+        if k == 0:
+            width = max(len(d.tokens) for d in chosen if d is not None)
+            verify = self.controller.verify_cost(len(rows), width)
+            tokens = sum(1 + e if d is not None else 1.0 for d, e in zip(chosen, expected)) / len(rows)
+            if verify is not None and tokens / verify < self.controller.min_speedup:
+                return None
+        return chosen
+
+    def _hybrid_step(self, k: int, suffix_drafts: list[SuffixDraft | None]) -> _Step:
+        """Verify per row either its suffix draft or the model drafter's k drafts (rows without a suffix draft; with
+        k = 0 they decode plainly inside the same forward), in one policy pass of width K = the longest draft.
+
+        The drafter runs (over all rows, batched) only when some row verifies its drafts; it then caches its own
+        d1..d(k-1) for every row, which become holes in the other rows. What each row emitted and the drafter has not
+        seen goes into `pending`, right-aligned so its last column is every row's newest token."""
+        batch, device = len(suffix_drafts), self.pending.device
+        use_suffix = torch.tensor([d is not None for d in suffix_drafts], device=device)
+        model_ran = k > 0 and not all(d is not None for d in suffix_drafts)
+        model_rows = ~use_suffix if model_ran else torch.zeros_like(use_suffix)
+        need_q = self.params.do_sample and self.config.acceptance in ("exact", "lenient")
+        last = self.pending[:, -1:]
+        draft_m = q_m = None
+        if model_ran:
+            self.draft_steady = self.pending.shape[1] <= max(2, self.config.num_draft_tokens + 1)
+            started = time.perf_counter()
+            draft_m, q_m = self._draft(k)
+            if self.config.elastic:
+                _synchronize(draft_m.device)
+                self.draft_seconds = time.perf_counter() - started
+        draft_s, q_s, len_s = stack_drafts(suffix_drafts, vocab_size=self.vocab_size if need_q else None, device=device)
+        width = max(k if model_ran else 0, draft_s.shape[1])
+        draft = F.pad(draft_s, (0, width - draft_s.shape[1]))
+        lengths = len_s
+        q = None if q_s is None else F.pad(q_s, (0, 0, 0, width - q_s.shape[1]))
+        if model_ran:
+            draft = torch.where(model_rows[:, None], F.pad(draft_m, (0, width - k)), draft)
+            lengths = torch.where(model_rows, k, lengths)
+            if q is not None:
+                q = torch.where(model_rows[:, None, None], F.pad(q_m, (0, 0, 0, width - k)), q.to(q_m.dtype))
+
+        block = torch.cat([last, draft], 1)
+        log_p = self._policy_logprobs(_forward(self.policy, self.pol, block, torch.ones_like(block, dtype=torch.bool)))
+        self.stats.policy_forwards += 1
+        n, token = self._accept(draft, q, log_p, lengths)
+
+        # The policy cached [last, drafts]: row b keeps last and its n accepted drafts.
+        position = torch.arange(width + 1, device=device)[None]
+        kept = position <= n[:, None]
+        self.pol.valid[:, -(width + 1) :] = kept
+        if model_ran and k > 1:  # the drafter cached its d1..d(k-1): holes except the model rows' accepted ones
+            self.dr.valid[:, -(k - 1) :] = kept[:, 1:k] & model_rows[:, None]
+        tokens = torch.cat([draft, draft[:, :1]], 1).scatter(1, n[:, None], token[:, None])
+        count = n + 1
+        # Unseen by the drafter: a model row's d_k where all k were accepted and its new token; every other row's
+        # emitted tokens. Right-aligned, invalid on the left, after whatever `pending` still holds.
+        unseen = torch.where(model_rows, 1 + (n == k).long(), count)
+        new_width = int(unseen.max())
+        column = torch.arange(new_width, device=device)[None]
+        new_valid = column >= (new_width - unseen)[:, None]
+        new = tokens.gather(1, (count[:, None] - new_width + column).clamp_min(0)).masked_fill(~new_valid, self.pad)
+        self.pending = torch.cat([self.pending, new], 1)
+        self.pending_valid = torch.cat([self.pending_valid, new_valid], 1)
+        self._compact_pending()
+
+        n_list, lengths_list, suffix_list = n.tolist(), lengths.tolist(), use_suffix.tolist()
+        model_list = model_rows.tolist()
+        verifies = [b for b in range(batch) if lengths_list[b] > 0]
+        self.stats.drafted += sum(lengths_list)
+        self.stats.accepted += sum(n_list)
+        self.stats.verify_steps += len(verifies)
+        self.stats.verified_tokens += sum(n_list[b] + 1 for b in verifies)
+        self.stats.plain_steps += batch - len(verifies)
+        suffix_rows = [b for b in range(batch) if suffix_list[b]]
+        self.stats.suffix_verifies += len(suffix_rows)
+        self.stats.suffix_drafted += sum(lengths_list[b] for b in suffix_rows)
+        self.stats.suffix_accepted += sum(n_list[b] for b in suffix_rows)
+        self.stats.suffix_verified_tokens += sum(n_list[b] + 1 for b in suffix_rows)
+        model = [b for b in range(batch) if model_list[b]]
+        self.hybrid = _Hybrid(
+            width,
+            k if model_ran else 0,
+            sum(n_list[b] for b in model),
+            sum(n_list[b] < k for b in model),
+        )
+        return _Step(tokens, count, log_p, position < lengths[:, None], position < n[:, None])
+
+    def _compact_pending(self) -> None:
+        """Gather `pending`'s valid tokens to the right once holes make up most of it (steps without the drafter
+        append ragged blocks): the drafter's catch-up forward and cache stay as wide as the longest row's backlog."""
+        width = int(self.pending_valid.sum(1).max())
+        if 2 * width >= self.pending.shape[1]:
+            return
+        order = torch.argsort(self.pending_valid.to(torch.int8), dim=1, stable=True)[:, -width:]
+        self.pending, self.pending_valid = self.pending.gather(1, order), self.pending_valid.gather(1, order)
 
     def _speculative_step(self, k: int) -> _Step:
         """Draft k tokens per row, verify them in one policy pass, accept a ragged prefix per row."""
@@ -501,17 +600,19 @@ class _Rollout:
         return torch.stack(drafts, 1), torch.stack(dists, 1) if dists else None
 
     def _accept(
-        self, draft: torch.Tensor, q: torch.Tensor | None, log_p: torch.Tensor
+        self, draft: torch.Tensor, q: torch.Tensor | None, log_p: torch.Tensor, lengths: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         p = log_p.exp()
         rule, do_sample = self.config.acceptance, self.params.do_sample
         if rule == "cascade":
-            return acceptance.cascade(draft, p, self.config.cascade_threshold, do_sample, self.generator)
+            return acceptance.cascade(
+                draft, p, self.config.cascade_threshold, do_sample, self.generator, lengths=lengths
+            )
         if not do_sample:
-            return acceptance.greedy(draft, p)
+            return acceptance.greedy(draft, p, lengths=lengths)
         if rule == "lenient":
-            return acceptance.lenient(draft, q, p, self.config.lenience, self.generator)
-        return acceptance.exact(draft, q, p, self.generator)
+            return acceptance.lenient(draft, q, p, self.config.lenience, self.generator, lengths=lengths)
+        return acceptance.exact(draft, q, p, self.generator, lengths=lengths)
 
     def _policy_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         """The policy's sampling distribution as log-probabilities, over the shared vocabulary."""
@@ -556,9 +657,12 @@ class _Rollout:
                 self.completions[row].append(token)
                 self.logprobs[row].append(lp)
                 taken += 1
+                self.stats.emitted_tokens += 1
                 if token in self.eos or len(self.completions[row]) >= self.max_new_tokens:
                     finished = True
                     break
+            if self.suffix is not None and taken:
+                self.suffix.extend(row, self.completions[row][-taken:])
             if top is not None:
                 self.targets[row].append(
                     (top.indices[i, :taken], top.values[i, :taken], step.drafted[i, :taken], step.accepted[i, :taken])

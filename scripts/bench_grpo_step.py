@@ -128,11 +128,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    """bench_rollout's machine description (imported lazily: it imports torch, which this parent does not need)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_rollout
+    """The benchmarks' machine description (imported lazily: it imports torch, which this parent does not need)."""
+    from adaptive_drafter.bench import machine_info
 
-    return bench_rollout.machine_info()
+    return machine_info()
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ active batch is memory-bound on a GPU and cheap to verify), and where the elasti
 
 The lengths are real, not imposed: every row stops at its own eos.
 
-* `--model tiny` (default): the damped random Llama of bench_rollout.py (greedy). A random model has no meaningful
-  eos and its greedy continuations are prompt-specific, so an eos *set* is chosen from a plain run on the batch
-  itself: tokens are added greedily (each the one that shortens the rows most) until the median length is
+* `--model tiny` (default): the damped random Llama of `adaptive_drafter.bench.tiny_setup` (greedy). A random model
+  has no meaningful eos and its greedy continuations are prompt-specific, so an eos *set* is chosen from a plain run on
+  the batch itself: tokens are added greedily (each the one that shortens the rows most) until the median length is
   `--max-new-tokens` / 16. Rows stop at their first token of the set; rows that never emit one run to
   `--max-new-tokens`: the tail is the model's own, not drawn from a chosen distribution. Both decoders produce the
   same greedy completions, so they finish the very same rows at the very same lengths.
@@ -23,22 +23,37 @@ the engine drops them. To separate that from speculation, the engine also runs w
 
     python scripts/bench_longtail.py                                # tiny, batch 32, up to 256 tokens
     python scripts/bench_longtail.py --model embedded --batch 16 --max-new-tokens 160 --json out.json --plot out.png
+
+Setups, runners and records come from `adaptive_drafter.bench`; `--preset PATH` (YAML of flag names with underscores)
+sets defaults that flags override.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_rollout, run as a script or loaded by the tests
-import bench_rollout  # noqa: E402
-
-from adaptive_drafter import SpecConfig, SpeculativeEngine  # noqa: E402
+from adaptive_drafter import SpecConfig, SpeculativeEngine
+from adaptive_drafter.adaptive import AdaptiveDrafter
+from adaptive_drafter.bench import (
+    RunOptions,
+    Setup,
+    calibrate_draft_vocab,
+    embedded_setup,
+    machine_info,
+    parse_with_preset,
+    prompts_on,
+    pyplot,
+    run_plain,
+    run_spec,
+    save_figure,
+    tiny_setup,
+    write_json,
+)
 
 
 def first_occurrences(rows: list[list[int]], vocab_size: int, cap: int) -> torch.Tensor:
@@ -71,9 +86,10 @@ def longtail_eos(rows: list[list[int]], cap: int, vocab_size: int, target_median
 
 
 def percentiles(lengths: list[int]) -> dict[str, float]:
+    """p50, p90, max and mean of the completion lengths."""
     ordered = sorted(lengths)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return dict(p50=pick(0.5), p90=pick(0.9), max=ordered[-1], mean=statistics.mean(ordered))
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return {"p50": pick(0.5), "p90": pick(0.9), "max": ordered[-1], "mean": statistics.mean(ordered)}
 
 
 class StepTrace:
@@ -97,43 +113,44 @@ class StepTrace:
         for batch, k in self.steps:
             buckets.setdefault(1 << (batch.bit_length() - 1), []).append(k)
         return [
-            dict(batch_from=lo, batch_to=2 * lo - 1, steps=len(ks), sd_share=sum(k > 0 for k in ks) / len(ks))
+            {"batch_from": lo, "batch_to": 2 * lo - 1, "steps": len(ks), "sd_share": sum(k > 0 for k in ks) / len(ks)}
             for lo, ks in sorted(buckets.items())
         ]
 
 
-def run_all(setup: bench_rollout.Setup, engines: dict[str, SpeculativeEngine], args: argparse.Namespace) -> dict:
+def run_all(setup: Setup, engines: dict[str, SpeculativeEngine], args: argparse.Namespace) -> dict:
     """Plain, then each engine, on the same batch, `--repeats` times; median seconds to finish the batch."""
-    ids, mask = (t.to(args.device) for t in setup.make_prompts(args.batch, args.seed))
-    bench_rollout.run_plain(setup, ids, mask, args, 8)  # warm-up
+    options = RunOptions.of(args)
+    ids, mask = prompts_on(setup, args.batch, options)
+    run_plain(setup, ids, mask, options, 8)  # warm-up
     for engine in engines.values():
-        bench_rollout.run_spec(engine, setup, ids, mask, args, args.max_new_tokens)  # warm-up; elastic learns costs
+        run_spec(engine, setup, ids, mask, options, args.max_new_tokens)  # warm-up; elastic learns costs
     times: dict[str, list[float]] = {name: [] for name in ["plain", *engines]}
     trace = StepTrace(engines["elastic"])
     for _ in range(args.repeats):
         trace.steps.clear()  # keep the last timed rollout's steps
-        plain, seconds = bench_rollout.run_plain(setup, ids, mask, args, args.max_new_tokens)
+        plain, seconds = run_plain(setup, ids, mask, options, args.max_new_tokens)
         times["plain"].append(seconds)
         outputs = {}
         for name, engine in engines.items():
-            completions, stats, seconds = bench_rollout.run_spec(engine, setup, ids, mask, args, args.max_new_tokens)
+            completions, stats, seconds = run_spec(engine, setup, ids, mask, options, args.max_new_tokens)
             times[name].append(seconds)
             outputs[name] = (completions, stats)
     lengths = [len(row) for row in plain]
-    result: dict[str, Any] = dict(batch=args.batch, lengths=lengths, length_percentiles=percentiles(lengths))
+    result: dict[str, Any] = {"batch": args.batch, "lengths": lengths, "length_percentiles": percentiles(lengths)}
     plain_s = statistics.median(times["plain"])
-    result["plain"] = dict(seconds=plain_s, times=times["plain"])
+    result["plain"] = {"seconds": plain_s, "times": times["plain"]}
     for name, (completions, stats) in outputs.items():
         seconds = statistics.median(times[name])
-        result[name] = dict(
-            seconds=seconds,
-            times=times[name],
-            speedup=plain_s / seconds,
-            speedup_over_no_spec=statistics.median(times["no_spec"]) / seconds,
-            acceptance=stats.acceptance_rate,
-            tokens_per_verify=stats.tokens_per_verify,
-            sd_fraction=stats.metrics()["spec/sd_fraction"],
-        )
+        result[name] = {
+            "seconds": seconds,
+            "times": times[name],
+            "speedup": plain_s / seconds,
+            "speedup_over_no_spec": statistics.median(times["no_spec"]) / seconds,
+            "acceptance": stats.acceptance_rate,
+            "tokens_per_verify": stats.tokens_per_verify,
+            "sd_fraction": stats.metrics()["spec/sd_fraction"],
+        }
         if not args.do_sample:
             result[name]["identical_rows"] = sum(p == s for p, s in zip(plain, completions)) / len(plain)
     result["elastic"]["steps_by_batch"] = trace.by_batch()
@@ -142,12 +159,7 @@ def run_all(setup: bench_rollout.Setup, engines: dict[str, SpeculativeEngine], a
 
 def plot(result: dict[str, Any], engines: list[str], path: Path, title: str) -> None:
     """Left: the batch's completion lengths; right: seconds to finish the batch per decoder."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(9, 3.6))
     left.hist(result["lengths"], bins=24, color="tab:blue")
     left.set_xlabel("completion length (tokens)")
     left.set_ylabel("rows")
@@ -158,10 +170,7 @@ def plot(result: dict[str, Any], engines: list[str], path: Path, title: str) -> 
         right.text(i, result[name]["seconds"], f"{result[name]['speedup']:.2f}x", ha="center", va="bottom")
     right.set_ylabel("seconds to finish the batch")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -181,15 +190,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
-    args = parser.parse_args(argv)
+    args = parse_with_preset(parser, argv)
     if args.batch < 1 or args.repeats < 1:
         parser.error("--batch and --repeats must be positive")
     embedded = args.model == "embedded"
     args.max_new_tokens = args.max_new_tokens or (160 if embedded else 256)
     args.drafter_layers = args.drafter_layers or (4 if embedded else 2)
-    # What bench_rollout's setup and runners read: RL samples at temperature 1; the tiny model is run greedy so that
-    # its lengths (and so the long tail) are set by the chosen eos, and outputs can be compared row by row.
-    args.do_sample, args.temperature, args.prompts, args.no_assisted = embedded, 1.0, "arithmetic", True
+    # What the shared setups and runners read: RL samples at temperature 1; the tiny model is run greedy so that its
+    # lengths (and so the long tail) are set by the chosen eos, and outputs can be compared row by row.
+    args.do_sample, args.temperature, args.task = embedded, 1.0, "arithmetic"
     return args
 
 
@@ -199,26 +208,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    setup = (bench_rollout.tiny_setup if args.model == "tiny" else bench_rollout.embedded_setup)(args)
+    setup = (tiny_setup if args.model == "tiny" else embedded_setup)(args)
     setup.policy.to(args.device)
     setup.drafter.to(args.device)
     if args.model == "tiny":  # choose the eos set that makes this batch's lengths long-tailed
-        ids, mask = setup.make_prompts(args.batch, args.seed)
-        rows, _ = bench_rollout.run_plain(setup, ids, mask, args, args.max_new_tokens)
+        ids, mask = prompts_on(setup, args.batch, RunOptions.of(args))
+        rows, _ = run_plain(setup, ids, mask, RunOptions.of(args), args.max_new_tokens)
         vocab, target = setup.policy.config.vocab_size, max(1, args.max_new_tokens // 16)
         setup.eos_token_id = longtail_eos(rows, args.max_new_tokens, vocab, target, setup.pad_token_id)
         print(f"eos set (median length <= {target} tokens): {setup.eos_token_id}")
+    served = AdaptiveDrafter(setup.drafter).serving_model()  # LoRA merged, as the recipe serves it
     engines = {  # no_spec: the engine never drafting (drops finished rows like the others): isolates speculation
         "no_spec": SpeculativeEngine(
-            setup.policy, setup.drafter, SpecConfig(num_draft_tokens=args.k, plain_batch_threshold=1)
+            setup.policy, served, SpecConfig(num_draft_tokens=args.k, elastic=False, plain_batch_threshold=1)
         ),
-        "fixed_k": SpeculativeEngine(setup.policy, setup.drafter, SpecConfig(num_draft_tokens=args.k)),
-        "elastic": SpeculativeEngine(setup.policy, setup.drafter, SpecConfig(num_draft_tokens=args.k, elastic=True)),
+        "fixed_k": SpeculativeEngine(setup.policy, served, SpecConfig(num_draft_tokens=args.k, elastic=False)),
+        "elastic": SpeculativeEngine(setup.policy, served, SpecConfig(num_draft_tokens=args.k, elastic=True)),
     }
     if args.draft_vocab:
-        coverage = bench_rollout.calibrate_draft_vocab(setup, list(engines.values()), args)
+        coverage = calibrate_draft_vocab(setup, list(engines.values()), RunOptions.of(args), args.draft_vocab)
         print(f"draft vocabulary: {args.draft_vocab} tokens, covering {coverage:.3f} of held-out completion tokens")
-    machine = bench_rollout.machine_info()
+    machine = machine_info()
     print(f"machine: {machine['platform']} | torch threads {machine['torch_threads']} | load avg "
           f"{machine.get('load_avg_1min')}")  # fmt: skip
     print(f"model: {setup.description}")
@@ -246,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plot(result, list(engines), args.plot, f"long-tail batch: {setup.description[:80]}")
         print(f"wrote {args.plot}")
     if args.json is not None:
-        bench_rollout.write_json(args, dict(machine=machine, model=setup.description), result=result)
+        write_json(args.json, args, {"machine": machine, "model": setup.description}, result=result)
     return result
 
 

@@ -9,7 +9,7 @@ with its version, and prints the acceptance on held-out prompts before and after
     python scripts/distill_drafter.py --model tiny --rounds 20                     # seconds, tiny random models
     python scripts/distill_drafter.py --model embedded --rounds 40 --out outputs/drafter_warm_start
 
-`--model embedded` uses SmolLM2-135M-Instruct on the arithmetic task (`adaptive_drafter.embedded`), drafted by its first
+`--model embedded` uses SmolLM2-135M-Instruct on an embedded task (`--task`, `adaptive_drafter.tasks`), drafted by its first
 `--drafter-layers` layers. Training runs synchronously between rollouts here (no background thread), so the timings
 are those of distillation alone.
 """
@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from adaptive_drafter import SpecConfig, SpeculativeEngine, SpecStats
+from adaptive_drafter.adaptive import AdaptiveDrafter
 from adaptive_drafter.config import DistillConfig, DrafterConfig
 from adaptive_drafter.drafter import AdapterVersion, build_drafter, save_adapter
 from adaptive_drafter.testing import left_padded_prompts, tiny_causal_lm
@@ -53,38 +54,39 @@ def tiny_task(args: argparse.Namespace) -> Task:
 
 
 def embedded_task(args: argparse.Namespace) -> Task:
-    from adaptive_drafter.embedded import EMBEDDED_MODEL_NAME, arithmetic_task, chat_batch, load_embedded
+    from adaptive_drafter.embedded import EMBEDDED_MODEL_NAME, load_embedded
+    from adaptive_drafter.tasks import chat_batch, load_task
 
     policy, tokenizer = load_embedded()
     policy.to(args.device)
 
     def prompts(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return chat_batch(tokenizer, arithmetic_task(batch, seed=seed)["prompt"], args.device)
+        return chat_batch(tokenizer, load_task(args.task, batch, seed=seed)[0]["prompt"], args.device)
 
-    return Task(policy, prompts, tokenizer.eos_token_id, f"{EMBEDDED_MODEL_NAME} on the arithmetic task")
+    return Task(policy, prompts, tokenizer.eos_token_id, f"{EMBEDDED_MODEL_NAME} on the {args.task} task")
 
 
-def rollout(
-    engine: SpeculativeEngine, task: Task, args: argparse.Namespace, seed: int, do_sample: bool = True
-) -> SpecStats:
+Served = tuple[AdaptiveDrafter, SpeculativeEngine]  # a drafter and the engine it drafts for
+
+
+def rollout(served: Served, task: Task, args: argparse.Namespace, seed: int, do_sample: bool = True) -> SpecStats:
     """One batch of completions (sampled, or greedy) from prompts drawn with `seed`; returns its statistics."""
     ids, mask = task.prompts(args.batch_size, seed)
     generator = torch.Generator(device=ids.device).manual_seed(seed)
-    out = engine.generate(
-        ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature, do_sample=do_sample,
+    adaptive, engine = served
+    out = adaptive.generate(
+        engine, ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature, do_sample=do_sample,
         eos_token_id=task.eos_token_id, generator=generator,
     )  # fmt: skip
     return out.stats
 
 
-def held_out_stats(
-    engine: SpeculativeEngine, task: Task, args: argparse.Namespace, do_sample: bool = True
-) -> SpecStats:
+def held_out_stats(served: Served, task: Task, args: argparse.Namespace, do_sample: bool = True) -> SpecStats:
     """Acceptance of the drafter on held-out prompts (seeds disjoint from the training prompts')."""
-    return sum((rollout(engine, task, args, 10_000 + i, do_sample) for i in range(args.eval_batches)), SpecStats())
+    return sum((rollout(served, task, args, 10_000 + i, do_sample) for i in range(args.eval_batches)), SpecStats())
 
 
-def evaluate(evaluator: SpeculativeEngine, task: Task, args: argparse.Namespace) -> dict[str, float]:
+def evaluate(evaluator: Served, task: Task, args: argparse.Namespace) -> dict[str, float]:
     """Held-out acceptance, sampled at --temperature and (with --eval-greedy) greedy: one point of the curve."""
     point = {"acceptance": held_out_stats(evaluator, task, args).acceptance_rate}
     if args.eval_greedy:
@@ -118,6 +120,7 @@ def plot_curve(result: dict, path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=("tiny", "embedded"), default="tiny")
+    p.add_argument("--task", choices=("arithmetic", "reasoning"), default="arithmetic", help="embedded model's prompts")
     p.add_argument("--drafter-layers", type=int, default=None, help="truncated drafter depth (2 tiny, 4 embedded)")
     p.add_argument("--lora-r", type=int, default=32)
     p.add_argument("--rounds", type=int, default=20, help="rollout batches to distill from")
@@ -170,11 +173,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         distill_publish_every=args.steps_per_round,
     )
     trainer = DrafterTrainer(drafter, config)
-    spec = SpecConfig(num_draft_tokens=args.k)
+    spec = SpecConfig(num_draft_tokens=args.k, elastic=False)
     # Targets come from plain steps as well as verifies, so elastic training rollouts lose nothing but time.
-    engine = SpeculativeEngine(task.policy, drafter, SpecConfig(num_draft_tokens=args.k, elastic=args.elastic))
-    engine.attach(trainer)
-    evaluator = SpeculativeEngine(task.policy, drafter, spec)  # same serving drafter, feeds no buffer
+    adaptive = AdaptiveDrafter(drafter, spec, trainer=trainer)
+    training = SpecConfig(num_draft_tokens=args.k, elastic=args.elastic)
+    engine = (adaptive, SpeculativeEngine(task.policy, drafter, training))
+    # The same serving drafter, frozen: it feeds no buffer.
+    evaluator = (AdaptiveDrafter(drafter, spec), SpeculativeEngine(task.policy, drafter, spec))
     print(f"policy: {task.description}; drafter: first {args.drafter_layers} layers + LoRA r={args.lora_r}")
 
     before = held_out_stats(evaluator, task, args)
@@ -185,13 +190,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for _ in range(args.steps_per_round):
             trainer.step()
         if args.eval_every and (round_ + 1) % args.eval_every == 0:
-            engine.swap_adapter()
+            adaptive.swap()
             evaluated = time.perf_counter()
             training_minutes = (evaluated - start - eval_seconds) / 60  # evaluation time is not training time
             curve.append({"round": round_ + 1, "minutes": training_minutes, **evaluate(evaluator, task, args)})
             eval_seconds += time.perf_counter() - evaluated
             tqdm.write(f"round {round_ + 1}: {curve[-1]}")
-    engine.swap_adapter()
+    adaptive.swap()
     minutes = (time.perf_counter() - start - eval_seconds) / 60
     after = held_out_stats(evaluator, task, args)
 

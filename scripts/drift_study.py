@@ -46,7 +46,7 @@ Modes.
   is ≡ 0 (mod 4), divided by `--max-new-tokens` (12): dense, verifiable, and it rewards neither stopping early nor any
   particular sequence.
 * full (default): the embedded SmolLM2-135M-Instruct (`adaptive_drafter.embedded.load_embedded`), a truncated 4-layer
-  self-draft with LoRA r=32, chat-templated arithmetic prompts (`adaptive_drafter.embedded.arithmetic_task`: "What is
+  self-draft with LoRA r=32, chat-templated arithmetic prompts (`adaptive_drafter.tasks.arithmetic_task`: "What is
   23 + 58? Answer with the number only.", also − and ×); reward 1 if the right number appears in the completion, + 0.1
   if the completion stops (eos) within `--max-new-tokens`. Meant for a GPU (`--device cuda`); it runs on a CPU too,
   slowly (its defaults are untested at scale: no GPU was available when it was written).
@@ -89,6 +89,7 @@ import torch
 from tqdm import tqdm
 
 from adaptive_drafter import SpecConfig, SpeculativeEngine
+from adaptive_drafter.adaptive import AdaptiveDrafter
 from adaptive_drafter.config import DistillConfig, DrafterConfig
 from adaptive_drafter.drafter import build_drafter
 from adaptive_drafter.testing import dampen_layers, left_padded_prompts, tiny_causal_lm
@@ -173,10 +174,10 @@ def tiny_task(vocab_size: int, max_new_tokens: int, eos: int, pad: int, modulus:
 
 
 def arithmetic_task(tokenizer: Any) -> Task:
-    """`adaptive_drafter.embedded.arithmetic_task` prompts ("What is a + b? Answer with the number only.", also − and ×),
+    """`adaptive_drafter.tasks.arithmetic_task` prompts ("What is a + b? Answer with the number only.", also − and ×),
     chat-templated; reward 1 if the right number appears in the completion, + 0.1 if it stops (eos) within budget."""
-    from adaptive_drafter.embedded import arithmetic_task as arithmetic_dataset
-    from adaptive_drafter.embedded import chat_batch
+    from adaptive_drafter.tasks import arithmetic_task as arithmetic_dataset
+    from adaptive_drafter.tasks import chat_batch
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -376,6 +377,7 @@ class Run:
     policy: Any
     optimizer: torch.optim.Optimizer
     engine: SpeculativeEngine
+    adaptive: AdaptiveDrafter  # what the engine drafts with (and, in the distilling run, its trainer)
     reference: Any = None  # the step-0 policy, for the KL penalty
     rollout_s: float = 0.0
     update_s: float = 0.0
@@ -396,11 +398,11 @@ def train_step(run: Run, step: int, task: Task, args: argparse.Namespace, device
     mask = mask.repeat_interleave(args.group_size, 0).to(device)
     metas = [m for m in metas for _ in range(args.group_size)]
     generator = torch.Generator(device=device).manual_seed(_seed(args.seed, "rollout", step))
-    run.engine.policy_version = step
+    run.adaptive.policy_version = step
     _sync(device)
     start = time.perf_counter()
-    out = run.engine.generate(
-        ids, mask, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0,
+    out = run.adaptive.generate(
+        run.engine, ids, mask, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0,
         eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id, generator=generator,
     )
     _sync(device)
@@ -423,8 +425,8 @@ def train_step(run: Run, step: int, task: Task, args: argparse.Namespace, device
 
 def evaluate(
     step: int,
-    frozen: SpeculativeEngine,
-    adaptive: SpeculativeEngine,
+    frozen: tuple[AdaptiveDrafter, SpeculativeEngine],
+    adaptive: tuple[AdaptiveDrafter, SpeculativeEngine],
     reference: Any,
     task: Task,
     args: argparse.Namespace,
@@ -434,17 +436,17 @@ def evaluate(
     ids, mask, metas = task.make_prompts(args.eval_prompts, _seed(args.seed, "eval", step))
     ids, mask = ids.to(device), mask.to(device)
     results = {}
-    for name, engine in (("frozen", frozen), ("adaptive", adaptive)):
-        engine.policy_version = step
-        out = engine.generate(
-            ids, mask, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0,
+    for name, (drafter, engine) in (("frozen", frozen), ("adaptive", adaptive)):
+        drafter.policy_version = step
+        out = drafter.generate(
+            engine, ids, mask, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0,
             eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id,
             generator=torch.Generator(device=device).manual_seed(_seed(args.seed, "eval-sampling", step)),
         )
         results[name] = out
     out = results["adaptive"]  # policy samples (exact acceptance): the drift and reward are measured on them
     prompts = [row[m].tolist() for row, m in zip(ids, mask.bool())]
-    kl, entropy = drift(adaptive.policy, reference, prompts, out.completion_ids, task.pad_token_id)
+    kl, entropy = drift(adaptive[1].policy, reference, prompts, out.completion_ids, task.pad_token_id)
     row = {"step": step}
     for name, result in results.items():
         row[f"{name}_acceptance"] = result.stats.acceptance_rate
@@ -484,18 +486,20 @@ def build_models(args: argparse.Namespace, device: torch.device) -> tuple[Any, T
     return policy.to(device), arithmetic_task(tokenizer), EMBEDDED_MODEL_NAME
 
 
-def warm_up(engine: SpeculativeEngine, trainer: DrafterTrainer, task: Task, args, device) -> list[float]:
+def warm_up(
+    adaptive: AdaptiveDrafter, engine: SpeculativeEngine, trainer: DrafterTrainer, task: Task, args, device
+) -> list[float]:
     """Distill the fresh drafter synchronously on rollouts of the step-0 policy; returns the warm-up losses."""
     losses: list[float] = []
     if args.warmup_steps <= 0:
         return losses
     rollouts = max(1, min(args.warmup_rollouts, args.warmup_steps))
     per_rollout = math.ceil(args.warmup_steps / rollouts)
-    engine.policy_version = 0
+    adaptive.policy_version = 0
     for r in tqdm(range(rollouts), desc="warm-up", leave=False, disable=args.no_progress):
         ids, mask, _ = task.make_prompts(args.prompts * args.group_size, _seed(args.seed, "warmup", r))
-        engine.generate(
-            ids.to(device), mask.to(device), max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0,
+        adaptive.generate(
+            engine, ids.to(device), mask.to(device), max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0,
             eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id,
             generator=torch.Generator(device=device).manual_seed(_seed(args.seed, "warmup-sampling", r)),
         )
@@ -705,36 +709,37 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         distill_recency_half_life=args.recency_half_life, distill_min_buffer_tokens=min(256, args.buffer_tokens),
         distill_publish_every=args.publish_every, distill_duty_cycle=args.duty_cycle,
     )
-    spec = SpecConfig(num_draft_tokens=args.k)
+    spec = SpecConfig(num_draft_tokens=args.k, elastic=False)
     engine = SpeculativeEngine(policy, drafter, spec)
     trainer = DrafterTrainer(drafter, distill_config)
-    engine.attach(trainer)
+    adaptive = AdaptiveDrafter(drafter, spec, trainer=trainer)
 
     # Warm start: both drafters begin with the same adapter, distilled from the step-0 policy.
     warm_start = time.perf_counter()
-    warm_losses = warm_up(engine, trainer, task, args, device)
+    warm_losses = warm_up(adaptive, engine, trainer, task, args, device)
     trainer.publish(policy_version=0)
-    engine.swap_adapter()
+    adaptive.swap()
     warm_s = time.perf_counter() - warm_start
     warm_busy_s = trainer.busy_seconds
     frozen_drafter = copy.deepcopy(drafter)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)  # the step-0 policy
     if args.no_distill:
-        engine.attach(None)
-        trainer = None
+        adaptive.trainer = trainer = None
     gate = TrainerGate(trainer)
 
     def optimizer_for(model: Any) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=args.policy_lr, weight_decay=0.0)
 
-    main_run = Run(policy, optimizer_for(policy), engine, reference)
+    main_run = Run(policy, optimizer_for(policy), engine, adaptive, reference)
     baseline = None
     if args.overhead_run:
         base_policy = copy.deepcopy(reference).requires_grad_(True)
-        base_engine = SpeculativeEngine(base_policy, copy.deepcopy(frozen_drafter), spec)
-        baseline = Run(base_policy, optimizer_for(base_policy), base_engine, reference)
-    frozen_engine = SpeculativeEngine(policy, frozen_drafter, spec)
-    adaptive_engine = SpeculativeEngine(policy, drafter, spec)  # the serving drafter, no trainer attached
+        base_drafter = copy.deepcopy(frozen_drafter)
+        base_engine = SpeculativeEngine(base_policy, base_drafter, spec)
+        baseline = Run(base_policy, optimizer_for(base_policy), base_engine, AdaptiveDrafter(base_drafter, spec), reference)
+    # Evaluation rollouts never reach the distillation buffer: frozen adaptive drafters (no trainer) serve them.
+    frozen_engine = (AdaptiveDrafter(frozen_drafter, spec), SpeculativeEngine(policy, frozen_drafter, spec))
+    adaptive_engine = (AdaptiveDrafter(drafter, spec), SpeculativeEngine(policy, drafter, spec))
 
     rows: list[dict[str, float]] = []
     study_start = time.perf_counter()
@@ -742,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def record(step: int) -> dict[str, float]:
         with gate.hold():
             row = evaluate(step, frozen_engine, adaptive_engine, reference, task, args, device)
-        version = engine.adapter_version
+        version = adaptive.adapter_version
         row["adapter_version"] = version.adapter_version if version else 0
         row["version_lag"] = step - version.policy_version if version else step
         metrics = trainer.metrics() if trainer is not None else {}

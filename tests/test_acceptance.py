@@ -134,3 +134,109 @@ def test_cascade_accepts_likely_tokens_and_falls_back_to_the_policy():
     # Sampled fallback draws from p at the rejected position: only tokens with p > 0 there.
     n, token = acceptance.cascade(torch.tensor([[3]]), p[:, [0, 3]], threshold=0.5, do_sample=True, generator=GEN())
     assert n.tolist() == [0] and token.item() in (0, 1, 2)
+
+
+# Ragged draft lengths: row b drafted only draft[b, :lengths[b]]; the rest is padding whose tokens and q are junk.
+
+
+def test_greedy_with_ragged_lengths_stops_at_each_rows_length_and_emits_the_argmax_there():
+    argmaxes = [[2, 1, 0, 3], [3, 3, 3, 1], [1, 0, 0, 2], [0, 1, 2, 3]]
+    p = torch.stack([torch.stack([one_hot(i) * 0.7 + 0.075 for i in row]) for row in argmaxes])
+    # Every real draft equals the argmax, and so does the padding: only the lengths can stop a row.
+    draft = torch.tensor([row[:3] for row in argmaxes])
+    lengths = torch.tensor([3, 1, 0, 2])
+    n, token = acceptance.greedy(draft, p, lengths=lengths)
+    assert n.tolist() == [3, 1, 0, 2]
+    assert token.tolist() == [3, 3, 1, 2]  # the argmax at position lengths[b]; length 0 is a plain greedy step
+    # Padding may hold any pad id, even one outside the vocabulary.
+    padded = torch.where(torch.arange(3)[None] < lengths[:, None], draft, -1)
+    assert [t.tolist() for t in acceptance.greedy(padded, p, lengths=lengths)] == [n.tolist(), token.tolist()]
+
+
+def test_full_lengths_change_nothing():
+    gen = GEN(11)
+    q = torch.softmax(torch.randn(256, 3, 7, generator=gen), -1)
+    p = torch.softmax(torch.randn(256, 4, 7, generator=gen), -1)
+    draft = torch.multinomial(q.reshape(-1, 7), 1, generator=gen).reshape(256, 3)
+    full = torch.full((256,), 3)
+    calls = [
+        lambda **kw: acceptance.exact(draft, q, p, GEN(9), **kw),
+        lambda **kw: acceptance.lenient(draft, q, p, 2.0, GEN(9), **kw),
+        lambda **kw: acceptance.cascade(draft, p, 0.3, True, GEN(9), **kw),
+        lambda **kw: acceptance.greedy(draft, p, **kw),
+    ]
+    for call in calls:
+        (n0, t0), (n1, t1) = call(), call(lengths=full)
+        assert torch.equal(n0, n1) and torch.equal(t0, t1)
+
+
+def test_no_rule_accepts_more_than_a_rows_length():
+    gen = GEN(12)
+    rows, k, vocab = 2048, 4, 3
+    q = torch.softmax(torch.randn(rows, k, vocab, generator=gen), -1)
+    draft = torch.multinomial(q.reshape(-1, vocab), 1, generator=gen).reshape(rows, k)
+    p = torch.cat([q, torch.softmax(torch.randn(rows, 1, vocab, generator=gen), -1)], 1)  # p = q: exact accepts all
+    lengths = torch.randint(0, k + 1, (rows,), generator=gen)
+    junk_q = torch.where(torch.arange(k)[None, :, None] < lengths[:, None, None], q, float("nan"))
+    n, _ = acceptance.exact(draft, junk_q, p, GEN(1), lengths=lengths)
+    assert torch.equal(n, lengths)
+    for n, _ in [
+        acceptance.lenient(draft, junk_q, p, 3.0, GEN(1), lengths=lengths),
+        acceptance.cascade(draft, p, 0.0, True, GEN(1), lengths=lengths),
+        acceptance.greedy(draft, p, lengths=lengths),
+    ]:
+        assert (n <= lengths).all()
+    n, _ = acceptance.cascade(draft, p, 0.0, True, GEN(1), lengths=lengths)
+    assert torch.equal(n, lengths)  # threshold 0 accepts every token p allows
+
+
+P0 = torch.tensor([0.1, 0.4, 0.2, 0.25, 0.05])  # a fixed policy distribution with no dominant token
+
+
+def first_token_frequencies(n: torch.Tensor, draft: torch.Tensor, token: torch.Tensor, vocab: int) -> torch.Tensor:
+    first = torch.where(n >= 1, draft[:, 0], token)
+    return torch.bincount(first, minlength=vocab).float() / len(first)
+
+
+def test_exact_emits_the_bonus_from_p_where_a_ragged_row_runs_out_of_drafts():
+    """Rows of length 0 and 1 in one call, padding q one-hot on the policy's likeliest token: a (wrong) residual at the
+    padding position would never emit token 1; the bonus emits it with probability 0.4."""
+    samples, vocab = 200_000, len(P0)
+    lengths = torch.arange(samples) % 2  # even rows: length 0 (plain step); odd rows: one certain draft
+    draft = torch.stack([torch.full((samples,), 3), torch.full((samples,), -1)], 1)  # -1: a junk pad id
+    q = torch.stack([one_hot(3, vocab), one_hot(1, vocab)]).expand(samples, 2, vocab).clone()
+    q[lengths == 0, 0] = one_hot(1, vocab)  # padding at position 0 of the length-0 rows
+    certain = torch.stack([one_hot(3, vocab), P0, torch.full((vocab,), 1 / vocab)])
+    plain = torch.stack([P0, torch.full((vocab,), 1 / vocab), torch.full((vocab,), 1 / vocab)])
+    p = torch.where((lengths == 1)[:, None, None], certain, plain)
+    n, token = acceptance.exact(draft, q, p, GEN(4), lengths=lengths)
+    assert torch.equal(n, lengths)  # the certain draft is always accepted, and nothing past a row's length
+    for length in (0, 1):
+        freq = torch.bincount(token[lengths == length], minlength=vocab).float() / (samples // 2)
+        assert (freq - P0).abs().max() < 0.01  # > 6 sigma at 100k draws per length
+
+
+@pytest.mark.parametrize(
+    "q0",
+    [one_hot(1, 5), one_hot(4, 5), torch.tensor([0.5, 0.0, 0.0, 0.5, 0.0])],
+    ids=["one-hot on a likely token", "one-hot on an unlikely token", "sparse empirical"],
+)
+def test_exact_with_a_deterministic_or_sparse_q_keeps_the_first_token_distributed_as_p(q0):
+    """A one-hot q (a deterministic draft, e.g. a suffix match) is accepted with probability p(d) and otherwise
+    resampled from p without d; a sparse empirical q (drafts sampled from sibling counts) is exact too. Rows of length
+    0 (padding q = junk) ride in the same call."""
+    samples, vocab = 200_000, len(P0)
+    draft = torch.multinomial(q0, samples, replacement=True, generator=GEN(7))[:, None]
+    q = q0.expand(samples, 1, vocab).clone()
+    lengths = (torch.arange(samples) % 4 != 0).long()  # every fourth row drafted nothing
+    q[lengths == 0] = float("nan")
+    p = torch.stack([P0, torch.full((vocab,), 1 / vocab)]).expand(samples, 2, vocab)
+    n, token = acceptance.exact(draft, q, p, GEN(8), lengths=lengths)
+    assert (n <= lengths).all()
+    real = lengths == 1
+    freq = first_token_frequencies(n[real], draft[real], token[real], vocab)
+    assert (freq - P0).abs().max() < 0.006  # ~5 sigma at 150k draws; a residual keeping d is off by p(d)(1 - p(d))
+    expected_accept = torch.minimum(q0, P0).sum()  # p(d) for a one-hot q
+    assert n[real].float().mean() == pytest.approx(float(expected_accept), abs=0.006)
+    plain = torch.bincount(token[~real], minlength=vocab).float() / int((~real).sum())
+    assert (plain - P0).abs().max() < 0.012  # 50k plain steps sample p at position 0

@@ -3,9 +3,10 @@ import pytest
 from adaptive_drafter import SpecConfig
 
 
-def test_defaults_are_lossless():
+def test_defaults_are_lossless_and_speculate_only_where_it_pays():
     config = SpecConfig()
     assert config.acceptance == "exact" and config.num_draft_tokens >= 1
+    assert config.elastic  # an untrained drafter must not cost users who never read the docs: fixed k is opt-in
 
 
 @pytest.mark.parametrize(

@@ -10,18 +10,8 @@ import pytest
 import torch
 
 from adaptive_drafter import acceptance
-from adaptive_drafter.distill import (
-    DistillBatch,
-    DistillBuffer,
-    PolicyTargets,
-    collate,
-    distill_loss,
-    fkl_loss,
-    jsd_loss,
-    recency_weights,
-    rkl_loss,
-    tv_loss,
-)
+from adaptive_drafter.distill import distill_loss, fkl_loss, jsd_loss, rkl_loss, tv_loss
+from adaptive_drafter.targets import DistillBatch, DistillBuffer, PolicyTargets, collate, recency_weights
 
 LOSS_FNS = {"fkl": fkl_loss, "rkl": rkl_loss, "tv": tv_loss, "jsd": jsd_loss}
 GEN = lambda seed=0: torch.Generator().manual_seed(seed)  # noqa: E731

@@ -176,7 +176,7 @@ def test_elastic_engine_samples_the_policys_distribution_and_learns_costs():
 def test_plain_batch_threshold_without_elastic():
     policy = tiny_causal_lm("llama", logit_scale=8.0)
     engine = SpeculativeEngine(
-        policy, noised_copy(policy, 0.1), SpecConfig(num_draft_tokens=3, plain_batch_threshold=4)
+        policy, noised_copy(policy, 0.1), SpecConfig(num_draft_tokens=3, elastic=False, plain_batch_threshold=4)
     )
     ids, mask = left_padded_prompts(8, 2, 8, 256, seed=2)
     out = engine.generate(ids, mask, max_new_tokens=12, do_sample=False)

@@ -34,7 +34,7 @@ def test_embedded_model_loads_offline_as_documented(embedded):
 def test_greedy_identity_on_the_embedded_model(embedded):
     policy, tokenizer, batch = embedded
     engine = SpeculativeEngine(
-        policy, truncated_drafter(policy, 4), SpecConfig(num_draft_tokens=4), tokenizer=tokenizer
+        policy, truncated_drafter(policy, 4), SpecConfig(num_draft_tokens=4, elastic=False), tokenizer=tokenizer
     )
     eos = tokenizer.eos_token_id
     out = engine.generate(batch.input_ids, batch.attention_mask, max_new_tokens=24, do_sample=False, eos_token_id=eos)

@@ -60,7 +60,7 @@ def test_greedy_is_token_identical_to_policy_generate(arch_models, drafter_kind)
     expected = reference_greedy(policy, ids, mask, max_new_tokens=32, eos=eos)
     assert len({len(row) for row in expected}) > 4, "rows should finish at many different lengths"
     for k in (1, 2, 4, 8):
-        out = SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=k)).generate(
+        out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=k)).generate(
             ids, mask, max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=PAD
         )
         assert out.completion_ids == expected, f"k={k}"
@@ -74,7 +74,7 @@ def test_drafter_equal_to_policy_accepts_everything():
     policy = tiny_causal_lm("llama", logit_scale=8.0)
     ids, mask = left_padded_prompts(8, 3, 10, 256, seed=1)
     k = 4
-    out = SpeculativeEngine(policy, copy.deepcopy(policy), SpecConfig(num_draft_tokens=k)).generate(
+    out = SpeculativeEngine(policy, copy.deepcopy(policy), SpecConfig(elastic=False, num_draft_tokens=k)).generate(
         ids, mask, max_new_tokens=41, do_sample=False
     )
     assert out.stats.acceptance_rate == 1.0
@@ -87,7 +87,9 @@ def test_plain_decoding_runs_as_many_policy_forwards_as_generate():
     """The prefill emits each row's first token, as in `generate`: n tokens cost n policy forwards, not n + 1."""
     policy = tiny_causal_lm("llama", logit_scale=8.0)
     ids, mask = left_padded_prompts(4, 3, 10, 256, seed=1)
-    engine = SpeculativeEngine(policy, copy.deepcopy(policy), SpecConfig(num_draft_tokens=4, plain_batch_threshold=1))
+    engine = SpeculativeEngine(
+        policy, copy.deepcopy(policy), SpecConfig(elastic=False, num_draft_tokens=4, plain_batch_threshold=1)
+    )
     out = engine.generate(ids, mask, max_new_tokens=12, do_sample=False)
     assert out.completion_ids == reference_greedy(policy, ids, mask, 12, eos=-1)
     assert out.stats.policy_forwards == 12 and out.stats.drafter_forwards == 0
@@ -101,7 +103,7 @@ def test_peft_wrapped_drafter(arch_models):
         copy.deepcopy(arch_models["agreeing"]), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
     )
     ids, mask = left_padded_prompts(16, 2, 12, policy.config.vocab_size, seed=3)
-    out = SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=3)).generate(
+    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=3)).generate(
         ids, mask, max_new_tokens=20, do_sample=False, eos_token_id=EOS
     )
     assert out.completion_ids == reference_greedy(policy, ids, mask, 20)
@@ -110,7 +112,7 @@ def test_peft_wrapped_drafter(arch_models):
 def test_several_eos_ids_and_max_new_tokens_one():
     policy = tiny_causal_lm("qwen2", logit_scale=8.0)
     ids, mask = left_padded_prompts(32, 2, 12, 256, seed=5)
-    engine = SpeculativeEngine(policy, noised_copy(policy, 0.1), SpecConfig(num_draft_tokens=4))
+    engine = SpeculativeEngine(policy, noised_copy(policy, 0.1), SpecConfig(elastic=False, num_draft_tokens=4))
     free = reference_greedy(policy, ids, mask, 24, eos=[])
     # Two frequent tokens as eos ids: each row must stop right after its first occurrence of either.
     first = frequent_token(free)
@@ -169,7 +171,7 @@ def test_sampled_joint_distribution_is_the_policys(small_vocab_models, settings,
     # The test has power: sampling from the drafter instead would be caught many times over.
     assert 0.5 * float((exact_joint(drafter, prompt, params) - target).abs().sum()) > 3 * bound
 
-    engine = SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=k))
+    engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=k))
     ids = torch.tensor([prompt]).expand(SAMPLES, -1)
     out = engine.generate(ids, None, max_new_tokens=STEPS + 1, generator=torch.Generator().manual_seed(k), **settings)
     firsts = torch.tensor([row[:STEPS] for row in out.completion_ids])
@@ -190,7 +192,7 @@ def test_logprobs_equal_a_full_policy_forward():
     drafter = noised_copy(policy, 0.1)
     ids, mask = left_padded_prompts(8, 3, 9, 256, seed=2)
     params = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.95)
-    out = SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=3)).generate(
+    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=3)).generate(
         ids, mask, max_new_tokens=16, generator=torch.Generator().manual_seed(0), eos_token_id=EOS, **params
     )
     for row, (completion, logprobs) in enumerate(zip(out.completion_ids, out.logprobs)):
@@ -205,7 +207,7 @@ def test_logprobs_equal_a_full_policy_forward():
 
 def test_seeded_runs_are_reproducible():
     policy = tiny_causal_lm("llama", logit_scale=4.0)
-    engine = SpeculativeEngine(policy, noised_copy(policy, 0.2), SpecConfig(num_draft_tokens=4))
+    engine = SpeculativeEngine(policy, noised_copy(policy, 0.2), SpecConfig(elastic=False, num_draft_tokens=4))
     ids, mask = left_padded_prompts(16, 2, 10, 256, seed=1)
     runs = [
         engine.generate(ids, mask, max_new_tokens=24, generator=torch.Generator().manual_seed(123)).completion_ids
@@ -221,10 +223,10 @@ def test_lossy_rules_accept_more_and_report_policy_logprobs(lossy_config):
     policy = tiny_causal_lm("llama", logit_scale=4.0)
     drafter = noised_copy(policy, 0.3)
     ids, mask = left_padded_prompts(8, 3, 8, 256, seed=3)
-    exact = SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=4)).generate(
+    exact = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(
         ids, mask, max_new_tokens=24, generator=torch.Generator().manual_seed(0)
     )
-    lossy = SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=4, **lossy_config)).generate(
+    lossy = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4, **lossy_config)).generate(
         ids, mask, max_new_tokens=24, generator=torch.Generator().manual_seed(0)
     )
     assert lossy.stats.acceptance_rate > exact.stats.acceptance_rate
@@ -250,10 +252,9 @@ def test_targets_are_off_by_default():
 def test_collected_targets_are_the_policys_topk_at_every_emitted_position():
     policy = tiny_causal_lm("qwen2", logit_scale=8.0)
     ids, mask = left_padded_prompts(12, 2, 10, 256, seed=4)
-    config = SpecConfig(num_draft_tokens=3, collect_topk=8)
+    config = SpecConfig(elastic=False, num_draft_tokens=3, collect_topk=8)
     engine = SpeculativeEngine(policy, noised_copy(policy, 0.1), config)
-    engine.policy_version = 7
-    out = engine.generate(ids, mask, max_new_tokens=20, do_sample=False, eos_token_id=EOS)
+    out = engine.generate(ids, mask, max_new_tokens=20, do_sample=False, eos_token_id=EOS, policy_version=7)
     assert sum(t.accepted.sum().item() for t in out.targets) <= out.stats.accepted
     assert any(t.accepted.any() for t in out.targets) and any((t.drafted & ~t.accepted).any() for t in out.targets)
     for row, targets in enumerate(out.targets):
@@ -308,7 +309,7 @@ def test_tokenizer_mismatch_is_named(make_tokenizer):
 def test_config_errors_reach_the_engine():
     policy = tiny_causal_lm("llama")
     with pytest.raises(ValueError, match="num_draft_tokens must be >= 1"):
-        SpeculativeEngine(policy, policy, SpecConfig(num_draft_tokens=0))
+        SpeculativeEngine(policy, policy, SpecConfig(elastic=False, num_draft_tokens=0))
     with pytest.raises(ValueError, match="Unknown acceptance rule"):
         SpeculativeEngine(policy, policy, SpecConfig(acceptance="nope"))
 
@@ -343,48 +344,32 @@ def test_nonfinite_logits_raise_a_clear_error(broken, value):
     drafter = noised_copy(policy, 0.1)
     target = policy if broken == "policy" else drafter
     target.lm_head.register_forward_hook(lambda module, args, out: out.index_fill(-1, torch.tensor([7]), value))
-    engine = SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=3))
+    engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=3))
     ids, mask = left_padded_prompts(4, 2, 6, 256, seed=0)
     for do_sample in (True, False):
         with pytest.raises(ValueError, match=f"The {broken} produced NaN or \\+inf logits"):
             engine.generate(ids, mask, max_new_tokens=8, do_sample=do_sample)
 
 
-# --- reduced draft vocabulary ----------------------------------------------------------------------------------
+def test_the_engine_calls_models_by_the_current_names_without_deprecation_notices():
+    """transformers 5.2x renamed `past_key_values` to `cache` (the old name warns, and logs a notice once); the engine
+    passes whichever name the installed version takes."""
+    import logging
+    import warnings
 
-
-def test_reduced_draft_vocabulary_is_lossless_and_follows_frequent_tokens():
-    policy = tiny_causal_lm("llama", logit_scale=8.0)
-    ids, mask = left_padded_prompts(16, 2, 10, 256, seed=8)
-    expected = reference_greedy(policy, ids, mask, 24, eos=[])
-    emitted = torch.bincount(torch.tensor(sum(expected, [])), minlength=256)
-    engine = SpeculativeEngine(policy, noised_copy(policy, 0.05), SpecConfig(num_draft_tokens=4, draft_vocab_size=8))
-    first = engine.generate(ids, mask, max_new_tokens=24, do_sample=False)  # no counts yet: the full vocabulary
-    assert first.completion_ids == expected and engine.draft_vocab_coverage is None
-    assert torch.equal(engine.token_counts, emitted)
-    second = engine.generate(ids, mask, max_new_tokens=24, do_sample=False)  # drafts over the 8 most frequent
-    assert second.completion_ids == expected
-    covered = emitted.topk(8).values.sum() / emitted.sum()
-    assert engine.draft_vocab_coverage == pytest.approx(float(covered)) and covered < 1
-    assert engine.metrics(second.stats)["spec/draft_vocab_coverage"] == engine.draft_vocab_coverage
-    # Tokens outside the subset are never proposed, so fewer drafts are accepted, but the output is the same.
-    assert 0 < second.stats.acceptance_rate < first.stats.acceptance_rate
-    sampled = engine.generate(ids, mask, max_new_tokens=24, generator=torch.Generator().manual_seed(0))
-    assert engine.draft_vocab_coverage < 1 and sampled.stats.accepted > 0  # tokens outside it were still emitted
-
-
-def test_pinned_draft_vocabulary_keeps_the_sampling_distribution(small_vocab_models):
-    policy, drafter = small_vocab_models
-    prompt, params = [3, 1, 4, 5], SamplingParams(do_sample=True, temperature=1.0)
-    target = exact_joint(policy, prompt, params)
-    engine = SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=3))
-    engine.set_draft_vocab([0, 2, 3])
-    ids = torch.tensor([prompt]).expand(SAMPLES, -1)
-    out = engine.generate(ids, None, max_new_tokens=STEPS, generator=torch.Generator().manual_seed(5))
-    firsts = torch.tensor([row[:STEPS] for row in out.completion_ids])
-    empirical = torch.bincount((firsts * torch.tensor([VOCAB**2, VOCAB, 1])).sum(-1), minlength=VOCAB**STEPS)
-    tv = 0.5 * float((empirical.double() / SAMPLES - target).abs().sum())
-    assert tv < noise_bound(target, SAMPLES)
-    assert 0 < engine.draft_vocab_coverage < 1 and 0 < out.stats.acceptance_rate
-    with pytest.raises(ValueError, match="non-empty set of token ids"):
-        engine.set_draft_vocab([0, VOCAB])
+    policy = tiny_causal_lm("llama")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    library = logging.getLogger("transformers")
+    logging.Logger.warning_once.cache_clear()  # a notice already given elsewhere in the session would hide this one
+    library.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ids, mask = left_padded_prompts(3, 2, 6, 256, seed=0)
+            SpeculativeEngine(policy, noised_copy(policy, 0.1), SpecConfig(elastic=False)).generate(ids, mask, 6)
+    finally:
+        library.removeHandler(handler)
+    notices = [r.getMessage() for r in records] + [str(w.message) for w in caught]
+    assert not [n for n in notices if "deprecated" in n], notices

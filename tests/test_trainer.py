@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from adaptive_drafter import SpecConfig, SpeculativeEngine
+from adaptive_drafter.adaptive import AdaptiveDrafter
 from adaptive_drafter.config import DistillConfig, DrafterConfig
 from adaptive_drafter.drafter import adapter_state, build_drafter, load_adapter_state
 from adaptive_drafter.testing import left_padded_prompts, tiny_causal_lm
@@ -23,42 +24,42 @@ def setup(spec: dict | None = None, **distill):
         **{"distill_min_buffer_tokens": 64, "distill_publish_every": 4, "distill_learning_rate": 1e-2, **distill}
     )
     trainer = DrafterTrainer(drafter, config)
-    engine = SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=3, **(spec or {})))
-    engine.attach(trainer)
-    return policy, drafter, trainer, engine
+    spec = SpecConfig(elastic=False, num_draft_tokens=3, **(spec or {}))
+    adaptive = AdaptiveDrafter(drafter, spec, trainer=trainer)
+    return policy, drafter, trainer, adaptive, SpeculativeEngine(policy, drafter, spec)
 
 
-def rollout(engine, seed=0, batch=16, do_sample=True):
+def rollout(adaptive, engine, seed=0, batch=16, do_sample=True):
     ids, mask = left_padded_prompts(batch, 2, 8, 256, seed=seed)
-    return engine.generate(
-        ids, mask, max_new_tokens=24, do_sample=do_sample, generator=torch.Generator().manual_seed(seed)
+    return adaptive.generate(
+        engine, ids, mask, max_new_tokens=24, do_sample=do_sample, generator=torch.Generator().manual_seed(seed)
     )
 
 
 def test_distillation_wins_back_acceptance_after_the_policy_moves():
-    policy, drafter, trainer, engine = setup()
+    policy, drafter, trainer, adaptive, engine = setup()
     # An RL-like update the drafter has not seen: the policy's output layer moves.
     with torch.no_grad():
         head = policy.get_output_embeddings().weight
         head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(0)) * 0.5 * head.std())
-    engine.policy_version = 1
-    stale = rollout(engine, seed=100, do_sample=False).stats.acceptance_rate
+    adaptive.policy_version = 1
+    stale = rollout(adaptive, engine, seed=100, do_sample=False).stats.acceptance_rate
     for seed in range(6):
-        rollout(engine, seed=seed, do_sample=False)
+        rollout(adaptive, engine, seed=seed, do_sample=False)
         for _ in range(12):
             trainer.step()
     assert trainer.adapter_version == 6 * 12 // 4
-    fresh = rollout(engine, seed=100, do_sample=False)
-    assert engine.adapter_version.adapter_version == trainer.adapter_version
+    fresh = rollout(adaptive, engine, seed=100, do_sample=False)
+    assert adaptive.adapter_version.adapter_version == trainer.adapter_version
     assert fresh.stats.acceptance_rate > stale + 0.15, (stale, fresh.stats.acceptance_rate)
-    metrics = {**engine.metrics(fresh.stats), **trainer.metrics()}
+    metrics = {**adaptive.metrics(fresh.stats), **trainer.metrics()}
     assert metrics["drafter/trainer_errors"] == 0 and metrics["drafter/version_lag"] == 0
     assert math.isfinite(metrics["drafter/tv_to_policy"]) and metrics["spec/acceptance_rate"] > 0
 
 
 def test_head_only_at_targets_gives_the_full_forwards_loss():
-    _, _, trainer, engine = setup()
-    rollout(engine)
+    _, _, trainer, adaptive, engine = setup()
+    rollout(adaptive, engine)
     batch = trainer.buffer.sample(4, generator=torch.Generator().manual_seed(0))
     assert trainer._head_at_targets
     fast, fast_logits = trainer._loss(trainer.model, batch)
@@ -71,10 +72,10 @@ def test_head_only_at_targets_gives_the_full_forwards_loss():
 
 @pytest.mark.parametrize("merge_lora", [True, False])
 def test_swap_happens_only_between_rollouts(merge_lora):
-    _, drafter, trainer, engine = setup(spec={"merge_lora": merge_lora})
-    rollout(engine)
+    _, drafter, trainer, adaptive, engine = setup(spec={"merge_lora": merge_lora})
+    rollout(adaptive, engine)
     trainer.step()
-    served = engine.draft_model()  # what drafts: the peft drafter, or its merged copy
+    served = adaptive.draft_model()  # what drafts: the peft drafter, or its merged copy
     assert (served is drafter) != merge_lora
     seen: list[float] = []
 
@@ -87,22 +88,22 @@ def test_swap_happens_only_between_rollouts(merge_lora):
 
     handle = served.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        rollout(engine, seed=1)
+        rollout(adaptive, engine, seed=1)
     finally:
         handle.remove()
     assert len(seen) > 2 and len(set(seen)) == 1, "the adapter changed during a rollout"
-    assert engine.adapter_version is None
-    rollout(engine, seed=2)
-    assert engine.adapter_version.adapter_version == trainer.adapter_version == 1
-    assert engine.draft_model() is not served if merge_lora else engine.draft_model() is drafter
+    assert adaptive.adapter_version is None
+    rollout(adaptive, engine, seed=2)
+    assert adaptive.adapter_version.adapter_version == trainer.adapter_version == 1
+    assert adaptive.draft_model() is not served if merge_lora else adaptive.draft_model() is drafter
 
 
 def test_swapped_drafter_equals_a_fresh_one_loaded_with_the_adapter():
-    policy, drafter, trainer, engine = setup()
-    rollout(engine)
+    policy, drafter, trainer, adaptive, engine = setup()
+    rollout(adaptive, engine)
     for _ in range(4):
         trainer.step()
-    rollout(engine, seed=1)
+    rollout(adaptive, engine, seed=1)
     fresh = build_drafter(policy, DrafterConfig(drafter_num_layers=2, drafter_lora_r=8, drafter_lora_alpha=16))
     load_adapter_state(fresh, trainer.latest().state)
     ids = torch.randint(3, 256, (2, 9))
@@ -117,8 +118,8 @@ def wait_for(condition, timeout=30.0):
 
 
 def test_background_thread_trains_publishes_and_stops_cleanly():
-    _, _, trainer, engine = setup()
-    rollout(engine)
+    _, _, trainer, adaptive, engine = setup()
+    rollout(adaptive, engine)
     with trainer:
         wait_for(lambda: trainer.adapter_version >= 2)
         assert trainer.alive
@@ -129,12 +130,12 @@ def test_background_thread_trains_publishes_and_stops_cleanly():
 
 @pytest.mark.parametrize("fault", ["exception", "nan"])
 def test_faults_are_counted_rolled_back_and_restarted(monkeypatch, fault):
-    _, drafter, trainer, engine = setup(distill_restart_backoff_s=0.01, distill_max_restarts=100)
-    rollout(engine)
+    _, drafter, trainer, adaptive, engine = setup(distill_restart_backoff_s=0.01, distill_max_restarts=100)
+    rollout(adaptive, engine)
     for _ in range(4):
         trainer.step()
     good = trainer.latest()
-    rollout(engine, seed=1)  # serving adapter 1
+    rollout(adaptive, engine, seed=1)  # serving adapter 1
     original = trainer._loss
     calls = {"n": 0}
 
@@ -158,31 +159,31 @@ def test_faults_are_counted_rolled_back_and_restarted(monkeypatch, fault):
     assert trainer.metrics()["drafter/trainer_errors"] == 3
     assert all(torch.isfinite(v).all() for v in adapter_state(trainer.model).values())
     # Rollouts went on serving the last good adapter, then picked up the recovered trainer's next one.
-    assert engine.adapter_version == good.version
-    rollout(engine, seed=2)
-    assert engine.adapter_version.adapter_version >= 2
+    assert adaptive.adapter_version == good.version
+    rollout(adaptive, engine, seed=2)
+    assert adaptive.adapter_version.adapter_version >= 2
 
 
 def test_on_error_stop_keeps_serving_the_last_good_adapter(monkeypatch):
-    _, _, trainer, engine = setup(distill_on_error="stop")
-    rollout(engine)
+    _, _, trainer, adaptive, engine = setup(distill_on_error="stop")
+    rollout(adaptive, engine)
     for _ in range(4):
         trainer.step()
-    rollout(engine, seed=1)
+    rollout(adaptive, engine, seed=1)
     monkeypatch.setattr(trainer, "_loss", lambda model, batch: (_ for _ in ()).throw(MemoryError("injected OOM")))
     trainer.start()
     wait_for(lambda: not trainer.alive)
     assert trainer.errors == 1 and "MemoryError: injected OOM" in trainer.last_error
-    out = rollout(engine, seed=2)
-    assert engine.adapter_version.adapter_version == 1 and out.stats.verify_steps > 0
+    out = rollout(adaptive, engine, seed=2)
+    assert adaptive.adapter_version.adapter_version == 1 and out.stats.verify_steps > 0
 
 
 def test_a_hung_step_times_out_and_the_trainer_moves_on(monkeypatch, caplog):
-    _, _, trainer, engine = setup(distill_step_timeout_s=0.5, distill_restart_backoff_s=0.01)
-    rollout(engine)
+    _, _, trainer, adaptive, engine = setup(distill_step_timeout_s=0.5, distill_restart_backoff_s=0.01)
+    rollout(adaptive, engine)
     for _ in range(4):
         trainer.step()
-    rollout(engine, seed=1)  # serving adapter 1
+    rollout(adaptive, engine, seed=1)  # serving adapter 1
     hung_model, release, original = trainer.model, threading.Event(), trainer._loss
 
     def hangs_once(model, batch):
@@ -196,8 +197,8 @@ def test_a_hung_step_times_out_and_the_trainer_moves_on(monkeypatch, caplog):
         wait_for(lambda: trainer.errors == 1 and trainer.adapter_version >= 3)
         assert trainer.alive and trainer.model is not hung_model
         assert "distill_step_timeout_s=0.5" in trainer.last_error and trainer.restarts == 1
-        out = rollout(engine, seed=2)  # rollouts never waited for the hung step
-        assert out.stats.verify_steps > 0 and engine.adapter_version.adapter_version >= 2
+        out = rollout(adaptive, engine, seed=2)  # rollouts never waited for the hung step
+        assert out.stats.verify_steps > 0 and adaptive.adapter_version.adapter_version >= 2
         # The abandoned step finishes late: what it computed is dropped, nothing is published from it.
         trainer.pause()
         time.sleep(0.3)  # the step in flight, if any, ends
@@ -230,20 +231,21 @@ def test_trainer_needs_lora_weights():
 def test_stale_drafter_alarm_on_low_acceptance_and_on_version_lag(caplog):
     policy = tiny_causal_lm("llama", num_layers=3, logit_scale=6.0)
     random_drafter = build_drafter(policy, DrafterConfig(drafter_kind="model"), model=tiny_causal_lm("llama", seed=9))
-    engine = SpeculativeEngine(policy, random_drafter, SpecConfig(num_draft_tokens=3, stale_acceptance=0.2))
-    with caplog.at_level("WARNING", logger="adaptive_drafter.engine"):
-        out = rollout(engine, do_sample=False)
-    assert engine.metrics(out.stats)["drafter/stale_alarm"] == 1.0
+    spec = SpecConfig(elastic=False, num_draft_tokens=3, stale_acceptance=0.2)
+    adaptive, engine = AdaptiveDrafter(random_drafter, spec), SpeculativeEngine(policy, random_drafter, spec)
+    with caplog.at_level("WARNING", logger="adaptive_drafter.adaptive"):
+        out = rollout(adaptive, engine, do_sample=False)
+    assert adaptive.metrics(out.stats)["drafter/stale_alarm"] == 1.0
     assert "stale drafter: acceptance" in caplog.text
 
-    _, _, trainer, engine = setup()
-    rollout(engine)
+    _, _, trainer, adaptive, engine = setup()
+    rollout(adaptive, engine)
     for _ in range(4):
         trainer.step()
-    out = rollout(engine, seed=1)  # serves adapter 1, fitted to policy version 0
-    assert engine.metrics(out.stats)["drafter/stale_alarm"] == 0.0
-    engine.policy_version = 51  # the policy moved on; the trainer published nothing since
-    with caplog.at_level("WARNING", logger="adaptive_drafter.engine"):
-        out = rollout(engine, seed=2)
-    assert engine.metrics(out.stats)["drafter/stale_alarm"] == 1.0
+    out = rollout(adaptive, engine, seed=1)  # serves adapter 1, fitted to policy version 0
+    assert adaptive.metrics(out.stats)["drafter/stale_alarm"] == 0.0
+    adaptive.policy_version = 51  # the policy moved on; the trainer published nothing since
+    with caplog.at_level("WARNING", logger="adaptive_drafter.adaptive"):
+        out = rollout(adaptive, engine, seed=2)
+    assert adaptive.metrics(out.stats)["drafter/stale_alarm"] == 1.0
     assert "lags the policy by 51 versions" in caplog.text

@@ -66,7 +66,9 @@ def make_trainer(tmp_path, rollout, reward=None, policy=None, **overrides) -> GR
 def rollout_under_test(**distill):
     distill_config = DistillConfig(**{"distill_min_buffer_tokens": 8, "distill_batch_size": 4, **distill})
     return SpeculativeRollout(
-        SpecConfig(num_draft_tokens=3), DrafterConfig(drafter_num_layers=1, drafter_lora_r=4), distill_config
+        SpecConfig(num_draft_tokens=3, elastic=False),
+        DrafterConfig(drafter_num_layers=1, drafter_lora_r=4),
+        distill_config,
     )
 
 
@@ -127,13 +129,13 @@ def test_checkpoints_hold_the_drafter_and_resume_restores_it(tmp_path):
     fresh = rollout_under_test()
     version = load_adapter(rollout.drafter, saved)  # what the checkpoint holds
     # The served adapter (version 0 when the background trainer has not published one yet: a race it may lose).
-    assert version == (rollout.engine.adapter_version or AdapterVersion(0, 0))
+    assert version == (rollout.adaptive.adapter_version or AdapterVersion(0, 0))
     # Resume in a new trainer (as after a kill): same policy step, same adapter and version.
     resumed = make_trainer(tmp_path, fresh, max_steps=3)
     resumed.train(resume_from_checkpoint=str(Path(trainer.args.output_dir) / "checkpoint-2"))
     assert resumed.state.global_step == 3
     assert fresh.restore_from == saved
-    assert fresh.engine.adapter_version.adapter_version >= version.adapter_version
+    assert fresh.adaptive.adapter_version.adapter_version >= version.adapter_version
 
 
 def test_a_warm_started_drafter_serves_and_trains_from_the_saved_adapter(tmp_path):
@@ -150,13 +152,15 @@ def test_a_warm_started_drafter_serves_and_trains_from_the_saved_adapter(tmp_pat
     )
     save_adapter(offline, tmp_path / "warm", AdapterVersion(7, 3))
     warm = DrafterConfig(drafter_num_layers=1, drafter_lora_r=4, drafter_adapter_path=str(tmp_path / "warm"))
-    rollout = SpeculativeRollout(SpecConfig(num_draft_tokens=3), warm, DistillConfig(distill_min_buffer_tokens=65536))
+    rollout = SpeculativeRollout(
+        SpecConfig(num_draft_tokens=3, elastic=False), warm, DistillConfig(distill_min_buffer_tokens=65536)
+    )
     make_trainer(tmp_path, rollout, policy=policy, max_steps=1).train()
     expected = adapter_state(offline)
     for model in (rollout.drafter, rollout.drafter_trainer.model):
         state = adapter_state(model)
         assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
-    assert rollout.engine.adapter_version is None
+    assert rollout.adaptive.adapter_version is None
 
 
 def test_wandb_offline_run_holds_spec_and_drafter_metrics(tmp_path, monkeypatch):
@@ -219,12 +223,46 @@ def recipe_argv(tmp_path, model_dir, *extra):
     ]
 
 
-def test_recipe_cli_runs_two_steps(tmp_path, tiny_model_dir, capsys):
-    trainer = load_recipe().main(recipe_argv(tmp_path, tiny_model_dir))
+def test_recipe_cli_runs_two_steps_and_its_summary_holds_only_measured_figures(tmp_path, tiny_model_dir, capsys):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = load_recipe().main(recipe_argv(tmp_path, tiny_model_dir))
     assert trainer.state.global_step == 2
+    assert not [w for w in caught if "checkpointing" in str(w.message)]  # the YAML uses the current name
     printed = capsys.readouterr().out
-    assert "acceptance rate" in printed and "speed-up estimate" in printed
+    rollout = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "rollout")).rollout
+    totals = rollout.totals
+    assert "estimate" not in printed and "drafter: a fresh, untrained LoRA drafter" in printed
+    assert f"{totals.emitted_tokens} tokens decoded at" in printed
+    if totals.measured_speedup is not None:  # elastic (the YAML's default) timed plain steps beside speculative ones
+        assert f"measured speed-up    {totals.measured_speedup:.2f}x plain decoding" in printed
     assert (tmp_path / "out" / "drafter" / "adapter.safetensors").exists()
+
+    fixed = load_recipe().main(recipe_argv(tmp_path / "fixed", tiny_model_dir, "--elastic", "false"))
+    assert "measured speed-up    not measured in this run" in capsys.readouterr().out
+    assert next(cb for cb in fixed.callback_handler.callbacks if hasattr(cb, "rollout")).rollout.totals.drafted > 0
+
+
+def test_private_trl_apis_that_changed_fail_by_name():
+    from types import SimpleNamespace
+
+    from adaptive_drafter.trl import log_metrics, tokenize_prompts
+
+    with pytest.raises(RuntimeError, match="_tokenize_prompts, a private TRL API"):
+        tokenize_prompts(SimpleNamespace(), [[{"role": "user", "content": "hi"}]])
+    with pytest.raises(RuntimeError, match="_tokenize_prompts .a private TRL API. changed"):
+        tokenize_prompts(SimpleNamespace(_tokenize_prompts=lambda prompts: "ids"), ["hi"])
+    assert tokenize_prompts(SimpleNamespace(_tokenize_prompts=lambda prompts: ([[1, 2]], None, {})), ["hi"]) == [[1, 2]]
+    model = SimpleNamespace(training=True)
+    with pytest.raises(RuntimeError, match="_metrics"):
+        log_metrics(SimpleNamespace(model=model), {"spec/x": 1.0})
+    from collections import defaultdict
+
+    store = {"train": defaultdict(list), "eval": defaultdict(list)}
+    log_metrics(SimpleNamespace(model=model, _metrics=store), {"spec/x": 1.0})
+    assert store["train"]["spec/x"] == [1.0]
 
 
 @pytest.mark.parametrize(
@@ -309,7 +347,9 @@ def test_kill_9_after_a_checkpoint_then_resume(tmp_path, tiny_model_dir):
     assert trainer.state.global_step == complete[-1] + 1
     rollout = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "rollout")).rollout
     assert rollout.restore_from == last / DRAFTER_DIR
-    assert rollout.engine.adapter_version.adapter_version >= saved["adapter_version"]
+    assert rollout.adaptive.adapter_version.adapter_version >= saved["adapter_version"]
+    restored = f"drafter: restored adapter v{saved['adapter_version']} (fitted to policy step {saved['policy_version']})"
+    assert any(event.startswith(restored) for event in rollout.events), rollout.events
 
     # Exactly the saved adapter and version are what a resumed rollout starts serving.
     from safetensors.torch import load_file
@@ -321,8 +361,8 @@ def test_kill_9_after_a_checkpoint_then_resume(tmp_path, tiny_model_dir):
     fresh.drafter_config = DrafterConfig(drafter_num_layers=1)  # as the recipe built it
     fresh.distill_config = None
     fresh.restore_from = last / DRAFTER_DIR
-    engine = fresh._engine(AutoModelForCausalLM.from_pretrained(last), tokenizer())
-    assert (engine.adapter_version.adapter_version, engine.adapter_version.policy_version) == (
+    adaptive = fresh._adaptive(AutoModelForCausalLM.from_pretrained(last), tokenizer())
+    assert (adaptive.adapter_version.adapter_version, adaptive.adapter_version.policy_version) == (
         saved["adapter_version"], saved["policy_version"],
     )  # fmt: skip
     expected = load_file(last / DRAFTER_DIR / "adapter.safetensors")

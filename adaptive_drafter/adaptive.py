@@ -1,0 +1,292 @@
+"""The adaptive drafter: a LoRA drafter kept in step with a moving policy, whatever engine decodes with it.
+
+It owns everything that makes a drafter *adaptive*: the peft drafter and the adapter version it serves, the background
+`DrafterTrainer` and its `DistillBuffer`, the serving copy with the LoRA merged in, the token counts behind the reduced
+draft vocabulary, the swap of a newly published adapter between rollouts (never during one) and the stale-drafter
+alarm. Engines only decode: the Hugging Face engine takes the draft model of each rollout from `draft_model()`, the vLLM
+engine loads `serving_weights()` into its draft model; both hand back what they saw through `record()`.
+
+    adaptive = AdaptiveDrafter(build_drafter(policy), SpecConfig(), DistillConfig())
+    engine = SpeculativeEngine(policy, adaptive.drafter, adaptive.config)
+    with adaptive:                                   # the background trainer runs inside
+        out = adaptive.generate(engine, input_ids, attention_mask, max_new_tokens=256)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from .config import DistillConfig, SpecConfig
+from .drafter import (
+    AdapterVersion,
+    ReducedVocabDrafter,
+    frequent_tokens,
+    load_adapter,
+    load_adapter_state,
+    lora_fingerprint,
+    merged_copy,
+    save_adapter,
+)
+from .metrics import SpecStats
+from .targets import PolicyTargets
+from .trainer import DrafterTrainer
+
+logger = logging.getLogger(__name__)
+
+
+class AdaptiveDrafter:
+    """A peft drafter whose LoRA adapters a background trainer keeps distilling from the policy's rollouts.
+
+    `config` supplies the serving options (`merge_lora`, `draft_vocab_size`, the stale alarm's thresholds);
+    `distill_config` (or a ready `trainer`) turns on continual distillation: without either the drafter is served as
+    it is (frozen) and nothing is collected. `policy_version` is advanced by whoever updates the policy; it stamps the
+    collected targets and measures how far the served adapter lags.
+    """
+
+    def __init__(
+        self,
+        drafter: PeftModel,
+        config: SpecConfig | None = None,
+        distill_config: DistillConfig | None = None,
+        *,
+        trainer: DrafterTrainer | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
+        if trainer is not None and distill_config is not None:
+            raise ValueError("Pass distill_config or a ready trainer to AdaptiveDrafter, not both.")
+        self.drafter = drafter
+        self.config = config if config is not None else SpecConfig()
+        self.trainer = (
+            trainer if trainer is not None else DrafterTrainer(drafter, distill_config) if distill_config else None
+        )
+        self.vocab_size = vocab_size or self.config.vocab_size or drafter.config.vocab_size
+        self.policy_version = 0
+        self.adapter_version: AdapterVersion | None = None  # the adapter being served (None: the initial weights)
+        self._lock = threading.Lock()  # a swap never overlaps a rollout
+        self.acceptance_ema: float | None = None  # running acceptance over rollouts, for the stale-drafter alarm
+        self._alarm: list[str] = []
+        # The reduced draft vocabulary: pinned by `set_draft_vocab`, else the most frequent tokens of past completions.
+        self.token_counts = torch.zeros(self.vocab_size, dtype=torch.long)
+        self.draft_vocab: torch.Tensor | None = None
+        self.draft_vocab_coverage: float | None = None  # share of the last rollout's tokens inside it
+        self._reduced_head_checked = False
+        self._merged: tuple[Any, Any] | None = None  # (LoRA fingerprint, merged copy) of the drafter being served
+        self._exported: tuple[Any, ...] | None = None  # LoRA fingerprint last handed out by `serving_weights`
+
+    # --- the background trainer ------------------------------------------------------------------------------------
+
+    @property
+    def topk(self) -> int:
+        """Top-K policy logprobs an engine should collect per generated position: the trainer's K, or 0 (frozen)."""
+        return self.trainer.config.distill_topk if self.trainer is not None else 0
+
+    def start(self) -> AdaptiveDrafter:
+        """Start the background trainer (no-op when frozen)."""
+        if self.trainer is not None:
+            self.trainer.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the background trainer; no thread outlives training."""
+        if self.trainer is not None:
+            self.trainer.stop()
+
+    def __enter__(self) -> AdaptiveDrafter:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # --- serving ---------------------------------------------------------------------------------------------------
+
+    def swap(self) -> bool:
+        """Load the trainer's newest adapter into the serving drafter if it is newer; return whether it was. Call it
+        between rollouts only (`generate` does, under the lock)."""
+        latest = self.trainer.latest() if self.trainer is not None else None
+        current = self.adapter_version.adapter_version if self.adapter_version is not None else 0
+        if latest is None or latest.version.adapter_version <= current:
+            return False
+        load_adapter_state(self.drafter, latest.state)
+        self.adapter_version = latest.version
+        return True
+
+    def serving_model(self) -> Any:
+        """The drafter as it serves: its merged copy (`SpecConfig.merge_lora`), rebuilt whenever a LoRA weight was
+        written (a swap, or a user's load), else the peft model itself."""
+        return self._merged_model() if self.config.merge_lora else self.drafter
+
+    def _merged_model(self) -> Any:
+        if not isinstance(self.drafter, PeftModel):
+            return self.drafter
+        fingerprint = lora_fingerprint(self.drafter)
+        if self._merged is None or self._merged[0] != fingerprint:
+            self._merged = (fingerprint, merged_copy(self.drafter))
+        return self._merged[1]
+
+    def draft_model(self) -> Any:
+        """What the Hugging Face engine drafts with this rollout: the serving model, whole or with its head cut to the
+        reduced draft vocabulary (`set_draft_vocab`, else `SpecConfig.draft_vocab_size`'s most frequent tokens)."""
+        drafter = self.serving_model()
+        ids = self.draft_vocab
+        if ids is None and self.config.draft_vocab_size:
+            ids = frequent_tokens(self.token_counts, self.config.draft_vocab_size)
+        if ids is None or len(ids) == 0:  # nothing pinned and no completions seen yet
+            return drafter
+        reduced = ReducedVocabDrafter(drafter, ids, self.vocab_size)
+        if not self._reduced_head_checked:
+            reduced.check()
+            self._reduced_head_checked = True
+        return reduced
+
+    def serving_weights(self, changed_only: bool = True) -> dict[str, torch.Tensor]:
+        """Hugging Face-named weights of the merged serving drafter, for an engine that holds its own copy (vLLM).
+        With `changed_only`, only the LoRA-adapted layers (nothing else ever changes), and nothing at all when no LoRA
+        weight was written since the last call."""
+        fingerprint = lora_fingerprint(self.drafter) if isinstance(self.drafter, PeftModel) else ()
+        state = self._merged_model().state_dict()
+        if not changed_only:
+            self._exported = fingerprint
+            return dict(state)
+        if fingerprint == self._exported:
+            return {}
+        self._exported = fingerprint
+        adapted = {
+            _hf_name(name) for name, module in self.drafter.named_modules() if isinstance(module, BaseTunerLayer)
+        }
+        return {name: tensor for name, tensor in state.items() if name.rsplit(".", 1)[0] in adapted}
+
+    def export(self, directory: str | os.PathLike[str], tokenizer: Any = None) -> Path:
+        """Save the merged serving drafter as an ordinary Hugging Face checkpoint (what vLLM's `draft_model` loads)."""
+        path = Path(directory)
+        self._merged_model().save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+        self._exported = lora_fingerprint(self.drafter) if isinstance(self.drafter, PeftModel) else ()
+        return path
+
+    def set_draft_vocab(self, token_ids: Sequence[int] | torch.Tensor | None) -> None:
+        """Pin the tokens the drafter may propose (None: back to `SpecConfig.draft_vocab_size`'s frequent tokens).
+        Lossless whatever the set: the policy still emits any token it wants."""
+        if token_ids is None:
+            self.draft_vocab = None
+            return
+        ids = torch.as_tensor(token_ids, dtype=torch.long).unique()
+        if len(ids) == 0 or ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(f"The draft vocabulary must be a non-empty set of token ids in [0, {self.vocab_size}).")
+        self.draft_vocab = ids
+
+    # --- one rollout -----------------------------------------------------------------------------------------------
+
+    def generate(self, engine: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        """One rollout through the Hugging Face `engine` (`SpeculativeEngine.generate`'s arguments): swap in the
+        newest adapter, draft with the serving model, collect the targets the trainer needs, and record the outcome."""
+        with self._lock:
+            if self.swap():
+                engine.drafter_changed()
+            draft_model = self.draft_model()
+            out = engine.generate(
+                input_ids,
+                attention_mask,
+                drafter=draft_model,
+                collect_topk=max(self.topk, engine.config.collect_topk),
+                policy_version=self.policy_version,
+                **kwargs,
+            )
+        self.record(out.completion_ids, out.targets, out.stats, draft_model)
+        return out
+
+    def record(
+        self,
+        completions: list[list[int]],
+        targets: list[PolicyTargets] | None,
+        stats: SpecStats,
+        draft_model: Any = None,
+    ) -> None:
+        """What a rollout saw: its targets go to the trainer's buffer, its tokens to the draft-vocabulary counts, its
+        acceptance to the stale alarm."""
+        if self.trainer is not None and targets:
+            self.trainer.buffer.add_many(targets)
+        flat = torch.tensor([t for row in completions for t in row], dtype=torch.long)
+        if self.config.draft_vocab_size or self.draft_vocab is not None:
+            self.token_counts += torch.bincount(flat, minlength=self.vocab_size)[: self.vocab_size]
+        if isinstance(draft_model, ReducedVocabDrafter) and len(flat):
+            self.draft_vocab_coverage = float(torch.isin(flat, draft_model.token_ids.cpu()).float().mean())
+        self._watch(stats)
+
+    # --- the stale alarm and metrics -------------------------------------------------------------------------------
+
+    def _watch(self, stats: SpecStats) -> None:
+        """The field's commonest silent failure is a drafter never updated after the policy moved, acceptance
+        collapsing to ~1 token per verify. Warn when it starts, with the reasons."""
+        if stats.drafted:
+            rate = stats.acceptance_rate
+            self.acceptance_ema = rate if self.acceptance_ema is None else 0.7 * self.acceptance_ema + 0.3 * rate
+        alarm = self.stale_reasons()
+        if alarm and not self._alarm:
+            logger.warning("stale drafter: %s", "; ".join(alarm))
+        self._alarm = alarm
+
+    def stale_reasons(self) -> list[str]:
+        """Why the drafter looks stale (empty when it does not)."""
+        reasons = []
+        if self.acceptance_ema is not None and self.acceptance_ema < self.config.stale_acceptance:
+            reasons.append(
+                f"acceptance {self.acceptance_ema:.3f} < {self.config.stale_acceptance} (speculation is not paying)"
+            )
+        lag = self.policy_version - self.adapter_version.policy_version if self.adapter_version else None
+        if self.trainer is not None and lag is not None and lag > self.config.stale_version_lag:
+            reasons.append(f"the adapter lags the policy by {lag} versions: is the drafter trainer running?")
+        return reasons
+
+    def metrics(self, stats: SpecStats) -> dict[str, float]:
+        """`spec/*` metrics of one rollout, the served adapter's version and lag, the alarm and the trainer's side."""
+        out = stats.metrics()
+        out["drafter/stale_alarm"] = float(bool(self.stale_reasons()))
+        if self.draft_vocab_coverage is not None:
+            out["spec/draft_vocab_coverage"] = self.draft_vocab_coverage
+        if self.adapter_version is not None:
+            out["drafter/version"] = float(self.adapter_version.adapter_version)
+            out["drafter/version_lag"] = float(self.policy_version - self.adapter_version.policy_version)
+        if self.trainer is not None:
+            out.update(self.trainer.metrics())
+        return out
+
+    # --- checkpoints -----------------------------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Save the served adapter and its versions into `directory` (atomically)."""
+        with self._lock:
+            return save_adapter(self.drafter, directory, self.adapter_version or AdapterVersion(0, 0))
+
+    def restore(self, directory: str | os.PathLike[str]) -> AdapterVersion:
+        """Resume: serve the adapter saved in `directory` with its versions, and have the trainer continue from it
+        (its numbering included)."""
+        with self._lock:
+            version = load_adapter(self.drafter, directory)
+            self.adapter_version = version
+            if self.trainer is not None:
+                self.trainer.reset(self.drafter, version.adapter_version)
+        return version
+
+    def warm_start(self, directory: str | os.PathLike[str]) -> AdapterVersion:
+        """Start from an adapter distilled elsewhere (`scripts/distill_drafter.py`): its weights only, this run numbers
+        its own versions from 0. Returns the version it was saved with."""
+        with self._lock:
+            version = load_adapter(self.drafter, directory)
+            if self.trainer is not None:
+                self.trainer.reset(self.drafter, self.trainer.adapter_version)
+        return version
+
+
+def _hf_name(peft_name: str) -> str:
+    """A module's name inside the merged plain model, from its name inside the peft wrapper."""
+    return peft_name.removeprefix("base_model.model.")

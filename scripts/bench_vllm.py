@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Rollout throughput side by side on identical prompts: Hugging Face `generate`, our engine (plain and elastic), vLLM
+plain and vLLM with the adaptive drafter as its draft model, at several batch sizes. Runs in the vLLM environment:
+
+    make vllm-env
+    .venv-vllm/bin/python scripts/bench_vllm.py --batch-sizes 1,8,32 --max-new-tokens 64 --repeats 3 \
+        --json docs/results/bench_vllm_cpu.json
+    .venv-vllm/bin/python scripts/bench_vllm.py --adapter outputs/drafter_embedded_warm --do-sample   # a GPU: T = 1
+
+The policy is the embedded SmolLM2-135M-Instruct; the drafter its first `--drafter-layers` layers with LoRA (untrained,
+or the adapter at `--adapter`), merged and exported as the checkpoint vLLM's `draft_model` method loads. Greedy by
+default: on a CPU the vllm-cpu build needs the repair `VLLMEngine` registers for sampled speculation, which this bench
+then relies on. Each row: tokens per second (median of `--repeats`, after a warm-up), ratios to HF `generate`, vLLM's
+acceptance and tokens per verify, and whether vLLM's speculative output equals its plain output (greedy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def timed(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Median seconds of `repeats` runs after one warm-up, and the last run's result."""
+    run()
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--k", type=int, default=4, help="num_draft_tokens")
+    p.add_argument("--drafter-layers", type=int, default=4)
+    p.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter (scripts/distill_drafter.py --out)")
+    p.add_argument("--task", choices=("arithmetic", "reasoning"), default="arithmetic")
+    p.add_argument("--do-sample", action="store_true", help="sample at --temperature (default greedy)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--skip-hf", action="store_true", help="vLLM rows only (a GPU: the HF rows take long)")
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    from adaptive_drafter import SpecConfig, SpeculativeEngine
+    from adaptive_drafter.adaptive import AdaptiveDrafter
+    from adaptive_drafter.config import DrafterConfig
+    from adaptive_drafter.drafter import build_drafter, load_adapter
+    from adaptive_drafter.embedded import cache_path, load_embedded
+    from adaptive_drafter.tasks import chat_batch, load_task
+    from adaptive_drafter.vllm_engine import VLLMEngine
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy, tokenizer = load_embedded()
+    policy.to(device).eval()
+    drafter = build_drafter(policy, DrafterConfig(drafter_num_layers=args.drafter_layers))
+    if args.adapter is not None:
+        load_adapter(drafter, args.adapter)
+    adaptive = AdaptiveDrafter(drafter, SpecConfig(num_draft_tokens=args.k))
+    draft_dir = adaptive.export(Path(tempfile.mkdtemp(prefix="bench_vllm_drafter_")), tokenizer)
+    sampling = dict(do_sample=args.do_sample, temperature=args.temperature)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    dataset, _ = load_task(args.task, max(batches), seed=777)
+    ids, mask = chat_batch(tokenizer, dataset["prompt"], device)
+    eos = tokenizer.eos_token_id
+
+    rows: dict[int, dict[str, Any]] = {b: {"batch": b} for b in batches}
+    if not args.skip_hf:
+        served = adaptive.serving_model().to(device)
+        engines = {
+            "hf_engine_plain": SpeculativeEngine(policy, served, SpecConfig(elastic=False, plain_batch_threshold=1)),
+            "hf_engine_elastic": SpeculativeEngine(policy, served, SpecConfig(num_draft_tokens=args.k)),
+        }
+        for b in batches:
+            i, m = ids[:b], mask[:b]
+
+            def generate() -> int:
+                out = policy.generate(
+                    input_ids=i, attention_mask=m, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id, **sampling,
+                )  # fmt: skip
+                return int((out[:, i.shape[1] :] != tokenizer.pad_token_id).sum())
+
+            seconds, tokens = timed(generate, args.repeats)
+            rows[b]["hf_generate_tok_s"] = b * args.max_new_tokens / seconds
+            for name, engine in engines.items():
+                seconds, out = timed(
+                    lambda engine=engine: engine.generate(i, m, max_new_tokens=args.max_new_tokens, **sampling),
+                    args.repeats,
+                )
+                rows[b][f"{name}_tok_s"] = sum(map(len, out.completion_ids)) / seconds
+        del engines
+
+    # No eos: every row decodes max_new_tokens in every engine, so token counts (and work) are equal.
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
+    outputs: dict[str, dict[int, Any]] = {}
+    for name, kwargs in (("vllm_plain", dict(method=None)), ("vllm_adaptive", dict(draft_path=str(draft_dir)))):
+        engine = VLLMEngine(str(cache_path()), num_draft_tokens=args.k, max_model_len=1024, **kwargs)
+        outputs[name] = {}
+        for b in batches:
+            seconds, out = timed(
+                lambda b=b: engine.generate(prompts[:b], max_new_tokens=args.max_new_tokens, generator_seed=0, **sampling),
+                args.repeats,
+            )
+            outputs[name][b] = out
+            rows[b][f"{name}_tok_s"] = sum(map(len, out.completion_ids)) / seconds
+            if name == "vllm_adaptive":
+                rows[b]["vllm_acceptance"] = out.stats.acceptance_rate
+                rows[b]["vllm_tokens_per_verify"] = out.stats.tokens_per_verify
+        engine.close()
+    for b in batches:
+        row = rows[b]
+        row["vllm_identical"] = (
+            outputs["vllm_plain"][b].completion_ids == outputs["vllm_adaptive"][b].completion_ids
+            if not args.do_sample else None
+        )  # fmt: skip
+        base = row.get("hf_generate_tok_s")
+        for key in [k for k in row if k.endswith("_tok_s")]:
+            if base:
+                row[key.replace("_tok_s", "_vs_generate")] = row[key] / base
+        row["vllm_adaptive_vs_vllm_plain"] = row["vllm_adaptive_tok_s"] / row["vllm_plain_tok_s"]
+
+    print(f"{'batch':>5} " + " ".join(f"{k:>24}" for k in rows[batches[0]] if k != "batch"))
+    for b in batches:
+        cells = [f"{v:24.3f}" if isinstance(v, float) else f"{v!s:>24}" for k, v in rows[b].items() if k != "batch"]
+        print(f"{b:5d} " + " ".join(cells))
+    import vllm
+
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPU cores, device {device}",
+        "torch": torch.__version__, "vllm": vllm.__version__, "torch_threads": torch.get_num_threads(),
+        "drafter": f"first {args.drafter_layers} layers + LoRA ({args.adapter or 'untrained'})",
+    }  # fmt: skip
+    result = {"meta": meta, "settings": {k: str(v) for k, v in vars(args).items()}, "rows": list(rows.values())}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

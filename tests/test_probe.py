@@ -1,0 +1,50 @@
+"""The held-out probe: the served adapter vs the starting one on fixed prompts and seeds, the policy's drift, the plot."""
+
+import math
+
+import torch
+from test_drafter import trained_lora
+
+from adaptive_drafter.adaptive import AdaptiveDrafter
+from adaptive_drafter.config import DrafterConfig, SpecConfig
+from adaptive_drafter.drafter import build_drafter, load_adapter_state
+from adaptive_drafter.probe import DrafterProbe, plot_run
+from adaptive_drafter.testing import left_padded_prompts, tiny_causal_lm
+
+
+def setup(every=2):
+    policy = tiny_causal_lm("llama", num_layers=3, logit_scale=6.0)
+    drafter = build_drafter(policy, DrafterConfig(drafter_num_layers=2, drafter_lora_r=4))
+    ids, mask = left_padded_prompts(6, 2, 6, 256, seed=0)
+    return policy, AdaptiveDrafter(drafter, SpecConfig()), DrafterProbe(ids, mask, every=every, max_new_tokens=12)
+
+
+def test_the_first_point_measures_the_same_drafter_twice_and_no_drift():
+    policy, adaptive, probe = setup()
+    assert probe.due(0)
+    point = probe.measure(0, policy, adaptive)
+    assert point.adaptive_acceptance == point.frozen_acceptance > 0
+    assert point.policy_kl == 0.0 and not probe.due(1) and probe.due(2)
+
+
+def test_a_changed_adapter_and_a_moved_policy_show_up_against_the_frozen_start():
+    policy, adaptive, probe = setup()
+    start = probe.measure(0, policy, adaptive)
+    load_adapter_state(adaptive.drafter, trained_lora(adaptive.drafter, 3, scale=0.5))  # the served adapter moves
+    with torch.no_grad():
+        head = policy.get_output_embeddings().weight
+        head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(1)) * 0.3 * head.std())
+    later = probe.measure(2, policy, adaptive)
+    assert later.frozen_acceptance != later.adaptive_acceptance  # two different drafters on the same prompts and seeds
+    assert later.frozen_acceptance != start.frozen_acceptance  # the same drafter against a moved policy
+    assert later.policy_kl > 1e-3 and math.isfinite(later.policy_kl)
+    assert set(probe.metrics()) >= {"drafter/probe_acceptance_adaptive", "policy/kl_to_start"}
+
+
+def test_the_run_plot_is_written(tmp_path):
+    policy, adaptive, probe = setup()
+    probe.measure(0, policy, adaptive)
+    probe.measure(2, policy, adaptive)
+    history = [{"step": 0, "tokens_per_verify": 2.0, "measured_speedup": None}, {"step": 1, "measured_speedup": 1.1}]
+    path = plot_run(probe, history, tmp_path / "run.png", "test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
