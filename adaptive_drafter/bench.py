@@ -10,7 +10,7 @@ Two setups:
 * embedded (`embedded_setup`): SmolLM2-135M-Instruct (`embedded.load_embedded`) on chat-templated questions or an
   embedded RL task (`tasks`), drafted by its own first `drafter_layers` layers (untrained, or a distilled adapter).
 
-Drafting sources (`DRAFTERS`, `make_engine`): `model` (the drafter model alone), `hybrid` (`SpecConfig.suffix_drafting`:
+Drafting sources (`DRAFTERS`, `make_engine`): `model` (the drafter model alone), `hybrid` (`SpecConfig.drafting`:
 per row and step the model's drafts or a model-free suffix draft) and `suffix` (suffix drafts only: the model drafter
 never drafts).
 """
@@ -182,46 +182,24 @@ def grouped(setup: Setup, group: int) -> Setup:
 
 
 def suffix_supported() -> bool:
-    """Whether this engine has hybrid drafting: `SpecConfig.suffix_drafting` and the per-source `SpecStats` fields."""
+    """Whether this engine has hybrid drafting: `SpecConfig.drafting` and the per-source `SpecStats` fields."""
     config = {f.name for f in dataclasses.fields(SpecConfig)}
     stats = {f.name for f in dataclasses.fields(SpecStats)}
-    return "suffix_drafting" in config and {"suffix_drafted", "suffix_accepted", "suffix_verifies"} <= stats
+    return "drafting" in config and {"suffix_drafted", "suffix_accepted", "suffix_verifies"} <= stats
 
 
 def make_engine(policy: Any, drafter: Any, source: str, k: int, elastic: bool, **config: Any) -> SpeculativeEngine:
-    """An engine drafting from `source` (`DRAFTERS`), fixed k or elastic; `config` goes to `SpecConfig`.
-
-    `suffix`: the engine has no switch for the model drafter, so its elastic controller is pinned to k = 0 (a plain
-    step, which never runs the drafter) and only rows whose suffix draft expects >= 1 accepted token speculate. Both
-    variants therefore run the engine in elastic mode: "elastic" keeps the controller's cost gate (a step speculates
-    only when the measured verify cost pays), "fixed" drops it (every such row verifies its draft, as fixed k always
-    drafts)."""
+    """An engine drafting from `source` (`SpecConfig.drafting`: model, hybrid, suffix), fixed k or elastic; `config`
+    goes to `SpecConfig`. With `suffix`, "fixed" verifies every suffix draft that expects >= 1 accepted token, and
+    "elastic" only when the measured verify cost pays."""
     if source not in DRAFTERS:
         raise ValueError(f"unknown drafting source {source!r}: choose one of {', '.join(DRAFTERS)}")
-    if source != "model":
-        if not suffix_supported():
-            raise RuntimeError(
-                f"--drafter {source} needs hybrid drafting in the engine (SpecConfig.suffix_drafting and the "
-                "SpecStats fields suffix_drafted/suffix_accepted/suffix_verifies), which this adaptive_drafter lacks"
-            )
-        config["suffix_drafting"] = True
-    engine = SpeculativeEngine(
-        policy, drafter, SpecConfig(num_draft_tokens=k, elastic=elastic or source == "suffix", **config)
-    )
-    if source == "suffix":
-        controller = engine.controller
-        if not all(hasattr(controller, name) for name in ("choose", "steps", "measuring_plain", "verify_cost")):
-            raise RuntimeError("--drafter suffix pins the elastic controller to k = 0, whose interface has changed")
-
-        def never_draft(batch: int, limit: int) -> int:
-            controller.steps += 1  # what `choose` keeps: its probing and re-measuring schedule counts steps
-            controller.measuring_plain = False  # False: rows with a suffix draft may speculate in this plain step
-            return 0
-
-        controller.choose = never_draft
-        if not elastic:
-            controller.verify_cost = lambda batch, width: None  # unmeasured: the engine speculates on every draft
-    return engine
+    if source != "model" and not suffix_supported():
+        raise RuntimeError(
+            f"--drafter {source} needs hybrid drafting in the engine (SpecConfig.drafting and the SpecStats fields "
+            "suffix_drafted/suffix_accepted/suffix_verifies), which this adaptive_drafter lacks"
+        )
+    return SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=k, elastic=elastic, drafting=source, **config))
 
 
 def check_source(stats: SpecStats, source: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ACCEPTANCE_RULES = ("exact", "lenient", "cascade")
+DRAFTING = ("model", "hybrid", "suffix")
 
 
 @dataclass
@@ -82,16 +83,17 @@ class SpecConfig:
         default=0.5,
         metadata={"help": "Compact the KV caches when more than this fraction of their slots are holes or padding."},
     )
-    suffix_drafting: bool = field(
-        default=False,
+    drafting: str = field(
+        default="model",
         metadata={
-            "help": "Hybrid drafting: per row and step, draft model-free from the row's siblings' completions, earlier "
-            "rollouts of the same prompt and the row's own context where that promises more accepted tokens than the "
-            "model drafter (lossless under the exact rule). Off by default."
+            "help": "Where drafts come from: 'model' (the drafter model), 'hybrid' (per row and step, a model-free "
+            "suffix draft from the row's siblings' completions, earlier rollouts of the same prompt and the row's own "
+            "context where that promises more accepted tokens than the drafter model, else the model), or 'suffix' "
+            "(suffix drafts only; the drafter model never runs). Lossless under the exact rule whatever the source."
         },
     )
     suffix_max_draft: int = field(
-        default=16, metadata={"help": "suffix_drafting only: the longest suffix draft of a row in one step."}
+        default=16, metadata={"help": "hybrid/suffix drafting: the longest suffix draft of a row in one step."}
     )
 
     def __post_init__(self) -> None:
@@ -121,6 +123,8 @@ class SpecConfig:
             raise ValueError(f"SpecConfig.draft_vocab_size must be >= 0 (0: all tokens), got {self.draft_vocab_size}.")
         if not 0.0 < self.compact_threshold <= 1.0:
             raise ValueError(f"SpecConfig.compact_threshold must lie in (0, 1], got {self.compact_threshold}.")
+        if self.drafting not in DRAFTING:
+            raise ValueError(f"Unknown SpecConfig.drafting {self.drafting!r}: choose one of {', '.join(DRAFTING)}.")
         if self.suffix_max_draft < 1:
             raise ValueError(f"SpecConfig.suffix_max_draft must be >= 1, got {self.suffix_max_draft}.")
 

@@ -131,6 +131,14 @@ class ElasticController:
         self.accepted *= keep
         self.rejected *= keep
 
+    def measure_plain_now(self, batch: int) -> bool:
+        """For steps without a drafter model (suffix drafts only): whether this one should decode plainly to
+        (re-)measure a plain step's cost, which model-free speculation is weighed against."""
+        self.steps += 1
+        costs = self.costs.setdefault(self.bucket(batch), _Costs())
+        self.measuring_plain = costs.plain is None or self.steps % self.explore_every == 0
+        return self.measuring_plain
+
     def plain_seconds(self, batch: int) -> float | None:
         """The running estimate of one plain step's seconds at this batch size's bucket (None: none measured)."""
         costs = self.costs.get(self.bucket(batch))

@@ -9,7 +9,7 @@ holes pile up, and finished rows leave the batch.
 Invariant between steps: the policy's cache holds every token of a row except the last one emitted; the drafter's
 cache lags further, by the tokens in `pending` (left-padded), which it consumes before drafting.
 
-Hybrid drafting (`SpecConfig.suffix_drafting`): per step, each row verifies either the model drafter's k drafts or a
+Hybrid drafting (`SpecConfig.drafting='hybrid'`): per step, each row verifies either the model drafter's k drafts or a
 model-free suffix draft (`suffix.SuffixDrafter`: its siblings' completions, earlier rollouts, its own context), the one
 with the larger expected accepted length; rows of different draft lengths share one verify forward (`lengths`, padding
 beyond). Rows that did not verify the drafter's drafts turn the drafter's cached drafts into holes and queue what they
@@ -126,7 +126,7 @@ def _synchronize(device: torch.device) -> None:
 
 def _max_draft(config: SpecConfig) -> int:
     """The most drafts a row verifies in one step."""
-    return max(config.num_draft_tokens, config.suffix_max_draft if config.suffix_drafting else 0)
+    return max(config.num_draft_tokens, config.suffix_max_draft if config.drafting != "model" else 0)
 
 
 def _max_positions(model: Any) -> int | None:
@@ -164,7 +164,7 @@ class SpeculativeEngine:
         self.controller = ElasticController(self.config.num_draft_tokens, self.config.plain_batch_threshold)
         # Model-free drafts; persists across calls: its history and global stores are the earlier rollouts.
         self.suffix = (
-            SuffixDrafter(SuffixConfig(max_len=self.config.suffix_max_draft)) if self.config.suffix_drafting else None
+            SuffixDrafter(SuffixConfig(max_len=self.config.suffix_max_draft)) if self.config.drafting != "model" else None
         )
 
     def drafter_changed(self) -> None:
@@ -361,6 +361,10 @@ class _Rollout:
         return SpecOutput(self.completions, self.logprobs, self.stats, self._policy_targets(input_ids, mask))
 
     def _draft_length(self, batch: int, limit: int) -> int:
+        if self.config.drafting == "suffix":  # the drafter model never drafts; plain steps are still timed now and then
+            if self.config.elastic:
+                self.controller.measure_plain_now(batch)
+            return 0
         if self.config.elastic:
             return self.controller.choose(batch, limit)
         threshold = self.config.plain_batch_threshold
@@ -435,7 +439,7 @@ class _Rollout:
             width = max(len(d.tokens) for d in chosen if d is not None)
             verify = self.controller.verify_cost(len(rows), width)
             tokens = sum(1 + e if d is not None else 1.0 for d, e in zip(chosen, expected)) / len(rows)
-            if verify is not None and tokens / verify < self.controller.min_speedup:
+            if self.config.elastic and verify is not None and tokens / verify < self.controller.min_speedup:
                 return None
         return chosen
 

@@ -25,7 +25,7 @@ class SpecStats:
     # engine, their wall time, and the time plain decoding takes for the same tokens at the measured plain step cost.
     timed_seconds: float = 0.0
     plain_equivalent_seconds: float = 0.0
-    # Hybrid drafting (SpecConfig.suffix_drafting): the part of drafted/accepted/verify_steps drafted model-free.
+    # Hybrid drafting (SpecConfig.drafting): the part of drafted/accepted/verify_steps drafted model-free.
     suffix_drafted: int = 0  # suffix draft tokens proposed
     suffix_accepted: int = 0  # ...and accepted
     suffix_verifies: int = 0  # row-level verifications of a suffix draft

@@ -17,7 +17,7 @@ late layers, drafted by its first `--drafter-layers` layers: agreement set by th
 (SmolLM2-135M-Instruct on `--task` prompts, drafted by its own first layers: untrained unless `--adapter`).
 
 Drafting (`--drafter`): `model` the drafter model alone; `hybrid` per row and step the model's drafts or a model-free
-suffix draft (`SpecConfig.suffix_drafting`: siblings, earlier rollouts, the row's own context); `suffix` suffix drafts
+suffix draft (`SpecConfig.drafting`: siblings, earlier rollouts, the row's own context); `suffix` suffix drafts
 only (the model drafter never drafts). `--group G` repeats each prompt G times (GRPO's num_generations; batch sizes
 count rows); `--history H` first runs H untimed rollouts of the same prompts through each engine, so its suffix
 drafter has earlier epochs indexed (each timed run starts from that same state). Presets (`--preset`, YAML of flag
@@ -270,7 +270,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.group < 1 or args.history < 0:
         parser.error("--group must be positive and --history non-negative")
     if args.drafter != "model" and not suffix_supported():
-        parser.error(f"--drafter {args.drafter} needs SpecConfig.suffix_drafting (hybrid drafting), which this "
+        parser.error(f"--drafter {args.drafter} needs SpecConfig.drafting (hybrid drafting), which this "
                      "adaptive_drafter's engine lacks")  # fmt: skip
     return args
 

@@ -1,4 +1,4 @@
-"""Hybrid drafting (`SpecConfig.suffix_drafting`): per row and step, a model-free suffix draft (siblings, earlier
+"""Hybrid drafting (`SpecConfig.drafting='hybrid'`): per row and step, a model-free suffix draft (siblings, earlier
 rollouts, the row's own context) or the model drafter's, verified together; lossless like the model drafter alone."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from test_engine import PAD, STEPS, VOCAB, exact_joint, frequent_token, noise_bound, reference_greedy
+from test_engine import EOS, PAD, STEPS, VOCAB, exact_joint, frequent_token, noise_bound, reference_greedy
 
 from adaptive_drafter import SpecConfig, SpeculativeEngine
 from adaptive_drafter.drafter import noised_copy
@@ -60,7 +60,7 @@ def step_sources(monkeypatch):
 def test_greedy_with_suffix_drafts_is_token_identical_to_policy_generate(models, greedy_case, elastic):
     policy, drafter = models
     ids, mask, eos, expected = greedy_case
-    engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=elastic, num_draft_tokens=3, suffix_drafting=True))
+    engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=elastic, num_draft_tokens=3, drafting="hybrid"))
     first = engine.generate(ids, mask, max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
     assert first.completion_ids == expected
     # A second rollout of the same prompts: the first one's completions are the history source, which drafts them
@@ -79,7 +79,7 @@ def test_rows_with_suffix_drafts_speculate_when_the_controller_decodes_plainly(m
     policy = models[0]
     ids, mask, eos, expected = greedy_case
     drafter = tiny_causal_lm("llama", logit_scale=8.0, seed=1)
-    engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=True, num_draft_tokens=3, suffix_drafting=True))
+    engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=True, num_draft_tokens=3, drafting="hybrid"))
     for _ in range(3):
         out = engine.generate(ids, mask, max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
         assert out.completion_ids == expected
@@ -92,7 +92,7 @@ def test_the_drafter_cache_stays_exact_when_rows_mix_sources_in_a_step(step_sour
     rows that verified a suffix draft (their drafter slots become holes and their tokens pending) must not disturb it."""
     policy = tiny_causal_lm("llama", logit_scale=8.0)
     engine = SpeculativeEngine(
-        policy, copy.deepcopy(policy), SpecConfig(elastic=False, num_draft_tokens=2, suffix_drafting=True)
+        policy, copy.deepcopy(policy), SpecConfig(elastic=False, num_draft_tokens=2, drafting="hybrid")
     )
     ids, mask = grpo_prompts(4, 3, seed=3)
     expected = reference_greedy(policy, ids, mask, 24, eos=-1)
@@ -130,7 +130,7 @@ def test_sampled_joint_distribution_with_suffix_drafts_is_the_policys(peaked_mod
     policy, drafter = peaked_models
     prompt = [3, 1, 4, 5]
     target = exact_joint(policy, prompt, SamplingParams(do_sample=True))
-    engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=1, suffix_drafting=True))
+    engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=1, drafting="hybrid"))
     # Fewer candidates per lookup: a faster test; raw frequencies (prior 0): suffix drafts on most steps, more power.
     engine.suffix = SuffixDrafter(SuffixConfig(max_candidates=16, prior=0.0))
     ids = torch.tensor([prompt]).expand(ROWS, -1)
@@ -179,7 +179,7 @@ def test_metrics_split_verifies_by_draft_source():
 def test_collected_targets_count_suffix_positions_as_drafted(models):
     policy, drafter = models
     ids, mask = grpo_prompts(3, 4, seed=5)
-    config = SpecConfig(elastic=False, num_draft_tokens=2, suffix_drafting=True, collect_topk=4)
+    config = SpecConfig(elastic=False, num_draft_tokens=2, drafting="hybrid", collect_topk=4)
     engine = SpeculativeEngine(policy, drafter, config)
     engine.generate(ids, mask, max_new_tokens=20, do_sample=False)
     out = engine.generate(ids, mask, max_new_tokens=20, do_sample=False)
@@ -199,14 +199,31 @@ def test_suffix_drafting_is_off_by_default_and_validated():
     policy = tiny_causal_lm("llama")
     assert SpeculativeEngine(policy, policy).suffix is None
     with pytest.raises(ValueError, match="suffix_max_draft must be >= 1"):
-        SpecConfig(suffix_drafting=True, suffix_max_draft=0)
+        SpecConfig(drafting="hybrid", suffix_max_draft=0)
+    with pytest.raises(ValueError, match="choose one of model, hybrid, suffix"):
+        SpecConfig(drafting="siblings")
+
+
+@pytest.mark.parametrize("elastic", [False, True])
+def test_suffix_only_drafting_never_runs_the_drafter_model_and_stays_greedy_identical(elastic):
+    policy = tiny_causal_lm("llama", logit_scale=6.0)
+    drafter = noised_copy(policy, 0.05)
+    engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=elastic, num_draft_tokens=3, drafting="suffix"))
+    ids, mask = grpo_prompts(4, 4, seed=3)
+    expected = reference_greedy(policy, ids, mask, 20, eos=EOS)
+    calls = []
+    drafter.register_forward_hook(lambda *args: calls.append(1))
+    for _ in range(2):  # the second call drafts from the first call's completions (history)
+        out = engine.generate(ids, mask, max_new_tokens=20, do_sample=False, eos_token_id=EOS)
+        assert out.completion_ids == expected
+    assert not calls and out.stats.drafted == out.stats.suffix_drafted > 0
 
 
 def test_a_failed_rollout_still_ends_the_suffix_rollout():
     policy = tiny_causal_lm("llama", logit_scale=4.0)
     drafter = noised_copy(policy, 0.1)
     drafter.lm_head.register_forward_hook(lambda module, args, out: out.index_fill(-1, torch.tensor([7]), float("nan")))
-    engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=2, suffix_drafting=True))
+    engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=2, drafting="hybrid"))
     ids, mask = grpo_prompts(2, 2, seed=0)
     with pytest.raises(ValueError, match="NaN"):
         engine.generate(ids, mask, max_new_tokens=8, do_sample=False)

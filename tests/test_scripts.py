@@ -17,7 +17,7 @@ from conftest import load_file_module
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "bench"
-HYBRID = "suffix_drafting" in {f.name for f in dataclasses.fields(SpecConfig)}
+HYBRID = "drafting" in {f.name for f in dataclasses.fields(SpecConfig)}
 
 
 def load_script(name: str):
@@ -51,7 +51,7 @@ def test_bench_rollout_with_an_adapter_a_draft_vocabulary_and_a_plot(tmp_path, c
     assert result["meta"]["memory"]["drafter_weights_mib"] > 0
 
 
-@pytest.mark.skipif(not HYBRID, reason="the engine has no hybrid drafting yet (SpecConfig.suffix_drafting)")
+@pytest.mark.skipif(not HYBRID, reason="the engine has no hybrid drafting yet (SpecConfig.drafting)")
 @pytest.mark.parametrize("drafter", ["hybrid", "suffix"])
 def test_bench_rollout_with_suffix_drafts_on_grpo_groups_writes_per_source_stats(tmp_path, capsys, drafter):
     bench = load_script("bench_rollout")

@@ -230,7 +230,7 @@ def test_recipe_cli_runs_two_steps_and_its_summary_holds_only_measured_figures(t
         warnings.simplefilter("always")
         trainer = load_recipe().main(recipe_argv(tmp_path, tiny_model_dir))
     assert trainer.state.global_step == 2
-    assert not [w for w in caught if "checkpointing" in str(w.message)]  # the YAML uses the current name
+    assert not [w for w in caught if str(w.message).startswith("`gradient_checkpointing`")]  # the YAML uses the new name
     printed = capsys.readouterr().out
     rollout = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "rollout")).rollout
     totals = rollout.totals
