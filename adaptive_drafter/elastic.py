@@ -79,6 +79,13 @@ class ElasticController:
     steps: int = 0
     observed_at: int = 0  # the step of the last speculative outcome
     measuring_plain: bool = False  # the last `choose` returned 0 to (re-)measure a plain step's cost
+    # Probes back off: each one that finds speculation still not paying doubles the wait for the next (up to
+    # max_probe_interval steps), so a drafter known to be poor costs next to nothing (an untrained drafter probed every
+    # 32 steps cost ~5% of a rollout); speculation that pays, or a new adapter, resets the wait.
+    max_probe_interval: int = 1024
+    probe_interval: int = 0  # 0: explore_every
+    next_probe: int = 0  # 0: explore_every // 2 from the start
+    probes: int = 0
 
     @property
     def alpha(self) -> float:
@@ -118,11 +125,18 @@ class ElasticController:
         k = best_k(self.alpha, c, verify)
         if k and speedup_estimate(self.alpha, k, c, verify[k]) < self.min_speedup:
             k = 0
-        if k == 0 and self.steps % self.explore_every == self.explore_every // 2:
+        if k:
+            self.probe_interval = self.explore_every  # speculation pays: probing again soon is cheap insurance
+            return k
+        interval = self.probe_interval or self.explore_every
+        if self.steps >= (self.next_probe or self.explore_every // 2):
             # A probe: without one a drafter that got better (distillation) would never be seen. It drafts the k that
             # would pay if α were optimistic (its cost is then worth the information), and none when even that would
-            # not pay (many low acceptance counts: probing would only cost).
-            return best_k(self.alpha_optimistic, c, verify)
+            # not pay (many low acceptance counts: probing would only cost). The next waits twice as long.
+            self.next_probe = self.steps + interval
+            self.probe_interval = min(2 * interval, self.max_probe_interval)
+            k = best_k(self.alpha_optimistic, c, verify)
+            self.probes += bool(k)
         return k
 
     def forget_acceptance(self, keep: float = 0.1) -> None:
@@ -130,6 +144,7 @@ class ElasticController:
         drafts' worth and let the next steps re-measure (costs are unchanged)."""
         self.accepted *= keep
         self.rejected *= keep
+        self.probe_interval, self.next_probe = self.explore_every, self.steps + 1  # probe the new adapter next step
 
     def measure_plain_now(self, batch: int) -> bool:
         """For steps without a drafter model (suffix drafts only): whether this one should decode plainly to

@@ -195,3 +195,21 @@ def test_speculation_needs_a_margin_over_plain(verify_cost, expected):
     controller.accepted, controller.rejected = 50.0, 50.0
     assert controller.choose(1, limit=1) == expected
     assert best_k(controller.alpha, 0.05, [1.0, verify_cost]) == int(verify_cost < 1.45)
+
+
+def test_probes_of_a_drafter_that_never_pays_back_off_and_a_new_adapter_is_probed_at_once():
+    controller = ElasticController(max_k=4)
+    speculated = []
+    for _ in range(4096):
+        k = controller.choose(1, 4)
+        speculated.append(k)
+        if k:  # an untrained drafter: every draft rejected, drafting and verifying cost like a CPU's
+            controller.observe_speculation(1, k, 0.3 * k, 1.6, accepted=0, rejections=1)
+        else:
+            controller.observe_plain(1, 1.0)
+    # The first step measures speculation; probes then wait 16, 32, 64, ... up to 1024 steps: ~10 in 4096 steps,
+    # where probing every 32 steps would cost ~128.
+    assert sum(1 for k in speculated if k) <= 12, sum(1 for k in speculated if k)
+    assert not any(speculated[-900:])
+    controller.forget_acceptance()  # a new adapter: the next step probes it
+    assert controller.choose(1, 4) > 0
