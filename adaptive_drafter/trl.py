@@ -123,8 +123,8 @@ def _trl_version() -> str:
 
 class AdaptiveRollout:
     """What every rollout backend shares: the adaptive drafter (built from the policy on the first call, warm-started
-    or restored), its background trainer, the policy version, checkpoints, metrics and the run's totals. Subclasses
-    decode (`_generate`)."""
+    or restored), its background trainer, the policy version, the held-out probe, checkpoints, metrics and the run's
+    totals. Subclasses decode, in `__call__` (TRL's `rollout_func` contract)."""
 
     def __init__(
         self,
