@@ -122,13 +122,14 @@ class DrafterProbe:
             prompt = ids[row][mask[row].bool()]
             tokens = torch.cat([prompt, torch.tensor(completion, device=ids.device)])[None]
             span = slice(len(prompt) - 1, tokens.shape[1] - 1)
-            now = policy(input_ids=tokens).logits[0, span].float().div(self.temperature).log_softmax(-1)
+            now = policy(input_ids=tokens).logits[0, span].double().div(self.temperature).log_softmax(-1)
             entropies.append(-(now.exp() * now).sum(-1))
             if self.reference is not None:
-                start = self.reference(input_ids=tokens).logits[0, span].float().div(self.temperature).log_softmax(-1)
+                start = self.reference(input_ids=tokens).logits[0, span].double().div(self.temperature).log_softmax(-1)
                 picked = tokens[0, len(prompt) :, None]
-                ratio = (start.gather(-1, picked) - now.gather(-1, picked))[:, 0]
-                kls.append(ratio.exp() - 1 - ratio)
+                # float64 and expm1: early in RL the ratios are ~1e-5, where exp(r) - 1 - r in float32 rounds to 0.
+                ratio = (start.gather(-1, picked) - now.gather(-1, picked))[:, 0].double()
+                kls.append(torch.expm1(ratio) - ratio)
         kl = float(torch.cat(kls).mean()) if kls else math.nan
         return kl, float(torch.cat(entropies).mean()) if entropies else math.nan
 

@@ -191,7 +191,7 @@ class AdaptiveRollout:
         self.notify(
             f"probe at step {step}: held-out acceptance {point.adaptive_acceptance:.3f} with the served adapter "
             f"v{point.adapter_version} vs {point.frozen_acceptance:.3f} with the starting one; policy KL to its start "
-            f"{point.policy_kl:.4f}"
+            f"{point.policy_kl:.2e}"
         )
 
     def _log(self, trainer: Any, stats: SpecStats, step: int) -> None:

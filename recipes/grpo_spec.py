@@ -189,7 +189,7 @@ def summary(rollout: AdaptiveRollout, args: GRPOConfig, processes: int = 1) -> s
             f"held-out probe       acceptance {first.adaptive_acceptance:.3f} -> {last.adaptive_acceptance:.3f} with "
             f"the served adapter (v{last.adapter_version}), {first.frozen_acceptance:.3f} -> "
             f"{last.frozen_acceptance:.3f} with the starting one frozen (steps {first.step}-{last.step}, "
-            f"{len(points)} measurements); policy KL to its start {last.policy_kl:.4f}"
+            f"{len(points)} measurements); policy KL to its start {last.policy_kl:.2e}"
         )
     adaptive = rollout.adaptive
     if adaptive is not None and adaptive.trainer is not None:
