@@ -94,7 +94,8 @@ def tokenize_prompts(trainer: Any, prompts: list[Any]) -> list[list[int]]:
     ids = out[0] if isinstance(out, tuple) else None
     if not isinstance(ids, list) or not all(isinstance(row, list) for row in ids):
         raise RuntimeError(
-            f"{type(trainer).__name__}._tokenize_prompts (a private TRL API) changed: expected a tuple whose first item "
+            f"{type(trainer).__name__}._tokenize_prompts (a private TRL API) changed: expected a tuple whose first "
+            "item "
             f"is a list of token-id lists, got {type(out).__name__}. TRL {_trl_version()} is not supported; install "
             "trl>=1.16,<1.17."
         )
@@ -165,7 +166,8 @@ class AdaptiveRollout:
         if self.restore_from is not None:  # a resumed run restores its own adapter, not the warm start
             version = self.adaptive.restore(self.restore_from)
             self.notify(
-                f"drafter: restored adapter v{version.adapter_version} (fitted to policy step {version.policy_version}) "
+                f"drafter: restored adapter v{version.adapter_version} "
+                f"(fitted to policy step {version.policy_version}) "
                 f"from {self.restore_from}"
             )
         elif warm is not None:
@@ -233,12 +235,7 @@ class SpeculativeRollout(AdaptiveRollout):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         settings = _sampling_settings(trainer.args)
         ids, mask = _left_pad(prompt_ids, pad, trainer.accelerator.device)
-        with unwrap_model_for_generation(
-            trainer.model_wrapped,
-            trainer.accelerator,
-            gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
-            gradient_checkpointing_kwargs=_checkpointing_kwargs(trainer.args),
-        ) as policy:
+        with _unwrapped_policy(trainer) as policy:
             adaptive = self._adaptive(policy, tokenizer)
             adaptive.policy_version = trainer.state.global_step
             self._maybe_probe(trainer.state.global_step, policy)
@@ -292,12 +289,7 @@ class VLLMRollout(AdaptiveRollout):
         tokenizer = trainer.processing_class
         settings = _sampling_settings(trainer.args)
         step = trainer.state.global_step
-        with unwrap_model_for_generation(
-            trainer.model_wrapped,
-            trainer.accelerator,
-            gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
-            gradient_checkpointing_kwargs=_checkpointing_kwargs(trainer.args),
-        ) as policy:
+        with _unwrapped_policy(trainer) as policy:
             adaptive = self._adaptive(policy, tokenizer) if self.method == "draft_model" else None
             self._maybe_probe(step, policy)
             if self.engine is None:
@@ -364,6 +356,16 @@ def _context_length(policy: Any) -> int:
 def _eos(trainer: Any) -> Any:
     eos = trainer.generation_config.eos_token_id if trainer.generation_config is not None else None
     return eos if eos is not None else trainer.processing_class.eos_token_id
+
+
+def _unwrapped_policy(trainer: Any) -> Any:
+    """TRL's own unwrapping of the policy for generation: ZeRO-3 weights gathered, activation checkpointing off."""
+    return unwrap_model_for_generation(
+        trainer.model_wrapped,
+        trainer.accelerator,
+        gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
+        gradient_checkpointing_kwargs=_checkpointing_kwargs(trainer.args),
+    )
 
 
 def _checkpointing_kwargs(args: Any) -> Any:

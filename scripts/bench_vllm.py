@@ -17,31 +17,20 @@ acceptance and tokens per verify, and whether vLLM's speculative output equals i
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 
-def timed(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """Median seconds of `repeats` runs after one warm-up, and the last run's result."""
-    run()
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def timed_run(run: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, Any]:
+    """`adaptive_drafter.bench.timed` after one warm-up, and the last run's result (its tokens are counted)."""
+    from adaptive_drafter.bench import timed
+
+    results = [run()]
+    seconds = timed(lambda: results.append(run()), device, repeats)
+    return seconds, results[-1]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     from adaptive_drafter import SpecConfig, SpeculativeEngine
     from adaptive_drafter.adaptive import AdaptiveDrafter
+    from adaptive_drafter.bench import machine_info, write_json
     from adaptive_drafter.config import DrafterConfig
     from adaptive_drafter.drafter import build_drafter, load_adapter
     from adaptive_drafter.embedded import cache_path, load_embedded
@@ -82,7 +72,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     dataset, _ = load_task(args.task, max(batches), seed=777)
     ids, mask = chat_batch(tokenizer, dataset["prompt"], device)
-    eos = tokenizer.eos_token_id
 
     rows: dict[int, dict[str, Any]] = {b: {"batch": b} for b in batches}
     if not args.skip_hf:
@@ -94,18 +83,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for b in batches:
             i, m = ids[:b], mask[:b]
 
-            def generate() -> int:
-                out = policy.generate(
-                    input_ids=i, attention_mask=m, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id, **sampling,
+            def generate() -> Any:  # min_new_tokens: every row decodes max_new_tokens, as in the other engines
+                return policy.generate(
+                    input_ids=i, attention_mask=m, max_new_tokens=args.max_new_tokens,
+                    min_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling,
                 )  # fmt: skip
-                return int((out[:, i.shape[1] :] != tokenizer.pad_token_id).sum())
 
-            seconds, tokens = timed(generate, args.repeats)
+            seconds, _ = timed_run(generate, policy.device, args.repeats)
             rows[b]["hf_generate_tok_s"] = b * args.max_new_tokens / seconds
             for name, engine in engines.items():
-                seconds, out = timed(
+                seconds, out = timed_run(
                     lambda engine=engine: engine.generate(i, m, max_new_tokens=args.max_new_tokens, **sampling),
+                    policy.device,
                     args.repeats,
                 )
                 rows[b][f"{name}_tok_s"] = sum(map(len, out.completion_ids)) / seconds
@@ -118,10 +107,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         engine = VLLMEngine(str(cache_path()), num_draft_tokens=args.k, max_model_len=1024, **kwargs)
         outputs[name] = {}
         for b in batches:
-            seconds, out = timed(
-                lambda b=b: engine.generate(prompts[:b], max_new_tokens=args.max_new_tokens, generator_seed=0, **sampling),
-                args.repeats,
-            )
+            def rollout(b: int = b) -> Any:
+                return engine.generate(prompts[:b], max_new_tokens=args.max_new_tokens, generator_seed=0, **sampling)
+
+            seconds, out = timed_run(rollout, policy.device, args.repeats)
             outputs[name][b] = out
             rows[b][f"{name}_tok_s"] = sum(map(len, out.completion_ids)) / seconds
             if name == "vllm_adaptive":
@@ -147,16 +136,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import vllm
 
     meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{platform.platform()}, {os.cpu_count()} CPU cores, device {device}",
-        "torch": torch.__version__, "vllm": vllm.__version__, "torch_threads": torch.get_num_threads(),
+        "machine": machine_info(), "vllm": vllm.__version__, "device": device,
         "drafter": f"first {args.drafter_layers} layers + LoRA ({args.adapter or 'untrained'})",
     }  # fmt: skip
-    result = {"meta": meta, "settings": {k: str(v) for k, v in vars(args).items()}, "rows": list(rows.values())}
+    result = {"meta": meta, "rows": list(rows.values())}
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, args, meta, rows=result["rows"])
     return result
 
 
