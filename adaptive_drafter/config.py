@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .effort import DistillEffort
+
 ACCEPTANCE_RULES = ("exact", "lenient", "cascade")
 DRAFTING = ("model", "hybrid", "suffix")
 
@@ -230,6 +232,22 @@ class DistillConfig:
     distill_device: str | None = field(
         default=None, metadata={"help": "Device of the trainer's drafter copy (default: the serving drafter's)."}
     )
+    distill_effort: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto': train while the drafter's expected acceptance on fresh rollouts improves or falls behind, "
+            "idle while it holds (adaptive_drafter.effort); 'always': train at the duty cycle all the time."
+        },
+    )
+    distill_effort_patience: int = field(
+        default=3, metadata={"help": "auto: published adapters without gain before the trainer idles."}
+    )
+    distill_effort_min_gain: float = field(
+        default=0.01, metadata={"help": "auto: expected-acceptance gain over `patience` adapters that keeps training."}
+    )
+    distill_effort_tolerance: float = field(
+        default=0.03, metadata={"help": "auto: expected-acceptance drop on fresh rollouts that resumes training."}
+    )
 
     def __post_init__(self) -> None:
         kinds = ("fkl", "rkl", "tv", "jsd", "mix")
@@ -256,10 +274,17 @@ class DistillConfig:
             raise ValueError(
                 f"DistillConfig.distill_step_timeout_s must be > 0 or None, got {self.distill_step_timeout_s}."
             )
+        self.effort()  # validates the effort settings at start-up
         if self.distill_on_error not in ("restart", "stop"):
             raise ValueError(
                 f"DistillConfig.distill_on_error must be 'restart' or 'stop', got {self.distill_on_error!r}."
             )
+
+    def effort(self) -> DistillEffort:
+        """A fresh effort policy with these settings."""
+        return DistillEffort(
+            self.distill_effort, self.distill_effort_patience, self.distill_effort_min_gain, self.distill_effort_tolerance
+        )
 
     def mix(self) -> dict[str, float] | None:
         """`mix_weights` parsed into a dict (None unless loss='mix')."""

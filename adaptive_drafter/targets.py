@@ -176,6 +176,7 @@ class DistillBuffer:
         self.recency_half_life = recency_half_life
         self._rows: deque[PolicyTargets] = deque()
         self._num_tokens = 0
+        self.added = 0  # rows ever added: how a reader tells that fresh rollouts arrived
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -205,6 +206,7 @@ class DistillBuffer:
             if bad:
                 raise ValueError(f"DistillBuffer rows must share one top-K size: the buffer holds K={k}, got {bad}.")
             self._rows.extend(rows)
+            self.added += len(rows)
             self._num_tokens += sum(row.num_tokens for row in rows)
             while self._num_tokens > self.max_tokens:
                 self._num_tokens -= self._rows.popleft().num_tokens
@@ -231,6 +233,17 @@ class DistillBuffer:
         with self._lock:
             self._rows.clear()
             self._num_tokens = 0
+
+    def newest(self, batch_size: int, pad_id: int = 0) -> DistillBatch:
+        """The `batch_size` rows added last (fewer if the buffer holds fewer), as a `DistillBatch`: the freshest
+        rollouts, to measure how well the drafter matches the policy as it is now."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        with self._lock:
+            if not self._rows:
+                raise ValueError("DistillBuffer.newest: the buffer is empty: add rollouts first.")
+            rows = list(self._rows)[-batch_size:]
+        return collate(rows, pad_id)
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None, pad_id: int = 0) -> DistillBatch:
         """Draw `batch_size` rows with replacement, recency-weighted (see the class docstring), as a `DistillBatch`."""

@@ -7,6 +7,10 @@ A fault (an exception, a non-finite loss or gradient, a step that hangs past `di
 counted, the private copy is rolled back to the last published adapter, and the trainer restarts after a back-off or
 stops, as configured; the engine keeps serving the last good adapter throughout.
 
+`hold()` keeps the trainer from stepping while something else must run alone (an evaluation, a baseline's phase): it
+waits for the step in flight, and the duty-cycle rest after a step is measured in time the trainer is free to run, so
+a hold cannot stand in for that rest and the trainer's compute stays within `distill_duty_cycle` of its free time.
+
 Steps run on a worker thread that the background loop supervises. A Python thread cannot be killed, so a hung step is
 abandoned rather than stopped: the trainer continues on a fresh copy of the model, and whatever the abandoned step
 computes, should it ever return, is dropped (it trained a model object nobody serves or publishes any more).
@@ -20,6 +24,8 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +56,8 @@ class DrafterTrainer:
     """Continually distills the policy's targets from `buffer` into a private copy of `drafter`'s LoRA adapters.
 
     Use `start()` to train in a background thread (or call `step()` yourself), `latest()` to fetch the newest
-    published adapter, `metrics()` for logging, and `stop()` when done (also a context manager).
+    published adapter, `metrics()` for logging, `pause()`/`resume()` or `hold()` to keep it from stepping, and
+    `stop()` when done (also a context manager).
     """
 
     def __init__(self, drafter: PeftModel, config: DistillConfig | None = None, buffer: DistillBuffer | None = None):
@@ -75,18 +82,51 @@ class DrafterTrainer:
         self._stop, self._running = threading.Event(), threading.Event()
         self._running.set()
         self._thread: threading.Thread | None = None
+        # `hold()`'s state, guarded by `_gate`: the nesting depth, the step in flight (a token per step, so that a step
+        # abandoned after a timeout cannot clear its successor's) and the seconds held, which the rest clock skips.
+        self._gate = threading.Condition()
+        self._holds = 0
+        self._in_flight: object | None = None
+        self._held_since = self._held_total = 0.0
         self.steps = self.adapter_version = self.errors = self.restarts = 0
         self.last_error: str | None = None
         self.last_loss = self.tv_to_policy = self.kl_to_policy = math.nan
         self.busy_seconds = 0.0
+        # Distillation effort (adaptive_drafter.effort): the background loop trains while the drafter improves or falls
+        # behind and idles while it holds, checking fresh rollouts meanwhile. `step()` called directly always trains.
+        self.effort = self.config.effort()
+        self.expected_acceptance = math.nan  # 1 - TV on the last batch measured: α̂ of the exact rule
+        self._checked_rows = 0  # `buffer.added` at the last idle check
 
     # --- one step -------------------------------------------------------------------------------------------------
 
     def step(self) -> float | None:
-        """One optimizer step on a batch from the buffer; returns the loss, or None while the buffer is too small.
-        Raises on a fault (the background loop handles it; see `_recover`)."""
+        """One optimizer step on a batch from the buffer; returns the loss, or None while the buffer is too small or
+        the trainer is held (`hold()`). Raises on a fault (the background loop handles it; see `_recover`)."""
+        return self._gated_step(honour_pause=False)
+
+    def _gated_step(self, honour_pause: bool) -> float | None:
+        """`step()` unless held or, for the background loop (`honour_pause`), paused: checked under the gate together
+        with marking the step in flight, so that neither a hold nor a pause that came after the loop's wait is missed."""
         if self.buffer.num_tokens < self.config.distill_min_buffer_tokens:
             return None
+        token = object()
+        with self._gate:
+            if self._holds or (honour_pause and not self._running.is_set()):
+                return None
+            self._in_flight = token
+        try:
+            if honour_pause and not self.effort.training:
+                self._idle_check()
+                return None
+            return self._step()
+        finally:
+            with self._gate:
+                if self._in_flight is token:
+                    self._in_flight = None
+                    self._gate.notify_all()
+
+    def _step(self) -> float | None:
         start = time.perf_counter()
         # Taken once: after a timeout the trainer moves on to a new model, and this step must keep to the old one.
         model, optimizer, params = self.model, self._optimizer, self._params
@@ -107,10 +147,38 @@ class DrafterTrainer:
             self.steps += 1
             self.last_loss = loss.item()
             self.tv_to_policy, self.kl_to_policy = drift
-            if self.steps % self.config.distill_publish_every == 0:
+            self.expected_acceptance = 1.0 - drift[0]
+            window_done = self.steps % self.config.distill_publish_every == 0
+            if window_done:
                 self._publish(policy_version=int(batch.policy_versions.max()))
+            if self.effort.training and not self.effort.observe_step(self.expected_acceptance, window_done).train:
+                # idling right after a publish: the served adapter is the one measured from now on
+                logger.info("drafter trainer idles: %s", self.effort.decision.reason)
             self.busy_seconds += time.perf_counter() - start
         return self.last_loss
+
+    @torch.no_grad()
+    def _idle_check(self) -> None:
+        """While idle: once enough fresh rollouts have arrived, the drafter's expected acceptance on them (a forward
+        pass, no update), which tells the effort policy whether the policy has moved away from it."""
+        added = self.buffer.added
+        if added - self._checked_rows < self.config.distill_batch_size:
+            return
+        start = time.perf_counter()
+        self._checked_rows = added
+        model = self.model
+        batch = self.buffer.newest(self.config.distill_batch_size).to(next(model.parameters()).device)
+        model.eval()  # no LoRA dropout in a measurement
+        try:
+            _, logits = self._loss(model, batch)
+        finally:
+            model.train()
+        tv, _ = self._drift(logits, batch)
+        with self._lock:
+            self.expected_acceptance = 1.0 - tv
+            if self.effort.observe_idle(self.expected_acceptance).train:
+                logger.info("drafter trainer resumes: %s", self.effort.decision.reason)
+            self.busy_seconds += time.perf_counter() - start
 
     def _loss(self, model: PeftModel, batch: DistillBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if self._head_at_targets:
@@ -181,6 +249,8 @@ class DrafterTrainer:
         """Stop the background thread and wait for it (at most `timeout` seconds)."""
         self._stop.set()
         self._running.set()
+        with self._gate:
+            self._gate.notify_all()  # wakes a rest or a wait for a hold to end
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -188,11 +258,62 @@ class DrafterTrainer:
             self._thread = None
 
     def pause(self) -> None:
-        """Hold the trainer between steps (e.g. while a checkpoint is written)."""
+        """Keep the background loop from starting steps until `resume()` (e.g. while a checkpoint is written, or while
+        distillation is not needed). Unlike `hold()`, it does not wait for the step in flight."""
         self._running.clear()
 
     def resume(self) -> None:
+        """Let a paused trainer step again."""
         self._running.set()
+        with self._gate:
+            self._gate.notify_all()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Keep the trainer from stepping for the duration of the block, e.g. while another computation must be timed
+        alone. Entering waits for the step in flight to finish; `step()` returns None while held, whether the
+        background thread runs or not. Holds nest, and a pause (`pause()`) from before, during or after the block is
+        left as it is.
+
+        Time held does not count as the duty-cycle rest that follows a step: the rest resumes when the last hold ends,
+        so that the trainer computes at most `distill_duty_cycle` of the time it is free to run. Without this, holds
+        that fall inside rests (an interleaved baseline run holds it half of the time) would let it compute far more.
+        """
+        with self._gate:
+            self._holds += 1
+            if self._holds == 1:
+                self._held_since = time.perf_counter()
+            try:
+                self._gate.wait_for(lambda: self._in_flight is None)
+            except BaseException:
+                self._release()
+                raise
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._release()
+
+    def _release(self) -> None:  # holds self._gate
+        self._holds -= 1
+        if self._holds == 0:
+            self._held_total += time.perf_counter() - self._held_since
+        self._gate.notify_all()
+
+    def _free_clock(self) -> float:  # holds self._gate
+        """Seconds the trainer has not been held: `perf_counter` with the held intervals cut out."""
+        now = time.perf_counter()
+        return now - self._held_total - (now - self._held_since if self._holds else 0.0)
+
+    def _rest(self, seconds: float) -> None:
+        """Sleep `seconds` of free time: time held meanwhile is not counted, so the rest is made up after the hold."""
+        with self._gate:
+            end = self._free_clock() + seconds
+            while not self._stop.is_set():
+                left = end - self._free_clock()
+                if left <= 0:
+                    return
+                self._gate.wait(None if self._holds else left)  # stop() and the end of a hold notify
 
     @property
     def alive(self) -> bool:
@@ -224,7 +345,7 @@ class DrafterTrainer:
     def _timed_step(self) -> float | None:
         """`step()` on the worker thread; a step that outlives `distill_step_timeout_s` is abandoned and raised as a
         fault, the trainer moving on to a fresh copy of the model."""
-        future = self._executor.submit(self.step)
+        future = self._executor.submit(self._gated_step, True)
         timeout = self.config.distill_step_timeout_s
         try:
             return future.result(timeout=timeout)
@@ -235,6 +356,9 @@ class DrafterTrainer:
             with self._lock:
                 self.model = fresh
                 self._params = [p for p in fresh.parameters() if p.requires_grad]
+            with self._gate:  # a hold must not wait for a step that may never return
+                self._in_flight = None
+                self._gate.notify_all()
             raise TrainerFault(
                 f"a distillation step ran longer than distill_step_timeout_s={timeout} s (hung?); abandoned it"
             ) from None
@@ -242,7 +366,8 @@ class DrafterTrainer:
     def _loop(self) -> None:
         consecutive = 0
         while not self._stop.is_set():
-            self._running.wait()
+            with self._gate:
+                self._gate.wait_for(lambda: (self._running.is_set() and not self._holds) or self._stop.is_set())
             if self._stop.is_set():
                 break
             started = time.perf_counter()
@@ -254,12 +379,13 @@ class DrafterTrainer:
                     return
                 continue
             if loss is None:
-                self._stop.wait(0.05)  # waiting for rollouts to fill the buffer
+                if not self._holds and self._running.is_set():  # else the loop's top waits for the hold or pause to end
+                    self._stop.wait(0.05)  # waiting for rollouts to fill the buffer
                 continue
             consecutive = 0
-            if self.config.distill_duty_cycle < 1.0:  # sleep so that compute stays within duty_cycle of wall time
+            if self.config.distill_duty_cycle < 1.0:  # rest so that compute stays within duty_cycle of free time
                 busy = time.perf_counter() - started
-                self._stop.wait(busy * (1.0 / self.config.distill_duty_cycle - 1.0))
+                self._rest(busy * (1.0 / self.config.distill_duty_cycle - 1.0))
 
     def _recover(self, exc: Exception, consecutive: int) -> bool:
         """Count and log a fault, roll back to the last good adapter; return whether to keep training."""
@@ -292,4 +418,8 @@ class DrafterTrainer:
             "drafter/buffer_tokens": float(self.buffer.num_tokens),
             "drafter/trainer_errors": float(self.errors),
             "drafter/trainer_alive": float(self.alive),
+            "drafter/expected_acceptance": self.expected_acceptance,
+            # effort 1: training at the duty cycle; 0: idle (idle_reason 1: plateau, 2: holding; 0: training)
+            "drafter/effort": float(self.effort.training),
+            "drafter/idle_reason": float(self.effort.decision.code),
         }

@@ -214,6 +214,116 @@ def test_a_hung_step_times_out_and_the_trainer_moves_on(monkeypatch, caplog):
         DistillConfig(distill_step_timeout_s=0)
 
 
+def steps_stay(trainer, seconds=0.5):
+    """Whether `trainer` took no step during `seconds`."""
+    before = trainer.steps
+    time.sleep(seconds)
+    return trainer.steps == before
+
+
+def test_a_held_trainer_takes_no_step_while_held():
+    _, _, trainer, adaptive, engine = setup()
+    rollout(adaptive, engine)
+    with trainer.hold():
+        assert trainer.step() is None and trainer.steps == 0  # without the background thread too
+        with trainer.hold():  # holds nest
+            pass
+        assert trainer.step() is None
+    assert trainer.step() is not None and trainer.steps == 1
+    with trainer:
+        wait_for(lambda: trainer.steps >= 3)
+        with trainer.hold():
+            assert steps_stay(trainer)
+        wait_for(lambda: trainer.steps >= 6)  # and it steps again once released
+    assert trainer.errors == 0
+
+
+def test_hold_waits_for_the_step_in_flight(monkeypatch):
+    _, _, trainer, adaptive, engine = setup()
+    rollout(adaptive, engine)
+    entered, release, original = threading.Event(), threading.Event(), trainer._loss
+
+    def blocks(model, batch):
+        entered.set()
+        release.wait()
+        return original(model, batch)
+
+    monkeypatch.setattr(trainer, "_loss", blocks)
+    held, steps_when_held = threading.Event(), []
+
+    def holder():
+        with trainer.hold():
+            steps_when_held.append(trainer.steps)
+            held.set()
+            time.sleep(0.3)
+
+    trainer.start()
+    try:
+        assert entered.wait(30)
+        thread = threading.Thread(target=holder)
+        thread.start()
+        time.sleep(0.3)
+        assert not held.is_set(), "hold() returned while a step was in flight"
+        release.set()
+        assert held.wait(30)
+        assert steps_when_held == [1]  # the step in flight finished, and none began since
+        thread.join(30)
+    finally:
+        release.set()
+        trainer.stop()
+    assert trainer.errors == 0
+
+
+def test_hold_keeps_a_pause_from_before_and_from_during_the_hold():
+    _, _, trainer, adaptive, engine = setup()
+    rollout(adaptive, engine)
+    with trainer:
+        wait_for(lambda: trainer.steps >= 1)
+        trainer.pause()
+        with trainer.hold():
+            pass
+        assert steps_stay(trainer), "leaving hold() resumed a trainer paused before it"
+        trainer.resume()
+        wait_for(lambda: trainer.steps >= 3)
+        with trainer.hold():
+            trainer.pause()
+        assert steps_stay(trainer), "leaving hold() resumed a trainer paused during it"
+        trainer.resume()
+        wait_for(lambda: trainer.steps >= 5)
+
+
+def test_time_held_inside_the_duty_cycle_rest_is_made_up_before_the_next_step(monkeypatch):
+    # Steps of >= 0.3 s at duty cycle 0.25 rest >= 0.9 s. A hold that begins as a step ends and outlasts the rest
+    # covers the whole rest: the trainer must still rest that long after the hold, not step at once.
+    _, _, trainer, adaptive, engine = setup(distill_duty_cycle=0.25)
+    rollout(adaptive, engine)
+    entered, starts, original = threading.Event(), [], trainer._loss
+
+    def slow(model, batch):
+        starts.append(time.perf_counter())
+        entered.set()
+        time.sleep(0.3)
+        return original(model, batch)
+
+    monkeypatch.setattr(trainer, "_loss", slow)
+    trainer.start()
+    try:
+        assert entered.wait(30)
+        with trainer.hold():  # waits for that step, so the hold begins where the rest would
+            busy = trainer.busy_seconds
+            time.sleep(1.5)
+            assert len(starts) == 1
+        released = time.perf_counter()
+        wait_for(lambda: len(starts) >= 2)
+    finally:
+        trainer.stop()
+    rest = busy * (1 / 0.25 - 1)
+    assert busy >= 0.3 and rest >= 0.9
+    assert starts[1] - released >= rest - 0.3, (starts[1] - released, rest)  # the rest was made up after the hold
+    # The duty cycle over the time the trainer was free to run (from its first step to its second, less the hold).
+    assert busy / (starts[1] - starts[0] - 1.5) <= 0.25 + 0.1
+
+
 def test_trainer_needs_lora_weights():
     policy = tiny_causal_lm("llama")
     with pytest.raises(ValueError, match="no trainable parameters"):
@@ -249,3 +359,37 @@ def test_stale_drafter_alarm_on_low_acceptance_and_on_version_lag(caplog):
         out = rollout(adaptive, engine, seed=2)
     assert adaptive.metrics(out.stats)["drafter/stale_alarm"] == 1.0
     assert "lags the policy by 51 versions" in caplog.text
+
+
+def test_effort_idles_while_the_policy_holds_and_trains_again_once_it_moves(caplog):
+    # min_gain 0.5 makes the second window a plateau whatever it gained: the test is about what happens next
+    policy, _, trainer, adaptive, engine = setup(
+        distill_effort_patience=1, distill_effort_min_gain=0.5, distill_effort_tolerance=0.1, distill_batch_size=8
+    )
+    caplog.set_level("INFO", logger="adaptive_drafter.trainer")
+    rollout(adaptive, engine, seed=0)
+    with trainer:
+        wait_for(lambda: not trainer.effort.training)
+        assert trainer.metrics()["drafter/effort"] == 0.0 and "idles: plateau" in caplog.text
+        steps = trainer.steps
+        for seed in (1, 2, 3):  # fresh rollouts of a policy that does not move: checked, and still idle
+            rollout(adaptive, engine, seed=seed)
+            wait_for(lambda: trainer._checked_rows == trainer.buffer.added)
+            assert not trainer.effort.training and trainer.steps == steps
+        assert trainer.metrics()["drafter/idle_reason"] == 2.0  # holding
+        with torch.no_grad():  # an RL update the drafter has not seen
+            head = policy.get_output_embeddings().weight
+            head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(0)) * 1.0 * head.std())
+        for seed in (4, 5, 6):
+            rollout(adaptive, engine, seed=seed)
+            wait_for(lambda: trainer._checked_rows == trainer.buffer.added or trainer.effort.training)
+        wait_for(lambda: trainer.steps > steps)
+    assert "resumes: falling behind" in caplog.text  # (min_gain 0.5 idles it again two windows later)
+
+
+def test_effort_always_trains_and_direct_steps_ignore_effort():
+    _, _, trainer, adaptive, engine = setup(distill_effort="always", distill_effort_patience=1)
+    rollout(adaptive, engine)
+    for _ in range(12):
+        trainer.step()
+    assert trainer.effort.training and trainer.steps == 12
