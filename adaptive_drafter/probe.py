@@ -5,7 +5,9 @@ adapting help here, as the policy moves?
 
 The probe decodes with the Hugging Face engine at a fixed draft length and the exact rule, so both drafters are
 measured the same way whatever backend serves the rollouts; it is off the critical path only in the sense of being
-small (a handful of prompts, a few dozen tokens each).
+small (a handful of prompts, a few dozen tokens each). With `suffix_group` it also measures the model-free suffix
+drafter (`suffix.SuffixDrafter`) on the same prompts, each sampled `suffix_group` times as a GRPO group is, so that it
+drafts from the siblings: the model-free alternative a learned drafter must beat.
 """
 
 from __future__ import annotations
@@ -36,13 +38,20 @@ class ProbePoint:
     policy_kl: float
     policy_entropy: float
     adapter_version: int
+    # The suffix drafter on the same prompts in groups (NaN unless measured). Tokens per step counts every row step,
+    # plain ones included (a suffix drafter drafts only where it finds a match), so it compares with tokens per verify
+    # of the model drafters, which draft at every step.
+    suffix_acceptance: float = math.nan
+    suffix_tokens_per_step: float = math.nan
+    suffix_share: float = math.nan  # share of row steps that verified a suffix draft
 
 
 class DrafterProbe:
     """Measures the served and the starting adapter on held-out prompts every `every` policy steps.
 
     `input_ids`/`attention_mask` are the held-out prompts (left-padded); `track_drift` keeps a frozen copy of the
-    starting policy to measure its drift (memory: one more copy of the policy).
+    starting policy to measure its drift (memory: one more copy of the policy); `suffix_group` > 0 also measures the
+    suffix drafter on the prompts repeated that many times (siblings to draft from), drafting up to `suffix_max_draft`.
     """
 
     def __init__(
@@ -58,13 +67,21 @@ class DrafterProbe:
         pad_token_id: int = 0,
         seed: int = 1234,
         track_drift: bool = True,
+        suffix_group: int = 0,
+        suffix_max_draft: int = 16,
     ) -> None:
         if every < 1:
             raise ValueError(f"DrafterProbe.every must be >= 1, got {every}.")
+        if suffix_group < 0:
+            raise ValueError(f"DrafterProbe.suffix_group must be >= 0 (0: no suffix drafter), got {suffix_group}.")
         self.input_ids, self.attention_mask = input_ids, attention_mask
         self.every, self.max_new_tokens, self.temperature = every, max_new_tokens, temperature
         self.eos_token_id, self.pad_token_id, self.seed, self.track_drift = eos_token_id, pad_token_id, seed, track_drift
         self.spec = SpecConfig(num_draft_tokens=num_draft_tokens, elastic=False)
+        self.suffix_group = suffix_group
+        self.suffix_spec = SpecConfig(
+            num_draft_tokens=num_draft_tokens, drafting="suffix", suffix_max_draft=suffix_max_draft, elastic=False
+        )
         self.frozen: Any = None  # the starting adapter's serving model, merged
         self.reference: Any = None  # the starting policy
         self.points: list[ProbePoint] = []
@@ -80,7 +97,7 @@ class DrafterProbe:
         if self.frozen is None:
             self.frozen = copy.deepcopy(adaptive.serving_model()).eval()
             if self.track_drift:
-                self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+                self.reference = _snapshot(policy)
         was_training = policy.training
         policy.eval()
         try:
@@ -94,6 +111,7 @@ class DrafterProbe:
                     generator=torch.Generator(device=ids.device).manual_seed(self.seed),
                 )  # fmt: skip
             kl, entropy = self._drift(policy, ids, mask, outs["adaptive"])
+            suffix = self._suffix(policy, adaptive, ids, mask) if self.suffix_group else None
         finally:
             policy.train(was_training)
         version = adaptive.adapter_version.adapter_version if adaptive.adapter_version else 0
@@ -107,9 +125,26 @@ class DrafterProbe:
             entropy,
             version,
         )
+        if suffix is not None:
+            steps = suffix.verify_steps + suffix.plain_steps
+            point.suffix_acceptance = suffix.acceptance_rate
+            point.suffix_tokens_per_step = (suffix.verified_tokens + suffix.plain_steps) / max(1, steps)
+            point.suffix_share = suffix.verify_steps / max(1, steps)
         self.points.append(point)
         self._last_step = step
         return point
+
+    def _suffix(self, policy: Any, adaptive: AdaptiveDrafter, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+        """The suffix drafter's statistics on the prompts sampled `suffix_group` times each, from a fresh engine: its
+        drafts come from the siblings and the row's own context only, never from the training rollouts."""
+        engine = SpeculativeEngine(policy, adaptive.serving_model(), self.suffix_spec)
+        out = engine.generate(
+            ids.repeat_interleave(self.suffix_group, 0), mask.repeat_interleave(self.suffix_group, 0),
+            max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature,
+            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+            generator=torch.Generator(device=ids.device).manual_seed(self.seed + 1),
+        )  # fmt: skip
+        return out.stats
 
     def _drift(self, policy: Any, ids: torch.Tensor, mask: torch.Tensor, out: Any) -> tuple[float, float]:
         """KL(π_now ‖ π_start) per completion token, k3 = E[exp(r) − 1 − r] with r = log π_start − log π_now over the
@@ -145,10 +180,27 @@ class DrafterProbe:
             "drafter/probe_tokens_per_verify_frozen": point.frozen_tokens_per_verify,
             "policy/kl_to_start": point.policy_kl,
             "policy/entropy": point.policy_entropy,
+            **(
+                {
+                    "drafter/probe_acceptance_suffix": point.suffix_acceptance,
+                    "drafter/probe_tokens_per_step_suffix": point.suffix_tokens_per_step,
+                }
+                if not math.isnan(point.suffix_tokens_per_step)
+                else {}
+            ),
         }
 
     def as_dicts(self) -> list[dict[str, float]]:
         return [asdict(point) for point in self.points]
+
+
+def _snapshot(model: Any) -> Any:
+    """A frozen copy of `model` that computes with its own weights. Trainers rebind `forward` on the instance
+    (accelerate and TRL wrap it), and a deep copy keeps that wrapper, whose closure calls the *original* model: the
+    copy would then silently follow the live policy and every drift would read 0."""
+    snapshot = copy.deepcopy(model)
+    snapshot.__dict__.pop("forward", None)  # back to the class's forward, on the copy's own weights
+    return snapshot.eval().requires_grad_(False)
 
 
 def plot_run(probe: DrafterProbe | None, history: list[dict[str, float]], path: str | Path, title: str = "") -> Path:
@@ -171,6 +223,8 @@ def plot_run(probe: DrafterProbe | None, history: list[dict[str, float]], path: 
     ax = axes[0][1]
     ax.plot(steps, [p.adaptive_tokens_per_verify for p in points], "o-", label="adaptive")
     ax.plot(steps, [p.frozen_tokens_per_verify for p in points], "s--", label="frozen")
+    if any(not math.isnan(p.suffix_tokens_per_step) for p in points):
+        ax.plot(steps, [p.suffix_tokens_per_step for p in points], "^:", label="suffix (siblings), per step")
     ax.set(title="tokens per verify (held-out)", xlabel="policy step", ylabel="tokens")
     ax.legend()
     ax = axes[1][0]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +147,12 @@ class AdaptiveRollout:
         self.events: list[str] = []  # what happened to the drafter that a user should be told (restored, warm start)
         self.probe: DrafterProbe | None = None  # held-out acceptance of the served vs the starting adapter, and drift
         self._probe_metrics: dict[str, float] = {}
+        # The cost of freshness: with `hold_trainer_every` > 0 the background trainer is held during every other block
+        # of that many policy steps, so step times with and without it interleave under the same load (`cost()`).
+        self.hold_trainer_every = 0
+        self.step_times: list[dict[str, Any]] = []  # per policy step: step, seconds, whether the trainer was held
+        self._process_cpu_start = time.process_time()
+        self._trainer_cpu: float | None = None  # the trainer threads' CPU seconds, last read
 
     def callback(self) -> DrafterCallback:
         """The `TrainerCallback` that versions, checkpoints and restores this rollout's drafter."""
@@ -206,12 +214,48 @@ class AdaptiveRollout:
         self._probe_metrics = {}
         log_metrics(trainer, metrics)
 
+    def cost(self) -> dict[str, Any]:
+        """What keeping the drafter fresh cost so far: the background trainer's compute (wall seconds inside its steps,
+        and the CPU seconds of its threads) against the run's wall and process CPU time, and the mean policy step time
+        with the trainer running vs held (`hold_trainer_every`; None without such steps)."""
+        trainer = self.drafter_trainer
+        wall = sum(row["seconds"] for row in self.step_times)
+        process_cpu = time.process_time() - self._process_cpu_start
+        trainer_cpu = self.trainer_cpu_seconds()
+
+        def mean_step(held: bool) -> float | None:
+            times = [row["seconds"] for row in self.step_times if row["trainer_held"] == held]
+            return sum(times) / len(times) if times else None
+
+        running, held = mean_step(False), mean_step(True)
+        return {
+            "steps": len(self.step_times),
+            "wall_seconds": wall,
+            "trainer_busy_seconds": trainer.busy_seconds if trainer is not None else 0.0,
+            "trainer_wall_share": (trainer.busy_seconds / wall) if trainer is not None and wall > 0 else None,
+            "process_cpu_seconds": process_cpu,
+            "trainer_cpu_seconds": trainer_cpu,
+            "trainer_cpu_share": trainer_cpu / process_cpu if trainer_cpu is not None and process_cpu > 0 else None,
+            "step_seconds_trainer_running": running,
+            "step_seconds_trainer_held": held,
+            "step_time_ratio": running / held if running and held else None,
+        }
+
+    def trainer_cpu_seconds(self) -> float | None:
+        """CPU seconds the background trainer's threads used so far; the last reading once they have stopped (their
+        clocks end with them)."""
+        now = _thread_cpu_seconds("drafter-trainer") if self.drafter_trainer is not None else None
+        if now is not None:
+            self._trainer_cpu = max(now, self._trainer_cpu or 0.0)
+        return self._trainer_cpu
+
     def save(self, directory: str | os.PathLike[str]) -> Path | None:
         """Save the served drafter adapter and its versions into `directory` (atomically)."""
         return self.adaptive.save(directory) if self.adaptive is not None else None
 
     def close(self) -> None:
         """Stop the background trainer (no thread outlives training)."""
+        self.trainer_cpu_seconds()  # the last reading of its threads' clocks
         if self.adaptive is not None:
             self.adaptive.stop()
 
@@ -348,6 +392,22 @@ class VLLMRollout(AdaptiveRollout):
             self.engine = None
 
 
+def _thread_cpu_seconds(prefix: str) -> float | None:
+    """CPU seconds used so far by the live threads whose name starts with `prefix` (Linux thread clocks; None where
+    the platform has none). Intra-op worker threads a step may use are not attributed: run with one thread to count
+    all of the trainer's work."""
+    if not hasattr(time, "pthread_getcpuclockid"):
+        return None
+    total = 0.0
+    for thread in threading.enumerate():
+        if thread.name.startswith(prefix) and thread.ident is not None:
+            try:
+                total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+            except (OSError, ProcessLookupError):  # the thread ended meanwhile
+                pass
+    return total
+
+
 def _context_length(policy: Any) -> int:
     """vLLM's `max_model_len` when none is given: the policy's own limit, capped (the KV cache is sized for it)."""
     return min(4096, getattr(policy.config, "max_position_embeddings", 4096) or 4096)
@@ -398,9 +458,21 @@ class DrafterCallback(TrainerCallback):
                     f"drafter: resuming without a drafter adapter ({path} is missing): a fresh one starts"
                 )
 
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        rollout, trainer = self.rollout, self.rollout.drafter_trainer
+        self._held = bool(rollout.hold_trainer_every) and (state.global_step // rollout.hold_trainer_every) % 2 == 1
+        if trainer is not None and rollout.hold_trainer_every:
+            (trainer.pause if self._held else trainer.resume)()
+        self._started = time.perf_counter()
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.rollout.adaptive is not None:
             self.rollout.adaptive.policy_version = state.global_step
+        if getattr(self, "_timed_first", False):  # this run's first step built the drafter (and vLLM): left out
+            seconds = time.perf_counter() - self._started
+            self.rollout.step_times.append({"step": state.global_step, "seconds": seconds, "trainer_held": self._held})
+        self._timed_first = True
+        self.rollout.trainer_cpu_seconds()  # read while its threads live
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:

@@ -81,13 +81,31 @@ class ProbeArguments:
     probe_every: int = field(default=2, metadata={"help": "Measure every this many policy steps (0: never)."})
     probe_prompts: int = field(default=4, metadata={"help": "Held-out prompts the probe decodes."})
     probe_max_new_tokens: int = field(default=32, metadata={"help": "Tokens per held-out prompt."})
+    probe_suffix: bool = field(
+        default=False,
+        metadata={
+            "help": "Also measure the model-free suffix drafter on the held-out prompts, each sampled num_generations "
+            "times (siblings to draft from)."
+        },
+    )
+    hold_trainer_every: int = field(
+        default=0,
+        metadata={
+            "help": "The cost of freshness: hold the background drafter trainer during every other block of this many "
+            "policy steps and compare step times with and without it (0: never held)."
+        },
+    )
 
     def __post_init__(self) -> None:
-        if self.probe_every < 0 or self.probe_prompts < 1 or self.probe_max_new_tokens < 1:
-            raise ValueError("--probe_every must be >= 0, --probe_prompts and --probe_max_new_tokens >= 1.")
+        if min(self.probe_every, self.hold_trainer_every) < 0 or min(self.probe_prompts, self.probe_max_new_tokens) < 1:
+            raise ValueError(
+                "--probe_every and --hold_trainer_every must be >= 0, --probe_prompts and --probe_max_new_tokens >= 1."
+            )
 
 
-def make_probe(args: ProbeArguments, task: TaskArguments, dataset: Any, tokenizer: Any, spec: SpecConfig):
+def make_probe(
+    args: ProbeArguments, task: TaskArguments, dataset: Any, tokenizer: Any, spec: SpecConfig, group: int = 1
+) -> DrafterProbe | None:
     """The probe over held-out prompts: fresh ones for an embedded task (another seed), else the dataset's last rows."""
     if args.probe_every == 0:
         return None
@@ -100,6 +118,7 @@ def make_probe(args: ProbeArguments, task: TaskArguments, dataset: Any, tokenize
     return DrafterProbe(
         ids, mask, every=args.probe_every, num_draft_tokens=spec.num_draft_tokens,
         max_new_tokens=args.probe_max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+        suffix_group=group if args.probe_suffix else 0, suffix_max_draft=spec.suffix_max_draft,
     )  # fmt: skip
 
 
@@ -153,7 +172,7 @@ def use_wandb_offline_unless_logged_in(args: GRPOConfig) -> None:
     os.environ.setdefault("WANDB_DIR", args.output_dir)
 
 
-def summary(rollout: AdaptiveRollout, args: GRPOConfig, processes: int = 1) -> str:
+def summary(rollout: AdaptiveRollout, args: GRPOConfig, processes: int = 1, cost: dict[str, Any] | None = None) -> str:
     """The end-of-run summary: every figure in it was measured in this run, or it says that it was not."""
     totals = rollout.totals
     lines = [*(f"{event}" for event in rollout.events)]
@@ -200,6 +219,18 @@ def summary(rollout: AdaptiveRollout, args: GRPOConfig, processes: int = 1) -> s
             f"not trained yet); {int(m['drafter/trainer_steps'])} distillation steps, "
             f"{int(m['drafter/trainer_errors'])} trainer errors"
         )
+    if cost and cost.get("trainer_wall_share") is not None:
+        cpu = cost["trainer_cpu_share"]
+        line = (
+            f"cost of freshness    the drafter trainer computed {cost['trainer_wall_share']:.0%} of the steps' wall "
+            f"time" + (f" and used {cpu:.0%} of the process's CPU time" if cpu is not None else "")
+        )
+        if cost["step_time_ratio"] is not None:
+            line += (
+                f"; policy steps took {cost['step_seconds_trainer_running']:.1f} s with it running vs "
+                f"{cost['step_seconds_trainer_held']:.1f} s held ({cost['step_time_ratio']:.2f}x)"
+            )
+        lines.append(line)
     lines.append(f"processes            {processes} (each with its own engine and drafter trainer)")
     lines.append(f"checkpoint           {args.output_dir}")
     import wandb
@@ -208,6 +239,31 @@ def summary(rollout: AdaptiveRollout, args: GRPOConfig, processes: int = 1) -> s
         where = "offline: `wandb sync` it to upload" if os.environ.get("WANDB_MODE") == "offline" else wandb.run.url
         lines.append(f"W&B run              {wandb.run.dir} ({where})")
     return "\n".join(lines)
+
+
+def write_run_record(rollout: AdaptiveRollout, trainer: GRPOTrainer, cost: dict[str, Any], path: Path) -> Path:
+    """Everything the run measured about its drafter, as JSON: the probe's points, each rollout's tokens per verify
+    and measured speed-up, the step times, the cost of freshness, the reward per logged step, and the machine."""
+    import json
+
+    from adaptive_drafter.bench import machine_info
+
+    rewards = [
+        {"step": row["step"], "reward": row["reward"], "reward_std": row.get("reward_std")}
+        for row in trainer.state.log_history
+        if "reward" in row
+    ]
+    record = {
+        "probe": rollout.probe.as_dicts() if rollout.probe is not None else [],
+        "rollouts": rollout.history,
+        "step_times": rollout.step_times,
+        "cost": cost,
+        "rewards": rewards,
+        "events": rollout.events,
+        "machine": machine_info(),
+    }
+    path.write_text(json.dumps(record, indent=1, default=str))
+    return path
 
 
 def make_rollout(args: RolloutArguments, spec: SpecConfig, drafter: DrafterConfig, distill: DistillConfig):
@@ -288,7 +344,8 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
     dataset, rewards = load_task(task_args)
     rollout = make_rollout(rollout_args, spec, drafter_config, distill_config)
     if rollout is not None:
-        rollout.probe = make_probe(probe_args, task_args, dataset, tokenizer, spec)
+        rollout.probe = make_probe(probe_args, task_args, dataset, tokenizer, spec, grpo_args.num_generations)
+        rollout.hold_trainer_every = probe_args.hold_trainer_every
     trainer = GRPOTrainer(
         model=policy,
         reward_funcs=rewards,
@@ -304,17 +361,20 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
         trainer.save_state()  # trainer_state.json: the log history (per-step times) for scripts/bench_grpo_step.py
         if rollout is not None:
             rollout.save(Path(grpo_args.output_dir) / "drafter")
+            cost = rollout.cost()  # before close(): the trainer's threads carry its CPU clocks
     finally:
         if rollout is not None:
             rollout.close()
     if trainer.accelerator.is_main_process:
         if rollout is not None:
-            print("\n" + summary(rollout, grpo_args, trainer.accelerator.num_processes))
+            print("\n" + summary(rollout, grpo_args, trainer.accelerator.num_processes, cost))
             picture = plot_run(
                 rollout.probe, rollout.history, Path(grpo_args.output_dir) / "adaptive_drafter.png",
                 f"{grpo_args.run_name or 'GRPO'}: {rollout.totals.emitted_tokens} rollout tokens",
             )  # fmt: skip
             print(f"plot                 {picture}")
+            record = write_run_record(rollout, trainer, cost, Path(grpo_args.output_dir) / "adaptive_drafter_run.json")
+            print(f"run record           {record}")
         else:
             print(f"\nplain rollouts (TRL's own generate, no drafter); checkpoint {grpo_args.output_dir}")
     return trainer

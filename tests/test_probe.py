@@ -48,3 +48,16 @@ def test_the_run_plot_is_written(tmp_path):
     history = [{"step": 0, "tokens_per_verify": 2.0, "measured_speedup": None}, {"step": 1, "measured_speedup": 1.1}]
     path = plot_run(probe, history, tmp_path / "run.png", "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_the_suffix_drafter_is_measured_on_grouped_prompts_only_when_asked():
+    policy, adaptive, probe = setup()
+    assert math.isnan(probe.measure(0, policy, adaptive).suffix_tokens_per_step)
+    peaked = tiny_causal_lm("llama", num_layers=3, logit_scale=60.0)
+    ids, mask = left_padded_prompts(3, 2, 6, 256, seed=0)
+    grouped = DrafterProbe(ids, mask, every=1, max_new_tokens=16, suffix_group=4, suffix_max_draft=8)
+    point = grouped.measure(0, peaked, adaptive)
+    # siblings of a peaked policy share continuations: some steps verify a suffix draft, each emitting >= 1 token
+    assert 0 < point.suffix_share <= 1 and point.suffix_tokens_per_step >= 1.0
+    assert 0 <= point.suffix_acceptance <= 1
+    assert "drafter/probe_tokens_per_step_suffix" in grouped.metrics()

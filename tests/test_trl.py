@@ -4,6 +4,7 @@ W&B offline logging, and the recipe's command line."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -378,3 +379,32 @@ def test_bench_grpo_step_times_plain_and_speculative_runs(tmp_path, tiny_model_d
     assert [len(result["runs"][mode]["step_times"]) for mode in ("plain", "speculative")] == [2, 2]
     assert result["speedup"] > 0 and "spec/acceptance_rate" in result["runs"]["speculative"]["spec"]
     assert json.loads((tmp_path / "g.json").read_text())["meta"]["omp_num_threads"] == 1
+
+
+def test_the_probe_sees_the_policy_move_as_grpo_trains(tmp_path):
+    from adaptive_drafter.probe import DrafterProbe
+    from adaptive_drafter.testing import left_padded_prompts
+
+    rollout = rollout_under_test()
+    ids, mask = left_padded_prompts(2, 2, 4, 60, seed=3)
+    rollout.probe = DrafterProbe(ids, mask, every=1, max_new_tokens=6, num_draft_tokens=3)
+    make_trainer(tmp_path, rollout, max_steps=3, learning_rate=1e-2, save_steps=100).train()
+    kls = [point.policy_kl for point in rollout.probe.points]
+    assert kls[0] == 0.0 and kls[-1] > 1e-6, kls
+
+
+def test_recipe_records_the_cost_of_freshness_with_the_trainer_held_every_other_block(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    argv = recipe_argv(tmp_path, tiny_model_dir, "--hold_trainer_every", "1", "--probe_suffix", "true")
+    trainer = load_recipe().main([*argv[:3], "5", *argv[4:]])  # --max_steps 5
+    record = json.loads((tmp_path / "out" / "adaptive_drafter_run.json").read_text())
+    held = [row["trainer_held"] for row in record["step_times"]]
+    assert [row["step"] for row in record["step_times"]] == [2, 3, 4, 5]  # the first step builds the drafter
+    assert held == [True, False, True, False]  # held while global_step // 1 is odd, at the start of each step
+    cost = record["cost"]
+    assert cost["step_seconds_trainer_running"] > 0 and cost["step_seconds_trainer_held"] > 0
+    assert 0 <= cost["trainer_wall_share"] <= 1 and cost["trainer_cpu_seconds"] >= 0
+    assert len(record["rewards"]) == trainer.state.global_step and record["probe"]
+    assert not math.isnan(record["probe"][0]["suffix_tokens_per_step"])
+    assert "cost of freshness" in capsys.readouterr().out
