@@ -1,5 +1,6 @@
 """scripts/drift_study.py runs end to end on a tiny preset and writes its CSV, plot and summary (the science is the
-real run's job: docs/drift_study.md)."""
+real run's job: docs/drift_study.md); its presets come from configs/drift/*.yaml. Its library is tested in
+test_studies.py."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import math
 import threading
 from pathlib import Path
 
-import torch
+import pytest
+import yaml
 from conftest import load_file_module
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "drift_study.py"
+from adaptive_drafter.studies import CSV_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "drift_study.py"
 
 
 def load_drift_study():
@@ -48,7 +53,7 @@ def test_quick_preset_writes_csv_png_and_summary(tmp_path, capsys):
     with (tmp_path / "drift_study.csv").open() as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-    assert reader.fieldnames == study.CSV_COLUMNS
+    assert reader.fieldnames == CSV_COLUMNS
     assert [int(r["step"]) for r in rows] == [0, 3, 6]
     for r in rows:
         for name in ("frozen_acceptance", "adaptive_acceptance", "kl_to_step0"):
@@ -77,6 +82,7 @@ def test_quick_preset_writes_csv_png_and_summary(tmp_path, capsys):
         assert key in saved, key
     assert saved["distill_overhead"]["rollout_update_s_no_distill"] > 0  # the no-distill baseline ran
     assert saved["adaptive_acceptance_end"] == summary["adaptive_acceptance_end"]
+    assert saved["meta"]["args"]["updates"] == 6 and saved["meta"]["machine"]["cpu_count"] >= 1
     assert "frozen acceptance" in capsys.readouterr().out
     assert not [t for t in threading.enumerate() if t.name == "drafter-trainer"]  # the trainer was stopped
 
@@ -91,18 +97,19 @@ def test_no_distill_runs_without_a_trainer(tmp_path):
     assert all(r["frozen_acceptance"] == r["adaptive_acceptance"] for r in rows)
 
 
-def test_group_advantages_and_rebase():
+def test_quick_means_the_quick_preset_and_flags_override_a_preset(tmp_path):
     study = load_drift_study()
-    adv = study.group_advantages([1.0, 0.0, 0.5, 0.5], group_size=2)
-    assert adv[0] > 0 > adv[1] and adv[2] == adv[3] == 0
-    from adaptive_drafter.config import DrafterConfig
-    from adaptive_drafter.drafter import build_drafter
-    from adaptive_drafter.testing import tiny_causal_lm
-
-    policy = tiny_causal_lm(num_layers=3)
-    drafter = build_drafter(policy, DrafterConfig(drafter_num_layers=2, drafter_lora_r=4, drafter_lora_alpha=8))
-    with torch.no_grad():
-        policy.model.layers[0].self_attn.q_proj.weight.add_(1.0)
-    study.rebase_drafter(drafter, policy)
-    base = drafter.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
-    assert torch.equal(base, policy.model.layers[0].self_attn.q_proj.weight)
+    quick = yaml.safe_load((ROOT / "configs" / "drift" / "quick.yaml").read_text())
+    args = study.parse_args(["--quick"])
+    assert args.quick and {k: getattr(args, k) for k in quick} == quick
+    assert vars(study.parse_args(["--preset", str(ROOT / "configs" / "drift" / "quick.yaml")])) == {
+        **vars(args),
+        "preset": ROOT / "configs" / "drift" / "quick.yaml",
+    }
+    assert study.parse_args(["--quick", "--updates", "5", "--no-overhead-run"]).updates == 5
+    full = study.parse_args([])
+    assert not full.quick and full.task == "arithmetic" and full.drafter_layers == 4
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("updates: 3\n")
+    with pytest.raises(SystemExit):
+        study.parse_args(["--preset", str(partial)])  # a preset must set every setting
