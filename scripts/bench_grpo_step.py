@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """End-to-end GRPO step time: the recipe with plain rollouts (TRL's own `generate`) vs speculative rollouts with the
-adaptive drafter, same config, seed and steps.
+adaptive drafter, and optionally the vLLM backends, same config, seed and steps.
 
 Each mode runs `recipes/grpo_spec.py` in its own subprocess, one after the other (never side by side: they would share
 the cores), with `OMP_NUM_THREADS` set. A GRPO step's time is TRL's `step_time` metric (the whole `training_step`:
@@ -14,6 +14,12 @@ none --save_strategy no` (so flags given here override them):
 
     python scripts/bench_grpo_step.py --json docs/results/grpo_step_embedded_cpu.json    # the embedded default
     python scripts/bench_grpo_step.py --max_steps 8 --num_draft_tokens 6
+    OMP_NUM_THREADS=1 .venv-vllm/bin/python scripts/bench_grpo_step.py --modes plain,speculative,vllm,trl_vllm \
+        --json docs/results/grpo_step_backends_cpu.json                               # the rollout backends (issue 12)
+
+Modes (`--modes`, ratios are to the first): `plain` TRL's own `generate`; `speculative` our engine with the adaptive
+drafter; `vllm` our vLLM backend without speculation; `vllm_draft` our vLLM backend serving the adaptive drafter;
+`trl_vllm` TRL's own `use_vllm` colocate path. The vLLM modes need the interpreter of `make vllm-env`.
 """
 
 from __future__ import annotations
@@ -34,14 +40,20 @@ from typing import Any
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "grpo_spec.py"
 DEFAULT_RECIPE_FLAGS = ["--max_steps", "4", "--report_to", "none", "--save_strategy", "no"]
 SHOWN = ("spec/acceptance_rate", "spec/tokens_per_verify", "spec/sd_fraction", "drafter/version")  # printed
-MODES = {"plain": "false", "speculative": "true"}  # mode -> the recipe's --speculative
+MODES = {  # mode -> the recipe's flags
+    "plain": ["--speculative", "false"],
+    "speculative": ["--speculative", "true"],
+    "vllm": ["--rollout_backend", "vllm", "--vllm_speculation", "none"],
+    "vllm_draft": ["--rollout_backend", "vllm", "--vllm_speculation", "draft_model"],
+    "trl_vllm": ["--speculative", "false", "--use_vllm", "true", "--vllm_mode", "colocate"],
+}
 
 
 def run_recipe(mode: str, recipe_flags: list[str], out_dir: Path, threads: int) -> dict[str, Any]:
     """Run the recipe in one mode in a subprocess; return its per-step times and logged metrics."""
     run_dir = out_dir / mode
     command = [sys.executable, str(RECIPE), *DEFAULT_RECIPE_FLAGS, *recipe_flags]
-    command += ["--speculative", MODES[mode], "--output_dir", str(run_dir)]
+    command += [*MODES[mode], "--output_dir", str(run_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TRL_EXPERIMENTAL_SILENCE": "1"}
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -84,10 +96,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
                         help="OMP_NUM_THREADS of each run (default: this process's, else all cores)")  # fmt: skip
     parser.add_argument("--out-dir", type=Path, default=None, help="where the runs write (default: a temporary dir)")
-    parser.add_argument("--json", type=Path, default=None, help="write both runs' times and the ratio here")
+    parser.add_argument("--json", type=Path, default=None, help="write the runs' times and the ratios here")
+    parser.add_argument("--modes", default="plain,speculative", help=f"comma-separated, of {', '.join(MODES)}")
     args, recipe_flags = parser.parse_known_args(argv)
     if args.threads < 1:
         parser.error("--threads must be positive")
+    args.modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    unknown = [mode for mode in args.modes if mode not in MODES]
+    if unknown or len(args.modes) < 2:
+        parser.error(f"--modes takes two or more of {', '.join(MODES)}; got {args.modes}")
     return args, recipe_flags
 
 
@@ -95,24 +112,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, recipe_flags = parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         out_dir = args.out_dir or Path(scratch)
-        runs = {mode: run_recipe(mode, recipe_flags, out_dir, args.threads) for mode in MODES}
-    plain, spec = runs["plain"], runs["speculative"]
-    result = dict(
-        runs=runs,
-        speedup=plain["mean_step_s"] / spec["mean_step_s"],
-        speedup_after_first=plain["mean_step_s_after_first"] / spec["mean_step_s_after_first"],
-    )
+        runs = {mode: run_recipe(mode, recipe_flags, out_dir, args.threads) for mode in args.modes}
+    base = runs[args.modes[0]]
+    ratios = {
+        mode: {
+            "speedup": base["mean_step_s"] / run["mean_step_s"],
+            "speedup_after_first": base["mean_step_s_after_first"] / run["mean_step_s_after_first"],
+        }
+        for mode, run in runs.items()
+    }
+    result = dict(runs=runs, baseline=args.modes[0], ratios=ratios)
+    if "plain" in runs and "speculative" in runs:  # the figures docs/benchmarks.md has always quoted
+        result["speedup"] = runs["plain"]["mean_step_s"] / runs["speculative"]["mean_step_s"]
+        result["speedup_after_first"] = (
+            runs["plain"]["mean_step_s_after_first"] / runs["speculative"]["mean_step_s_after_first"]
+        )
     print(f"recipe flags: {' '.join(DEFAULT_RECIPE_FLAGS + recipe_flags)} | OMP_NUM_THREADS={args.threads}")
-    print(f"{'mode':12}{'mean step s':>12}{'w/o step 1':>12}{'completion len':>16}{'wall s':>9}  step times")
-    for run in runs.values():
+    print(f"{'mode':12}{'mean step s':>12}{'w/o step 1':>12}{'x ' + args.modes[0]:>14}{'completion len':>16}"
+          f"{'wall s':>9}  step times")  # fmt: skip
+    for mode, run in runs.items():
         length = f"{run['mean_completion_length']:.1f}" if run["mean_completion_length"] is not None else "-"
-        print(f"{run['mode']:12}{run['mean_step_s']:12.2f}{run['mean_step_s_after_first']:12.2f}{length:>16}"
-              f"{run['wall_s']:9.1f}  {', '.join(f'{t:.2f}' for t in run['step_times'])}")  # fmt: skip
-    print(f"speed-up (plain / speculative step time): {result['speedup']:.2f}x, "
-          f"{result['speedup_after_first']:.2f}x without the first step")  # fmt: skip
-    if spec["spec"]:
-        print("speculative run, mean of logged metrics: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in spec["spec"].items() if k in SHOWN and v is not None))  # fmt: skip
+        print(f"{mode:12}{run['mean_step_s']:12.2f}{run['mean_step_s_after_first']:12.2f}"
+              f"{ratios[mode]['speedup_after_first']:14.2f}{length:>16}{run['wall_s']:9.1f}  "
+              f"{', '.join(f'{t:.2f}' for t in run['step_times'])}")  # fmt: skip
+    print(f"x {args.modes[0]}: its mean step time (without the first) over the mode's")
+    for mode, run in runs.items():
+        if run["spec"]:
+            print(f"{mode} run, mean of logged metrics: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in run["spec"].items() if k in SHOWN and v is not None))  # fmt: skip
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(
