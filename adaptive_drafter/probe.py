@@ -203,27 +203,38 @@ def _snapshot(model: Any) -> Any:
     return snapshot.eval().requires_grad_(False)
 
 
-def plot_run(probe: DrafterProbe | None, history: list[dict[str, float]], path: str | Path, title: str = "") -> Path:
-    """A PNG of the run: acceptance of the adaptive vs the frozen drafter on the held-out prompts, tokens per verify,
-    the measured rollout speed-up over plain decoding per step, and the policy's drift, over policy steps.
-    `history` holds one dict per rollout with `step`, `tokens_per_verify` and `measured_speedup` (None: unmeasured)."""
+def plot_run(
+    probe: DrafterProbe | None,
+    history: list[dict[str, float]],
+    path: str | Path,
+    title: str = "",
+    rewards: list[dict[str, float]] | None = None,
+) -> Path:
+    """A PNG of the run: acceptance of the adaptive vs the frozen drafter on the held-out prompts (and the suffix
+    drafter's, when measured), tokens per verify, the measured rollout speed-up over plain decoding per step, the
+    policy's drift and entropy, and the reward, over policy steps. `history` holds one dict per rollout with `step`,
+    `tokens_per_verify` and `measured_speedup` (None: unmeasured); `rewards` one dict per logged step with `step` and
+    `reward` (TRL's log history)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     points = probe.points if probe is not None else []
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    fig, axes = plt.subplots(2, 3 if rewards else 2, figsize=(15 if rewards else 11, 7), constrained_layout=True)
     steps = [p.step for p in points]
+    with_suffix = any(not math.isnan(p.suffix_tokens_per_step) for p in points)
     ax = axes[0][0]
     ax.plot(steps, [p.adaptive_acceptance for p in points], "o-", label="adaptive (served adapter)")
     ax.plot(steps, [p.frozen_acceptance for p in points], "s--", label="frozen (starting adapter)")
+    if with_suffix:
+        ax.plot(steps, [p.suffix_acceptance for p in points], "^:", label="suffix (siblings)")
     ax.set(title="acceptance on held-out prompts", xlabel="policy step", ylabel="accepted / drafted")
     ax.legend()
     ax = axes[0][1]
     ax.plot(steps, [p.adaptive_tokens_per_verify for p in points], "o-", label="adaptive")
     ax.plot(steps, [p.frozen_tokens_per_verify for p in points], "s--", label="frozen")
-    if any(not math.isnan(p.suffix_tokens_per_step) for p in points):
+    if with_suffix:
         ax.plot(steps, [p.suffix_tokens_per_step for p in points], "^:", label="suffix (siblings), per step")
     ax.set(title="tokens per verify (held-out)", xlabel="policy step", ylabel="tokens")
     ax.legend()
@@ -235,8 +246,23 @@ def plot_run(probe: DrafterProbe | None, history: list[dict[str, float]], path: 
     ax.set(title="measured rollout speed-up vs plain", xlabel="policy step", ylabel="x plain")
     ax.legend()
     ax = axes[1][1]
-    ax.plot(steps, [p.policy_kl for p in points], "o-")
-    ax.set(title="policy drift: KL to the starting policy", xlabel="policy step", ylabel="nats per token")
+    ax.plot(steps, [p.policy_kl for p in points], "o-", color="C3", label="KL to the start")
+    ax.set(title="policy drift", xlabel="policy step", ylabel="KL, nats per token")
+    twin = ax.twinx()
+    twin.plot(steps, [p.policy_entropy for p in points], "s--", color="C4", label="entropy")
+    twin.set_ylabel("entropy, nats per token")
+    ax.legend(handles=ax.get_lines() + twin.get_lines(), loc="upper left")
+    if rewards:
+        ax = axes[0][2]
+        xs, ys = [r["step"] for r in rewards], [r["reward"] for r in rewards]
+        ax.plot(xs, ys, ".", alpha=0.4, label="per step")
+        window = max(1, len(ys) // 20)
+        if len(ys) >= window > 1:
+            smooth = [sum(ys[i - window + 1 : i + 1]) / window for i in range(window - 1, len(ys))]
+            ax.plot(xs[window - 1 :], smooth, "-", label=f"mean of {window}")
+        ax.set(title="reward", xlabel="policy step", ylabel="mean reward")
+        ax.legend()
+        axes[1][2].axis("off")
     if title:
         fig.suptitle(title)
     path = Path(path)

@@ -241,6 +241,15 @@ def summary(rollout: AdaptiveRollout, args: GRPOConfig, processes: int = 1, cost
     return "\n".join(lines)
 
 
+def rewards_logged(trainer: GRPOTrainer) -> list[dict[str, Any]]:
+    """The reward TRL logged at each step (mean and spread over the step's completions)."""
+    return [
+        {"step": row["step"], "reward": row["reward"], "reward_std": row.get("reward_std")}
+        for row in trainer.state.log_history
+        if "reward" in row
+    ]
+
+
 def write_run_record(rollout: AdaptiveRollout, trainer: GRPOTrainer, cost: dict[str, Any], path: Path) -> Path:
     """Everything the run measured about its drafter, as JSON: the probe's points, each rollout's tokens per verify
     and measured speed-up, the step times, the cost of freshness, the reward per logged step, and the machine."""
@@ -248,17 +257,12 @@ def write_run_record(rollout: AdaptiveRollout, trainer: GRPOTrainer, cost: dict[
 
     from adaptive_drafter.bench import machine_info
 
-    rewards = [
-        {"step": row["step"], "reward": row["reward"], "reward_std": row.get("reward_std")}
-        for row in trainer.state.log_history
-        if "reward" in row
-    ]
     record = {
         "probe": rollout.probe.as_dicts() if rollout.probe is not None else [],
         "rollouts": rollout.history,
         "step_times": rollout.step_times,
         "cost": cost,
-        "rewards": rewards,
+        "rewards": rewards_logged(trainer),
         "events": rollout.events,
         "machine": machine_info(),
     }
@@ -371,6 +375,7 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
             picture = plot_run(
                 rollout.probe, rollout.history, Path(grpo_args.output_dir) / "adaptive_drafter.png",
                 f"{grpo_args.run_name or 'GRPO'}: {rollout.totals.emitted_tokens} rollout tokens",
+                rewards=rewards_logged(trainer),
             )  # fmt: skip
             print(f"plot                 {picture}")
             record = write_run_record(rollout, trainer, cost, Path(grpo_args.output_dir) / "adaptive_drafter_run.json")

@@ -46,7 +46,8 @@ def test_the_run_plot_is_written(tmp_path):
     probe.measure(0, policy, adaptive)
     probe.measure(2, policy, adaptive)
     history = [{"step": 0, "tokens_per_verify": 2.0, "measured_speedup": None}, {"step": 1, "measured_speedup": 1.1}]
-    path = plot_run(probe, history, tmp_path / "run.png", "test")
+    rewards = [{"step": 1, "reward": 0.2}, {"step": 2, "reward": 0.4}]
+    path = plot_run(probe, history, tmp_path / "run.png", "test", rewards=rewards)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
