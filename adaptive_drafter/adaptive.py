@@ -281,7 +281,14 @@ class AdaptiveDrafter:
         """Start from an adapter distilled elsewhere (`scripts/distill_drafter.py`): its weights only, this run numbers
         its own versions from 0. Returns the version it was saved with."""
         with self._lock:
-            version = load_adapter(self.drafter, directory)
+            try:
+                version = load_adapter(self.drafter, directory)
+            except (RuntimeError, ValueError) as exc:  # shapes (another policy) or names (another DrafterConfig)
+                raise ValueError(
+                    f"The warm-start adapter at {directory} does not fit this drafter: it was distilled for another "
+                    "policy or DrafterConfig. Point drafter_adapter_path at an adapter made for this policy, or set it "
+                    f"to '' to start from a fresh drafter. ({str(exc).splitlines()[0][:300]})"
+                ) from exc
             if self.trainer is not None:
                 self.trainer.reset(self.drafter, self.trainer.adapter_version)
         return version

@@ -162,7 +162,8 @@ class DrafterConfig:
         default=None,
         metadata={
             "help": "Warm start: load the LoRA adapter saved here (by scripts/distill_drafter.py or a checkpoint) into "
-            "the new drafter before the first rollout. It must fit this config (layers, rank, targets)."
+            "the new drafter before the first rollout. It must fit this config (layers, rank, targets) and policy. "
+            "'' or none: a fresh drafter."
         },
     )
     drafter_trust_remote_code: bool = field(
@@ -170,6 +171,8 @@ class DrafterConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.drafter_adapter_path is not None and self.drafter_adapter_path.strip().lower() in ("", "none"):
+            self.drafter_adapter_path = None  # how a command line overrides a YAML's warm start
         if self.drafter_kind not in DRAFTER_KINDS:
             raise ValueError(f"Unknown drafter kind {self.drafter_kind!r}: choose one of {', '.join(DRAFTER_KINDS)}.")
         if self.drafter_kind == "truncated" and self.drafter_num_layers < 1:

@@ -315,6 +315,15 @@ def _config_for_this_transformers(argv: list[str]) -> list[str]:
     return [*argv[:index], str(copy), *argv[index + 1 :]]
 
 
+def in_repo_if_relative(path: str | None) -> str | None:
+    """A relative path that does not exist from here but does inside this repository (the shipped warm-start adapter,
+    `drafters/...`, named by the default YAML) is taken from the repository: the recipe may be launched from anywhere."""
+    if path is None or Path(path).is_absolute() or Path(path).exists():
+        return path
+    in_repo = DEFAULT_CONFIG.parents[1] / path
+    return str(in_repo) if in_repo.exists() else path
+
+
 def resume_point(args: GRPOConfig) -> str | None:
     """`--resume_from_checkpoint last` resumes from the newest checkpoint written completely (a run killed mid-save
     leaves a partial one, which `true` would pick); any other value is passed to the trainer as it is."""
@@ -343,6 +352,7 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
         parser.parse_args_and_config(argv)
     )
     use_wandb_offline_unless_logged_in(grpo_args)
+    drafter_config.drafter_adapter_path = in_repo_if_relative(drafter_config.drafter_adapter_path)
 
     policy, tokenizer = load_policy(model_args, grpo_args.trust_remote_code)  # off unless the user sets it
     dataset, rewards = load_task(task_args)

@@ -220,6 +220,8 @@ def recipe_argv(tmp_path, model_dir, *extra):
         "1",
         "--use_cpu",
         "true",
+        "--drafter_adapter_path",  # the YAML's warm start is the embedded policy's
+        "",
         *extra,
     ]
 
@@ -408,3 +410,11 @@ def test_recipe_records_the_cost_of_freshness_with_the_trainer_held_every_other_
     assert len(record["rewards"]) == trainer.state.global_step and record["probe"]
     assert not math.isnan(record["probe"][0]["suffix_tokens_per_step"])
     assert "cost of freshness" in capsys.readouterr().out
+
+
+def test_a_warm_start_adapter_made_for_another_policy_is_refused_clearly(tmp_path, tiny_model_dir):
+    shipped = str(Path(__file__).resolve().parents[1] / "drafters" / "smollm2-135m-arithmetic")
+    argv = recipe_argv(tmp_path, tiny_model_dir, "--drafter_num_layers", "1")
+    argv[argv.index("--drafter_adapter_path") + 1] = shipped
+    with pytest.raises(ValueError, match="does not fit this drafter.*another policy"):
+        load_recipe().main(argv)
