@@ -191,7 +191,10 @@ def suffix_supported() -> bool:
 def make_engine(policy: Any, drafter: Any, source: str, k: int, elastic: bool, **config: Any) -> SpeculativeEngine:
     """An engine drafting from `source` (`SpecConfig.drafting`: model, hybrid, suffix), fixed k or elastic; `config`
     goes to `SpecConfig`. With `suffix`, "fixed" verifies every suffix draft that expects >= 1 accepted token, and
-    "elastic" only when the measured verify cost pays."""
+    "elastic" only when the measured verify cost pays.
+
+    `k` is k_max, the longest draft a row may verify whatever the source: the model drafter's `num_draft_tokens` and
+    the suffix drafter's `suffix_max_draft` (unless `config` sets it), so drafters compare at the same verify width."""
     if source not in DRAFTERS:
         raise ValueError(f"unknown drafting source {source!r}: choose one of {', '.join(DRAFTERS)}")
     if source != "model" and not suffix_supported():
@@ -199,7 +202,11 @@ def make_engine(policy: Any, drafter: Any, source: str, k: int, elastic: bool, *
             f"--drafter {source} needs hybrid drafting in the engine (SpecConfig.drafting and the SpecStats fields "
             "suffix_drafted/suffix_accepted/suffix_verifies), which this adaptive_drafter lacks"
         )
-    return SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=k, elastic=elastic, drafting=source, **config))
+    if source != "model":
+        config.setdefault("suffix_max_draft", k)
+    return SpeculativeEngine(
+        policy, drafter, SpecConfig(num_draft_tokens=k, elastic=elastic, drafting=source, **config)
+    )
 
 
 def check_source(stats: SpecStats, source: str) -> None:
@@ -236,6 +243,31 @@ def source_stats(stats: SpecStats) -> dict[str, dict[str, float]] | None:
             stats.verified_tokens - suffix_emitted,
         ),
     }
+
+
+def step_shares(stats: SpecStats) -> dict[str, float]:
+    """How the row-steps of a rollout split by what each row did (plain decode, a suffix draft verified, the model's
+    drafts verified; shares of verify + plain row-steps, the prefill's first token counted plain), and the tokens a
+    row-step emitted on average over all of them (the speed-up's numerator, plain steps included)."""
+    steps = stats.verify_steps + stats.plain_steps
+    suffix = getattr(stats, "suffix_verifies", 0)
+    if not steps:
+        return {"plain": 0.0, "suffix": 0.0, "model": 0.0, "tokens_per_row_step": 0.0}
+    return {
+        "plain": stats.plain_steps / steps,
+        "suffix": suffix / steps,
+        "model": (stats.verify_steps - suffix) / steps,
+        "tokens_per_row_step": (stats.verified_tokens + stats.plain_steps) / steps,
+    }
+
+
+def mean_max_p(targets: list[Any]) -> float:
+    """The policy's mean top-1 probability over every generated position of a rollout (`SpecOutput.targets`
+    collected with `collect_topk >= 1`): the acceptance ceiling of a deterministic draft token under the exact rule."""
+    tops = [t.topk_logprobs[:, 0].float().exp() for t in targets if t.topk_logprobs.numel()]
+    if not tops:
+        raise ValueError("mean_max_p needs targets with at least one position (collect_topk >= 1)")
+    return float(torch.cat(tops).mean())
 
 
 def fresh_suffix(engine: SpeculativeEngine) -> None:
@@ -289,6 +321,60 @@ def count_until_eos(rows: list[list[int]], eos: int | list[int]) -> list[list[in
     return [row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))] for row in rows]
 
 
+def completion_length(row: list[int], eos: int | list[int]) -> int | None:
+    """Tokens before the row's first eos (the eos itself not counted); None when the row has no eos (it ran to the
+    length cap)."""
+    stops = {eos} if isinstance(eos, int) else set(eos)
+    return next((i for i, t in enumerate(row) if t in stops), None)
+
+
+def lengths_summary(rows: list[list[int]], eos: int | list[int], cap: int) -> dict[str, Any]:
+    """The distribution of completion lengths: tokens up to the first eos per row (rows without one count as `cap`,
+    the max_new_tokens they ran to): count, median, p90, mean, max, and the shares of rows >= 64, >= 256 tokens and
+    at the cap."""
+    found = [completion_length(row, eos) for row in rows]
+    lengths = sorted(cap if n is None else n for n in found)
+    if not lengths:
+        raise ValueError("lengths_summary needs at least one row")
+    p90 = lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))]  # nearest-rank: the value 90% of rows are below
+    return {
+        "rows": len(lengths),
+        "cap": cap,
+        "median": statistics.median(lengths),
+        "p90": p90,
+        "mean": statistics.fmean(lengths),
+        "min": lengths[0],
+        "max": lengths[-1],
+        "share_ge_64": sum(n >= 64 for n in lengths) / len(lengths),
+        "share_ge_256": sum(n >= 256 for n in lengths) / len(lengths),
+        "share_at_cap": sum(n is None for n in found) / len(lengths),
+        "lengths": [cap if n is None else n for n in found],
+    }
+
+
+def sample_completions(
+    setup: Setup, rows: int, options: RunOptions, max_new: int, chunk: int
+) -> tuple[list[list[int]], float]:
+    """`rows` plain `generate` completions of `setup`'s prompts (seed `options.seed`; a grouped setup repeats each
+    prompt), `chunk` rows per call (each call seeded `options.seed + i`). Returns (the completions' full new tokens,
+    eos and padding included, seconds)."""
+    ids, mask = prompts_on(setup, rows, options)
+    out, seconds = [], 0.0
+    for i, start in enumerate(range(0, rows, chunk)):
+        sub_ids, sub_mask = ids[start : start + chunk], mask[start : start + chunk]
+        width = int(sub_mask.sum(1).max())  # drop the columns every row of the chunk pads
+        sub_ids, sub_mask = sub_ids[:, -width:], sub_mask[:, -width:]
+        torch.manual_seed(options.seed + i)
+        begin = time.perf_counter()
+        new = setup.policy.generate(
+            input_ids=sub_ids, attention_mask=sub_mask, max_new_tokens=max_new, eos_token_id=setup.eos_token_id,
+            pad_token_id=setup.pad_token_id, **options.sampling,
+        )  # fmt: skip
+        seconds += time.perf_counter() - begin
+        out.extend(new[:, width:].tolist())
+    return out, seconds
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued kernels, so wall time covers them (a no-op on CPU)."""
     if device.type == "cuda":
@@ -330,6 +416,22 @@ def run_spec(
 ):
     """`SpeculativeEngine.generate` seeded with `seed` (default `options.seed`); returns (completions, stats,
     seconds)."""
+    out, seconds = run_spec_output(engine, setup, ids, mask, options, max_new, seed)
+    return out.completion_ids, out.stats, seconds
+
+
+def run_spec_output(
+    engine: SpeculativeEngine,
+    setup: Setup,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    options: RunOptions,
+    max_new: int,
+    seed: int | None = None,
+    collect_topk: int = 0,
+):
+    """`run_spec` returning the whole `SpecOutput` (with the policy's top-`collect_topk` targets when > 0; top-1 costs
+    a max over the verify logits the engine has anyway) and the seconds."""
     generator = torch.Generator(device=ids.device).manual_seed(options.seed if seed is None else seed)
     synchronize(ids.device)
     start = time.perf_counter()
@@ -340,10 +442,11 @@ def run_spec(
         eos_token_id=setup.eos_token_id,
         pad_token_id=setup.pad_token_id,
         generator=generator,
+        collect_topk=collect_topk,
         **options.sampling,
     )
     synchronize(ids.device)
-    return out.completion_ids, out.stats, time.perf_counter() - start
+    return out, time.perf_counter() - start
 
 
 def run_assisted(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, options: RunOptions, max_new: int):

@@ -16,6 +16,11 @@ plain tok/s (> 1: speculation wins). Greedy runs also report the share of rows i
 late layers, drafted by its first `--drafter-layers` layers: agreement set by the damping) and `--model embedded`
 (SmolLM2-135M-Instruct on `--task` prompts, drafted by its own first layers: untrained unless `--adapter`).
 
+`--k` is k_max, the longest draft a row verifies from any source (the model drafter's num_draft_tokens and the suffix
+drafter's suffix_max_draft). Each row also carries `mean_max_p`, the policy's mean top-1 probability over the fixed-k
+run's generated positions (collected as top-1 targets), and `max_p_ceiling` = expected tokens per verify of k drafts
+accepted at that rate: the ceiling of a deterministic draft (sampled drafts, q ~ p, can pass it).
+
 Drafting (`--drafter`): `model` the drafter model alone; `hybrid` per row and step the model's drafts or a model-free
 suffix draft (`SpecConfig.drafting`: siblings, earlier rollouts, the row's own context); `suffix` suffix drafts
 only (the model drafter never drafts). `--group G` repeats each prompt G times (GRPO's num_generations; batch sizes
@@ -55,6 +60,7 @@ from adaptive_drafter.bench import (  # noqa: F401 - TINY, embedded_setup, forwa
     machine_info,
     machine_line,
     make_engine,
+    mean_max_p,
     memory_report,
     parse_with_preset,
     plot_speedup,
@@ -63,13 +69,16 @@ from adaptive_drafter.bench import (  # noqa: F401 - TINY, embedded_setup, forwa
     run_assisted,
     run_plain,
     run_spec,
+    run_spec_output,
     snapshot_suffix,
     source_stats,
     step_costs,
+    step_shares,
     suffix_supported,
     tiny_setup,
     write_json,
 )
+from adaptive_drafter.elastic import expected_tokens
 from adaptive_drafter.metrics import speedup_estimate
 
 
@@ -100,7 +109,8 @@ def bench_batch(
         plain, seconds = run_plain(setup, ids, mask, options, max_new)
         plain_times.append(seconds)
         restore_suffix(engine, history["fixed"])
-        spec, stats, seconds = run_spec(engine, setup, ids, mask, options, max_new)
+        out, seconds = run_spec_output(engine, setup, ids, mask, options, max_new, collect_topk=1)  # top-1: max p
+        spec, stats, max_p = out.completion_ids, out.stats, mean_max_p(out.targets)
         spec_times.append(seconds)
         restore_suffix(elastic, history["elastic"])
         elastic_out, elastic_stats, seconds = run_spec(elastic, setup, ids, mask, options, max_new)
@@ -130,6 +140,9 @@ def bench_batch(
         "plain_tok_s": plain_tokens / plain_s,
         "spec_tok_s": spec_tokens / spec_s,
         "tokens_per_verify": stats.tokens_per_verify,
+        "mean_max_p": max_p,
+        "max_p_ceiling": expected_tokens(max_p, args.k),
+        "steps": step_shares(stats),
         "stats": stats.as_dict(),
     }
     row["ratio"] = row["spec_tok_s"] / row["plain_tok_s"]
@@ -138,6 +151,7 @@ def bench_batch(
     row["elastic_times"] = elastic_times
     row["elastic_sd_fraction"] = elastic_stats.metrics()["spec/sd_fraction"]
     row["elastic_tokens_per_verify"] = elastic_stats.tokens_per_verify
+    row["elastic_steps"] = step_shares(elastic_stats)
     row["elastic_stats"] = elastic_stats.as_dict()
     sources, elastic_sources = source_stats(stats), source_stats(elastic_stats)
     if sources is not None:  # per-source counters: the engine has hybrid drafting
@@ -162,7 +176,7 @@ def bench_batch(
 
 def format_table(rows: list[dict[str, Any]], greedy: bool) -> str:
     """The result rows as an aligned text table."""
-    header = ["batch", "plain tok/s", "spec tok/s", "ratio", "elastic", "sd frac", "accept", "tok/verify"]
+    header = ["batch", "plain tok/s", "spec tok/s", "ratio", "elastic", "sd frac", "accept", "tok/verify", "max p"]
     suffix = rows[0]["drafter"] != "model" and "sources" in rows[0]
     if suffix:
         header += ["sfx share", "sfx accept"]
@@ -179,6 +193,7 @@ def format_table(rows: list[dict[str, Any]], greedy: bool) -> str:
             f"{r['elastic_sd_fraction']:.2f}",
             f"{s.acceptance_rate:.3f}",
             f"{s.tokens_per_verify:.2f}",
+            f"{r['mean_max_p']:.3f}" if "mean_max_p" in r else "-",
         ]
         if suffix:
             sfx = r["sources"]["suffix"]
@@ -204,7 +219,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--model", choices=("tiny", "embedded"), default="tiny")
     parser.add_argument("--batch-sizes", default="1,4,16,64", help="comma-separated batch sizes in rows (1,4,16,64)")
-    parser.add_argument("--k", type=int, default=4, help="num_draft_tokens (default 4)")
+    parser.add_argument(
+        "--k",
+        type=int,
+        default=4,
+        help="k_max, the longest draft a row verifies (default 4): the model drafter's num_draft_tokens and the "
+        "suffix drafter's suffix_max_draft",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 64 (tiny) or 48 (embedded)")
     sampling = parser.add_mutually_exclusive_group()
     sampling.add_argument("--do-sample", dest="do_sample", action="store_true", help="sample (temperature only)")
@@ -304,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         "tokens counted up to and including each row's first eos; ratio = spec tok/s / plain tok/s (>1: spec wins); "
         "elastic = elastic engine's ratio, sd frac = its share of row-steps that speculated; sfx share/accept = share "
-        "of verifies with a suffix draft and their acceptance; c, v_k = measured drafter-step and (k+1)-token verify "
+        "of verifies with a suffix draft and their acceptance; max p = the policy's mean top-1 probability over the "
+        "generated positions (a deterministic draft token's acceptance ceiling); c, v_k = measured drafter-step and (k+1)-token verify "
         "costs relative to a decode step; predicted = S(α, k, c, v_k) with α fitted to the measured tokens/verify "
         "(model drafter only); HF assisted = transformers' assisted generation (batch 1, greedy)"
     )

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_file_module
 
 from adaptive_drafter import SpecConfig
 from adaptive_drafter.config import DrafterConfig
 from adaptive_drafter.drafter import AdapterVersion, build_drafter, load_adapter, save_adapter
 from adaptive_drafter.testing import tiny_causal_lm
-from conftest import load_file_module
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "bench"
@@ -74,6 +74,9 @@ def test_bench_rollout_with_suffix_drafts_on_grpo_groups_writes_per_source_stats
         if drafter == "suffix":  # the model drafter never drafts
             assert sources["model"]["drafted"] == 0 and stats["drafter_forwards"] == 0
     assert row["predicted"] is None  # S(α, k, c, v_k) models the drafter model alone
+    assert 0 < row["mean_max_p"] <= 1 and 1 <= row["max_p_ceiling"] <= 5  # k = 4: at most 5 tokens per verify
+    for steps in (row["steps"], row["elastic_steps"]):
+        assert steps["plain"] + steps["suffix"] + steps["model"] == pytest.approx(1.0)
     if drafter == "suffix":  # the previous epoch indexed: some rows verify suffix drafts (hybrid: timing decides)
         assert row["sources"]["suffix"]["verifies"] > 0
 
@@ -149,3 +152,57 @@ def test_bench_longtail_finishes_the_same_rows_faster_or_not_and_says_so(tmp_pat
     for name in ("fixed_k", "elastic"):
         assert result[name]["identical_rows"] == 1.0 and result[name]["speedup"] > 0
     assert json.loads(out.read_text())["result"]["plain"]["seconds"] > 0
+
+
+def test_lengths_summary_counts_tokens_up_to_the_first_eos():
+    from adaptive_drafter.bench import lengths_summary
+
+    rows = [[5, 6, 2, 7, 2], [2, 9, 9, 9, 9], [5, 5, 5, 5, 5], [1, 2, 3, 4, 9]]  # eos 2 at 2, at 0, never, at 1
+    summary = lengths_summary(rows, eos=[2, 3], cap=5)  # 3 is an eos too: the last row stops at its 2 first
+    assert summary["lengths"] == [2, 0, 5, 1] and summary["max"] == 5 and summary["median"] == 1.5
+    assert summary["share_at_cap"] == 0.25 and summary["share_ge_64"] == 0.0 and summary["rows"] == 4
+    assert lengths_summary([[7] * 300], eos=2, cap=300)["share_ge_256"] == 1.0
+
+
+def test_bench_lengths_records_the_length_distribution_of_sampled_completions(tmp_path):
+    out = tmp_path / "lengths.json"
+    result = load_script("bench_lengths").main(["--model", "tiny", "--prompts", "2", "--samples", "3",
+                                                "--max-new-tokens", "6", "--chunk", "4", "--json", str(out)])  # fmt: skip
+    summary = json.loads(out.read_text())["summary"]
+    assert summary == result["summary"] and summary["rows"] == 6 and len(summary["lengths"]) == 6
+    assert all(0 <= n <= 6 for n in summary["lengths"]) and summary["cap"] == 6
+
+
+def test_mean_max_p_averages_the_policys_top_probability_over_every_position():
+    from types import SimpleNamespace
+
+    from adaptive_drafter.bench import mean_max_p
+
+    rows = [SimpleNamespace(topk_logprobs=torch.tensor([[0.5, 0.3], [0.9, 0.1]]).log().half()),
+            SimpleNamespace(topk_logprobs=torch.tensor([[0.4, 0.2]]).log().half())]  # fmt: skip
+    assert mean_max_p(rows) == pytest.approx(0.6, abs=1e-3)  # (0.5 + 0.9 + 0.4) / 3 positions, not rows
+
+
+def test_step_shares_split_row_steps_into_plain_suffix_and_model():
+    from adaptive_drafter.bench import step_shares
+    from adaptive_drafter.metrics import SpecStats
+
+    stats = SpecStats(verify_steps=6, verified_tokens=15, plain_steps=4)
+    if HYBRID:
+        stats.suffix_verifies = 2
+    shares = step_shares(stats)
+    assert shares["plain"] == 0.4 and shares["suffix"] + shares["model"] == pytest.approx(0.6)
+    assert shares["tokens_per_row_step"] == pytest.approx(1.9)  # (15 + 4) tokens / 10 row-steps
+
+
+@pytest.mark.skipif(not HYBRID, reason="the engine has no hybrid drafting yet (SpecConfig.drafting)")
+def test_the_bench_k_bounds_suffix_drafts_as_well_as_model_drafts():
+    from adaptive_drafter.bench import make_engine
+    from adaptive_drafter.drafter import truncated_drafter
+
+    policy = tiny_causal_lm(seed=0, vocab_size=64, hidden_size=32, num_layers=2)
+    drafter = truncated_drafter(policy, 1)
+    for source in ("hybrid", "suffix"):
+        config = make_engine(policy, drafter, source, 8, elastic=True).config
+        assert (config.num_draft_tokens, config.suffix_max_draft) == (8, 8)
+    assert make_engine(policy, drafter, "hybrid", 8, elastic=True, suffix_max_draft=3).config.suffix_max_draft == 3
