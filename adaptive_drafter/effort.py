@@ -10,9 +10,10 @@ while idle, by a forward pass without gradients over the newest rollouts wheneve
 
 - **training** → **idle** when the last `patience` measurement windows (each `publish_every` steps) gained less than
   `min_gain` over the best before them: distillation has reached what it can reach on this policy (reason "plateau");
-- **idle** → **training** when α̂ on the newest policy's rollouts falls `tolerance` below what it was when training
-  stopped (twice in a row: one batch is noisy) (reason "falling behind"); a policy that moves away from the drafter
-  shows up here, whatever the cause.
+- **idle** → **training** when α̂ on the newest policy's rollouts falls `tolerance` below its value at the first
+  check after training stopped (twice in a row: one batch is noisy) (reason "falling behind"); a policy that moves
+  away from the drafter shows up here, whatever the cause. Fresh rollouts are compared with fresh rollouts: α̂ on the
+  batches being trained on is optimistic (the trainer has seen them), so it only decides the plateau.
 
 With `mode="always"` the trainer trains at its duty cycle all the time (the behaviour before this policy existed).
 """
@@ -46,7 +47,7 @@ class DistillEffort:
     tolerance: float = 0.03
     _windows: list[float] = field(default_factory=list, repr=False)  # α̂ per measurement window while training
     _window: list[float] = field(default_factory=list, repr=False)  # α̂ of the steps of the current window
-    _reference: float = field(default=math.nan, repr=False)  # α̂ when training stopped: what "holding" is measured against
+    _reference: float = field(default=math.nan, repr=False)  # α̂ at the first idle check: the bar of "holding"
     _below: int = field(default=0, repr=False)  # consecutive idle checks below the reference
     decision: EffortDecision = field(default_factory=lambda: EffortDecision(True, TRAINING, "training"))
 
@@ -74,13 +75,13 @@ class DistillEffort:
             before = max(self._windows[: -self.patience])
             recent = self._windows[-self.patience :]
             if max(recent) < before + self.min_gain:
-                self._reference = sum(recent) / len(recent)
-                self._below = 0
+                self._reference, self._below = math.nan, 0  # set by the first check on fresh rollouts
                 self.decision = EffortDecision(
                     False,
                     PLATEAU,
-                    f"plateau: expected acceptance {self._reference:.3f} gained < {self.min_gain} over the last "
-                    f"{self.patience} adapters (best before {before:.3f}); idle until the policy moves away",
+                    f"plateau: expected acceptance {sum(recent) / len(recent):.3f} on the batches trained on gained "
+                    f"< {self.min_gain} over the last {self.patience} adapters (best before {before:.3f}); idle until "
+                    "fresh rollouts show the policy moving away",
                 )
         return self.decision
 
@@ -88,6 +89,8 @@ class DistillEffort:
         """α̂ of the served adapter on the newest policy's rollouts, measured while idle."""
         if self.decision.train or not math.isfinite(acceptance):
             return self.decision
+        if math.isnan(self._reference):
+            self._reference = acceptance
         if acceptance < self._reference - self.tolerance:
             self._below += 1
         else:
@@ -95,15 +98,15 @@ class DistillEffort:
             self.decision = EffortDecision(
                 False,
                 HOLDING,
-                f"holding: expected acceptance {acceptance:.3f} on the newest rollouts vs {self._reference:.3f} when "
-                "training stopped",
+                f"holding: expected acceptance {acceptance:.3f} on the newest rollouts vs {self._reference:.3f} at "
+                "the first check after training stopped",
             )
         if self._below >= 2:
             self.decision = EffortDecision(
                 True,
                 TRAINING,
                 f"falling behind: expected acceptance {acceptance:.3f} on the newest rollouts vs "
-                f"{self._reference:.3f} when training stopped; training again",
+                f"{self._reference:.3f} at the first check after training stopped; training again",
             )
             self._windows, self._window, self._below = [], [], 0
         return self.decision

@@ -49,3 +49,10 @@ def test_bad_settings_are_refused():
         DistillEffort(mode="sometimes")
     with pytest.raises(ValueError, match="patience"):
         DistillEffort(patience=0)
+
+
+def test_fresh_rollouts_are_compared_with_fresh_rollouts_not_with_the_batches_trained_on():
+    effort = DistillEffort(patience=2, min_gain=0.01, tolerance=0.03)
+    windows(effort, [0.5, 0.6, 0.6, 0.6])  # optimistic: the trainer has seen these batches
+    assert effort.observe_idle(0.35).code == HOLDING  # the first fresh check sets the bar
+    assert effort.observe_idle(0.34).code == HOLDING and not effort.observe_idle(0.36).train
