@@ -49,7 +49,8 @@ test: install
 	$(PYTHON) -m pytest -m "not gpu" -q
 	$(MAKE) vllm-env
 	OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -m "not gpu" -q tests/test_vllm_engine.py
-	# Its own process: a vLLM engine started after the other file's engines trips vLLM's kernel re-binding scan.
+	# Its own process: once the ngram engine of the other file has loaded llvmlite, no new vLLM engine can start in
+	# that process (vLLM's kernel re-binding scan fails on an llvmlite object; see vllm_engine._register_expand_fallback).
 	OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -m "not gpu" -q tests/test_vllm_rollout.py
 
 # A quick version (a few minutes on 2 CPU cores, tiny models); docs/benchmarks.md lists the full commands.

@@ -382,6 +382,13 @@ def _expand_kernel_torch(output_ptr, input_ptr, cu_num_tokens_ptr, replace_from,
 
 
 def _register_expand_fallback(worker: Any = None) -> None:
-    from vllm.triton_utils.dispatcher import register_kernels
+    from vllm.triton_utils import dispatcher
 
-    register_kernels({_EXPAND_KERNEL: _expand_kernel_torch})
+    try:
+        dispatcher.register_kernels({_EXPAND_KERNEL: _expand_kernel_torch})
+    except AttributeError:
+        # vLLM's scan for other holders of the kernel (`_rebind_kernels`) fails once llvmlite is imported (vLLM's ngram
+        # proposer loads numba): `vars()` of llvmlite's `_lib_fn_wrapper` is no dict. `expand_batch_to_tokens` looks
+        # the kernel up in its defining module at each launch, so binding it there is enough; the caller probes it.
+        host, attr = dispatcher._resolve_kernel(_EXPAND_KERNEL)
+        setattr(host, attr, dispatcher.KernelOverride(getattr(host, attr), _expand_kernel_torch))

@@ -246,7 +246,13 @@ def test_ngram_speculation_is_greedy_identical_to_plain_decoding(policy, prompts
     engine = VLLMEngine(policy[2], method="ngram", num_draft_tokens=4, max_model_len=512)
     try:
         out = engine.generate(prompts, max_new_tokens=32, **GREEDY)
+        # Sampled: the CPU repair must register although the ngram proposer has loaded llvmlite (numba), after which
+        # vLLM's own register_kernels raises (see _register_expand_fallback).
+        sampled = engine.generate(prompts, max_new_tokens=16, do_sample=True, generator_seed=0)
     finally:
         engine.close()
     assert out.completion_ids == reference
     assert out.stats.verify_steps > 0
+    vocab = policy[0].config.vocab_size
+    assert all(0 <= token < vocab for row in sampled.completion_ids for token in row)
+    assert all(math.isfinite(v) for row in sampled.logprobs for v in row)
