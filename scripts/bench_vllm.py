@@ -6,17 +6,24 @@ plain and vLLM with the adaptive drafter as its draft model, at several batch si
     .venv-vllm/bin/python scripts/bench_vllm.py --batch-sizes 1,8,32 --max-new-tokens 64 --repeats 3 \
         --json docs/results/bench_vllm_cpu.json
     .venv-vllm/bin/python scripts/bench_vllm.py --adapter outputs/drafter_embedded_warm --do-sample   # a GPU: T = 1
+    # vLLM's model-free methods on grouped reasoning rollouts at T = 1 (issue 13's measurement, vLLM's side):
+    OMP_NUM_THREADS=1 .venv-vllm/bin/python scripts/bench_vllm.py --skip-hf --methods draft_model,ngram,suffix \
+        --task reasoning --group 4 --do-sample --batch-sizes 8,32 --max-new-tokens 128 --repeats 1
 
 The policy is the embedded SmolLM2-135M-Instruct; the drafter its first `--drafter-layers` layers with LoRA (untrained,
 or the adapter at `--adapter`), merged and exported as the checkpoint vLLM's `draft_model` method loads. Greedy by
 default: on a CPU the vllm-cpu build needs the repair `VLLMEngine` registers for sampled speculation, which this bench
 then relies on. Each row: tokens per second (median of `--repeats`, after a warm-up), ratios to HF `generate`, vLLM's
 acceptance and tokens per verify, and whether vLLM's speculative output equals its plain output (greedy).
+`--methods` picks vLLM's speculative methods measured beside vLLM plain (`draft_model` is the adaptive drafter; `ngram`
+is prompt lookup in the row's own prompt and output; `suffix` needs the `arctic-inference` package and is recorded as
+skipped without it); `--group G` repeats each prompt G times, as GRPO's `num_generations` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -45,8 +52,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--do-sample", action="store_true", help="sample at --temperature (default greedy)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--skip-hf", action="store_true", help="vLLM rows only (a GPU: the HF rows take long)")
+    p.add_argument("--methods", default="draft_model", help="vLLM speculative methods: draft_model,ngram,suffix")
+    p.add_argument("--group", type=int, default=1, help="rows per prompt (GRPO's num_generations; default 1)")
     p.add_argument("--json", type=Path, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in ("draft_model", "ngram", "suffix")]
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    if unknown or not args.methods:
+        p.error(f"--methods takes draft_model, ngram and/or suffix; got {args.methods}")
+    if args.group < 1 or any(b % args.group for b in batches):
+        p.error(f"--group must be positive and divide every batch size; got {args.group} for {batches}")
+    return args
+
+
+def served_name(method: str) -> str:
+    """The row's key prefix for a vLLM speculative method (the adaptive drafter is vLLM's `draft_model`)."""
+    return "vllm_adaptive" if method == "draft_model" else f"vllm_{method}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -70,8 +92,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     draft_dir = adaptive.export(Path(tempfile.mkdtemp(prefix="bench_vllm_drafter_")), tokenizer)
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature)
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    dataset, _ = load_task(args.task, max(batches), seed=777)
-    ids, mask = chat_batch(tokenizer, dataset["prompt"], device)
+    dataset, _ = load_task(args.task, max(batches) // args.group, seed=777)
+    conversations = [c for c in dataset["prompt"] for _ in range(args.group)]  # siblings adjacent, as TRL orders them
+    ids, mask = chat_batch(tokenizer, conversations, device)
 
     rows: dict[int, dict[str, Any]] = {b: {"batch": b} for b in batches}
     if not args.skip_hf:
@@ -103,7 +126,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # No eos: every row decodes max_new_tokens in every engine, so token counts (and work) are equal.
     prompts = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
     outputs: dict[str, dict[int, Any]] = {}
-    for name, kwargs in (("vllm_plain", dict(method=None)), ("vllm_adaptive", dict(draft_path=str(draft_dir)))):
+    skipped: dict[str, str] = {}
+    vllm_runs = [("vllm_plain", dict(method=None))]
+    # ngram last: its proposer loads llvmlite (numba), after which no new vLLM engine can start in this process
+    # (vLLM's kernel-override scan fails on one of llvmlite's objects; see vllm_engine._register_expand_fallback).
+    for method in sorted(args.methods, key=lambda m: m == "ngram"):
+        kwargs: dict[str, Any] = dict(method=method)
+        if method == "draft_model":
+            kwargs["draft_path"] = str(draft_dir)
+        if method == "suffix" and importlib.util.find_spec("arctic_inference") is None:
+            skipped[served_name(method)] = "vLLM's suffix method needs the arctic-inference package, not installed"
+            continue
+        vllm_runs.append((served_name(method), kwargs))
+    for name, kwargs in vllm_runs:
         engine = VLLMEngine(str(cache_path()), num_draft_tokens=args.k, max_model_len=1024, **kwargs)
         outputs[name] = {}
         for b in batches:
@@ -113,21 +148,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             seconds, out = timed_run(rollout, policy.device, args.repeats)
             outputs[name][b] = out
             rows[b][f"{name}_tok_s"] = sum(map(len, out.completion_ids)) / seconds
-            if name == "vllm_adaptive":
-                rows[b]["vllm_acceptance"] = out.stats.acceptance_rate
-                rows[b]["vllm_tokens_per_verify"] = out.stats.tokens_per_verify
+            if name != "vllm_plain":
+                rows[b][f"{name}_acceptance"] = out.stats.acceptance_rate
+                rows[b][f"{name}_tokens_per_verify"] = out.stats.tokens_per_verify
         engine.close()
     for b in batches:
         row = rows[b]
-        row["vllm_identical"] = (
-            outputs["vllm_plain"][b].completion_ids == outputs["vllm_adaptive"][b].completion_ids
-            if not args.do_sample else None
-        )  # fmt: skip
         base = row.get("hf_generate_tok_s")
         for key in [k for k in row if k.endswith("_tok_s")]:
             if base:
                 row[key.replace("_tok_s", "_vs_generate")] = row[key] / base
-        row["vllm_adaptive_vs_vllm_plain"] = row["vllm_adaptive_tok_s"] / row["vllm_plain_tok_s"]
+        for name, _ in vllm_runs[1:]:
+            row[f"{name}_vs_vllm_plain"] = row[f"{name}_tok_s"] / row["vllm_plain_tok_s"]
+            row[f"{name}_identical"] = (
+                outputs["vllm_plain"][b].completion_ids == outputs[name][b].completion_ids if not args.do_sample else None
+            )  # fmt: skip
 
     print(f"{'batch':>5} " + " ".join(f"{k:>24}" for k in rows[batches[0]] if k != "batch"))
     for b in batches:
@@ -139,9 +174,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine_info(), "vllm": vllm.__version__, "device": device,
         "drafter": f"first {args.drafter_layers} layers + LoRA ({args.adapter or 'untrained'})",
     }  # fmt: skip
-    result = {"meta": meta, "rows": list(rows.values())}
+    result = {"meta": meta, "rows": list(rows.values()), "skipped": skipped}
+    for name, why in skipped.items():
+        print(f"{name}: not measured ({why})")
     if args.json is not None:
-        write_json(args.json, args, meta, rows=result["rows"])
+        write_json(args.json, args, meta, rows=result["rows"], skipped=skipped)
     return result
 
 
