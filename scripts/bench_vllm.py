@@ -56,13 +56,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--group", type=int, default=1, help="rows per prompt (GRPO's num_generations; default 1)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    from adaptive_drafter.vllm_engine import METHODS  # imports no vLLM
+
+    speculative = [m for m in METHODS if m is not None]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in ("draft_model", "ngram", "suffix")]
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    if unknown or not args.methods:
-        p.error(f"--methods takes draft_model, ngram and/or suffix; got {args.methods}")
-    if args.group < 1 or any(b % args.group for b in batches):
-        p.error(f"--group must be positive and divide every batch size; got {args.group} for {batches}")
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if not args.methods or any(m not in speculative for m in args.methods):
+        p.error(f"--methods takes one or more of {', '.join(speculative)}; got {args.methods}")
+    if args.group < 1 or any(b % args.group for b in args.batch_sizes):
+        p.error(f"--group must be positive and divide every batch size; got {args.group} for {args.batch_sizes}")
     return args
 
 
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     adaptive = AdaptiveDrafter(drafter, SpecConfig(num_draft_tokens=args.k))
     draft_dir = adaptive.export(Path(tempfile.mkdtemp(prefix="bench_vllm_drafter_")), tokenizer)
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature)
-    batches = [int(b) for b in args.batch_sizes.split(",")]
+    batches = args.batch_sizes
     dataset, _ = load_task(args.task, max(batches) // args.group, seed=777)
     conversations = [c for c in dataset["prompt"] for _ in range(args.group)]  # siblings adjacent, as TRL orders them
     ids, mask = chat_batch(tokenizer, conversations, device)
