@@ -37,7 +37,7 @@ from .drafter import (
     save_adapter,
 )
 from .metrics import SpecStats
-from .targets import PolicyTargets
+from .outputs import PolicyTargets
 from .trainer import DrafterTrainer
 
 logger = logging.getLogger(__name__)

@@ -42,9 +42,8 @@ from typing import Any
 
 import torch
 
-from .engine import SpecOutput
+from .outputs import PolicyTargets, SpecOutput
 from .metrics import SpecStats
-from .targets import PolicyTargets
 
 logger = logging.getLogger(__name__)
 

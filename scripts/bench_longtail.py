@@ -93,19 +93,12 @@ def percentiles(lengths: list[int]) -> dict[str, float]:
 
 
 class StepTrace:
-    """Records, for every decode step of an engine's rollout, the active batch size and the draft length chosen
-    (0: a plain step), by wrapping the elastic controller's `choose`, which the engine calls once per step."""
+    """Records, for every decode step of an engine's rollout, the active batch size and the draft length verified
+    (0: a plain step), through the engine's step hook."""
 
     def __init__(self, engine: SpeculativeEngine) -> None:
         self.steps: list[tuple[int, int]] = []
-        choose = engine.controller.choose
-
-        def traced(batch: int, limit: int) -> int:
-            k = choose(batch, limit)
-            self.steps.append((batch, k))
-            return k
-
-        engine.controller.choose = traced
+        engine.step_hooks.append(lambda plan, step: self.steps.append((len(step.rows), step.width)))
 
     def by_batch(self) -> list[dict[str, Any]]:
         """Steps and the share that speculated, per active-batch bucket [1], [2, 3], [4, 7], ... (powers of 2)."""

@@ -136,13 +136,14 @@ def test_elastic_engine_measures_the_drafter_only_in_steady_state():
     engine = SpeculativeEngine(policy, noised_copy(policy, 0.05), SpecConfig(num_draft_tokens=3, elastic=True))
     ids, mask = left_padded_prompts(1, 12, 12, 256, seed=0)
     seen = []
-    original = engine.controller.observe_speculation
+    original = engine.controller.observe_costs
 
     def observe(batch, k, draft, *rest):
-        seen.append(draft)
+        if k:
+            seen.append(draft)
         original(batch, k, draft, *rest)
 
-    engine.controller.observe_speculation = observe
+    engine.controller.observe_costs = observe
     engine.generate(ids, mask, max_new_tokens=24, do_sample=False)
     assert seen[0] is None  # the first draft prefilled the 12-token prompt: not a drafter step's cost
     assert any(t is not None and t > 0 for t in seen[1:])

@@ -11,7 +11,6 @@ from test_engine import EOS, PAD, STEPS, VOCAB, exact_joint, frequent_token, noi
 
 from adaptive_drafter import SpecConfig, SpeculativeEngine
 from adaptive_drafter.drafter import noised_copy
-from adaptive_drafter.engine import _Rollout
 from adaptive_drafter.metrics import SpecStats
 from adaptive_drafter.sampling import SamplingParams
 from adaptive_drafter.suffix import SuffixConfig, SuffixDrafter
@@ -41,19 +40,23 @@ def greedy_case(models):
     return ids, mask, eos, expected
 
 
+class StepSources(list):
+    """Per step with suffix drafts, (the model's k, rows verifying a suffix draft, rows verifying the model's or none),
+    through the engine's step hook."""
+
+    def attach(self, engine: SpeculativeEngine) -> SpeculativeEngine:
+        engine.step_hooks.append(self.record)
+        return engine
+
+    def record(self, plan, step) -> None:
+        suffix = int(plan.suffix_rows.sum())
+        if suffix:
+            self.append((plan.k, suffix, len(plan.suffix_rows) - suffix))
+
+
 @pytest.fixture
-def step_sources(monkeypatch):
-    """Per hybrid step, (the model's k, rows verifying a suffix draft, rows verifying the model's or none)."""
-    seen: list[tuple[int, int, int]] = []
-    hybrid_step = _Rollout._hybrid_step
-
-    def recording(self, k, drafts):
-        suffix = sum(d is not None for d in drafts)
-        seen.append((k, suffix, len(drafts) - suffix))
-        return hybrid_step(self, k, drafts)
-
-    monkeypatch.setattr(_Rollout, "_hybrid_step", recording)
-    return seen
+def step_sources():
+    return StepSources()
 
 
 @pytest.mark.parametrize("elastic", [False, True], ids=["fixed_k", "elastic"])
@@ -80,6 +83,7 @@ def test_rows_with_suffix_drafts_speculate_when_the_controller_decodes_plainly(m
     ids, mask, eos, expected = greedy_case
     drafter = tiny_causal_lm("llama", logit_scale=8.0, seed=1)
     engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=True, num_draft_tokens=3, drafting="hybrid"))
+    step_sources.attach(engine)
     for _ in range(3):
         out = engine.generate(ids, mask, max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
         assert out.completion_ids == expected
@@ -94,6 +98,7 @@ def test_the_drafter_cache_stays_exact_when_rows_mix_sources_in_a_step(step_sour
     engine = SpeculativeEngine(
         policy, copy.deepcopy(policy), SpecConfig(elastic=False, num_draft_tokens=2, drafting="hybrid")
     )
+    step_sources.attach(engine)
     ids, mask = grpo_prompts(4, 3, seed=3)
     expected = reference_greedy(policy, ids, mask, 24, eos=-1)
     engine.generate(ids[:6], mask[:6], max_new_tokens=24, do_sample=False)  # history for the first two prompts only
