@@ -23,6 +23,7 @@ import torch
 from .adaptive import AdaptiveDrafter
 from .config import SpecConfig
 from .engine import SpeculativeEngine
+from .sampling import SamplingParams
 
 
 @dataclass
@@ -49,7 +50,8 @@ class ProbePoint:
 class DrafterProbe:
     """Measures the served and the starting adapter on held-out prompts every `every` policy steps.
 
-    `input_ids`/`attention_mask` are the held-out prompts (left-padded); `track_drift` keeps a frozen copy of the
+    `input_ids`/`attention_mask` are the held-out prompts (left-padded), decoded with the run's `sampling` settings (the
+    drift is measured on the temperature-scaled policy); `track_drift` keeps a frozen copy of the
     starting policy to measure its drift (memory: one more copy of the policy); `suffix_group` > 0 also measures the
     suffix drafter on the prompts repeated that many times (siblings to draft from), drafting up to `suffix_max_draft`.
     """
@@ -62,7 +64,7 @@ class DrafterProbe:
         every: int = 2,
         num_draft_tokens: int = 4,
         max_new_tokens: int = 32,
-        temperature: float = 1.0,
+        sampling: SamplingParams | None = None,
         eos_token_id: Any = None,
         pad_token_id: int = 0,
         seed: int = 1234,
@@ -75,7 +77,8 @@ class DrafterProbe:
         if suffix_group < 0:
             raise ValueError(f"DrafterProbe.suffix_group must be >= 0 (0: no suffix drafter), got {suffix_group}.")
         self.input_ids, self.attention_mask = input_ids, attention_mask
-        self.every, self.max_new_tokens, self.temperature = every, max_new_tokens, temperature
+        self.every, self.max_new_tokens = every, max_new_tokens
+        self.sampling = sampling if sampling is not None else SamplingParams()
         self.eos_token_id, self.pad_token_id, self.seed, self.track_drift = eos_token_id, pad_token_id, seed, track_drift
         self.spec = SpecConfig(num_draft_tokens=num_draft_tokens, elastic=False)
         self.suffix_group = suffix_group
@@ -106,7 +109,7 @@ class DrafterProbe:
             for name, drafter in (("adaptive", adaptive.serving_model()), ("frozen", self.frozen)):
                 engine = SpeculativeEngine(policy, drafter, self.spec)
                 outs[name] = engine.generate(
-                    ids, mask, max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature,
+                    ids, mask, max_new_tokens=self.max_new_tokens, **asdict(self.sampling),
                     eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
                     generator=torch.Generator(device=ids.device).manual_seed(self.seed),
                 )  # fmt: skip
@@ -140,7 +143,7 @@ class DrafterProbe:
         engine = SpeculativeEngine(policy, adaptive.serving_model(), self.suffix_spec)
         out = engine.generate(
             ids.repeat_interleave(self.suffix_group, 0), mask.repeat_interleave(self.suffix_group, 0),
-            max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens, **asdict(self.sampling),
             eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
             generator=torch.Generator(device=ids.device).manual_seed(self.seed + 1),
         )  # fmt: skip
@@ -151,16 +154,17 @@ class DrafterProbe:
         policy's own samples (unbiased, non-negative; Schulman's estimator; NaN without `track_drift`), and the
         policy's mean entropy at those positions (RL sharpens the policy: lower entropy, easier drafting)."""
         kls, entropies = [], []
+        temperature = self.sampling.temperature if self.sampling.do_sample else 1.0
         for row, completion in enumerate(out.completion_ids):
             if not completion:
                 continue
             prompt = ids[row][mask[row].bool()]
             tokens = torch.cat([prompt, torch.tensor(completion, device=ids.device)])[None]
             span = slice(len(prompt) - 1, tokens.shape[1] - 1)
-            now = policy(input_ids=tokens).logits[0, span].double().div(self.temperature).log_softmax(-1)
+            now = policy(input_ids=tokens).logits[0, span].double().div(temperature).log_softmax(-1)
             entropies.append(-(now.exp() * now).sum(-1))
             if self.reference is not None:
-                start = self.reference(input_ids=tokens).logits[0, span].double().div(self.temperature).log_softmax(-1)
+                start = self.reference(input_ids=tokens).logits[0, span].double().div(temperature).log_softmax(-1)
                 picked = tokens[0, len(prompt) :, None]
                 # float64 and expm1: early in RL the ratios are ~1e-5, where exp(r) - 1 - r in float32 rounds to 0.
                 ratio = (start.gather(-1, picked) - now.gather(-1, picked))[:, 0].double()

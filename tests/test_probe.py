@@ -9,6 +9,7 @@ from adaptive_drafter.adaptive import AdaptiveDrafter
 from adaptive_drafter.config import DrafterConfig, SpecConfig
 from adaptive_drafter.drafter import build_drafter, load_adapter_state
 from adaptive_drafter.probe import DrafterProbe, plot_run
+from adaptive_drafter.sampling import SamplingParams
 from adaptive_drafter.testing import left_padded_prompts, tiny_causal_lm
 
 
@@ -62,3 +63,21 @@ def test_the_suffix_drafter_is_measured_on_grouped_prompts_only_when_asked():
     assert 0 < point.suffix_share <= 1 and point.suffix_tokens_per_step >= 1.0
     assert 0 <= point.suffix_acceptance <= 1
     assert "drafter/probe_tokens_per_step_suffix" in grouped.metrics()
+
+
+def test_the_probe_samples_with_the_runs_settings():
+    """A cooler run is probed cooler: the policy's entropy at the probed positions falls with the temperature, and a
+    top-k of 1 leaves the drafter nothing to disagree on but the argmax."""
+    policy, adaptive, _ = setup()
+    ids, mask = left_padded_prompts(6, 2, 6, 256, seed=0)
+    points = {
+        name: DrafterProbe(ids, mask, max_new_tokens=12, sampling=sampling).measure(0, policy, adaptive)
+        for name, sampling in (
+            ("hot", SamplingParams(temperature=1.0)),
+            ("cool", SamplingParams(temperature=0.25)),
+            ("top1", SamplingParams(top_k=1)),
+        )
+    }
+    assert points["cool"].policy_entropy < 0.7 * points["hot"].policy_entropy
+    greedy = DrafterProbe(ids, mask, max_new_tokens=12, sampling=SamplingParams(do_sample=False))
+    assert points["top1"].adaptive_acceptance == greedy.measure(0, policy, adaptive).adaptive_acceptance
