@@ -40,9 +40,12 @@ class Drafts:
 class Verified:
     """What one decode step emitted, as every draft source observes it.
 
-    The verify block was `[last, d_1..d_W]` per row (W = `width`; 0 for a plain step). Row b accepted `accepted[b]`
-    drafts and emitted `count[b] = accepted[b] + 1` tokens, the first `count[b]` of `tokens[b]`. `emitted[i]` is what
-    active row i (original prompt index `rows[i]`) kept of them after its eos / `max_new_tokens` cut."""
+    The policy read a block of m tokens per row: `[last, d_1..d_W]` (W = `width`; 0 for a plain step), or the prompt
+    at the prefill. Row b accepted `accepted[b]` drafts and emitted `count[b] = accepted[b] + 1` tokens, the first
+    `count[b]` of `tokens[b]`. `emitted[i]` is what active row i (original prompt index `rows[i]`) kept of them after
+    its eos / `max_new_tokens` cut. `kept [B, m]` marks the block positions the policy's cache keeps, `next_tokens
+    [B, m]` the token that follows each of them (a draft it accepted, or the emitted one), and `features [B, m, H]` the
+    policy's last-layer output there, captured only when a source `needs_features`."""
 
     tokens: torch.Tensor  # [B, W + 1]
     count: torch.Tensor  # [B]
@@ -50,6 +53,10 @@ class Verified:
     width: int
     rows: list[int]
     emitted: list[list[int]]
+    block: torch.Tensor  # [B, m] what the policy read
+    kept: torch.Tensor  # [B, m] bool
+    next_tokens: torch.Tensor  # [B, m]
+    features: torch.Tensor | None = None  # [B, m, H]
 
 
 class DraftSource(Protocol):
@@ -66,6 +73,9 @@ class DraftSource(Protocol):
 
     def select(self, keep: torch.Tensor) -> None:
         """Only the active rows at indices `keep` go on."""
+
+    def compact(self) -> None:
+        """Between steps: free cache slots that hold nothing of any row."""
 
     def end(self) -> None:
         """The rollout finished (or failed)."""
@@ -199,6 +209,9 @@ class SuffixDrafts:
 
     def select(self, keep: torch.Tensor) -> None:
         pass  # keyed by the rows' original indices
+
+    def compact(self) -> None:
+        pass
 
     def end(self) -> None:
         self.drafter.end()  # the completions (so far, on an error) join the history

@@ -26,6 +26,7 @@ from . import acceptance
 from .config import SpecConfig
 from .drafter import check_compatible
 from .drafts import Drafts, ModelDrafts, SuffixDrafts, Verified
+from .eagle import EagleDrafts, EagleHead, feature_layer
 from .elastic import ElasticController
 from .kv import KVSlots, cache_kwargs, forward, max_positions, sliding_window, synchronize
 from .metrics import SpecStats
@@ -76,6 +77,10 @@ class SpeculativeEngine:
         self.planner = StepPlanner(self.config, self.controller)
         # Called after every decode step with its plan and outcome (traces, benchmarks); the prefill is not a decode step.
         self.step_hooks: list[StepHook] = []
+        # Keep the policy's last-layer features in the collected targets (`PolicyTargets.features`) even when the
+        # drafter does not read them (a feature-reading drafter being trained beside another one); with an `eagle`
+        # drafter they are kept whenever targets are.
+        self.collect_features = False
 
     def drafter_changed(self) -> None:
         """The draft model's weights changed (a new adapter): the acceptance measured so far describes the old one."""
@@ -198,15 +203,19 @@ class _Rollout:
         # A sliding-window model sees exactly the full context only while its cache fits in the window.
         windows = [sliding_window(m) for m in (self.policy, draft_model)]
         self.max_slots = [None if w is None else w - _max_draft(self.config) - 3 for w in windows]
-        self.model = ModelDrafts(
-            draft_model,
-            params,
-            self.vocab_size,
-            self.stats,
-            generator,
-            compact_threshold=self.config.compact_threshold,
-            max_slots=self.max_slots[1],
-        )
+        if isinstance(draft_model, EagleHead):
+            self.model: Any = EagleDrafts(draft_model, params, self.vocab_size, self.stats, generator)
+        else:
+            self.model = ModelDrafts(
+                draft_model,
+                params,
+                self.vocab_size,
+                self.stats,
+                generator,
+                compact_threshold=self.config.compact_threshold,
+                max_slots=self.max_slots[1],
+            )
+        self.features: list[torch.Tensor] = []  # the policy's last-layer output of its latest forward, when needed
         need_q = params.do_sample and self.config.acceptance in ("exact", "lenient")
         self.suffix = SuffixDrafts(engine.suffix, self.vocab_size if need_q else None) if engine.suffix else None
         self.sources: list[Any] = [self.model] + ([self.suffix] if self.suffix is not None else [])
@@ -216,10 +225,14 @@ class _Rollout:
         self.completions: list[list[int]] = [[] for _ in range(batch)]
         self.logprobs: list[list[float]] = [[] for _ in range(batch)]
         self.targets: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(batch)]
+        self.feature_chunks: list[list[torch.Tensor]] = [[] for _ in range(batch)]
         rows = list(range(batch))  # original index of each active row
         self.pol = KVSlots.empty(batch, device)
         for source in self.sources:
             source.begin(input_ids, mask)
+        capture = None
+        if self.engine.collect_features or any(getattr(source, "needs_features", False) for source in self.sources):
+            capture = feature_layer(self.policy).register_forward_hook(self._capture)
         try:
             # The prefill is the first plain step: the policy reads the whole prompt and emits each row's first token.
             none = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -239,6 +252,8 @@ class _Rollout:
                 for hook in self.engine.step_hooks:
                     hook(plan, step)
         finally:
+            if capture is not None:
+                capture.remove()
             for source in self.sources:
                 source.end()
         return SpecOutput(self.completions, self.logprobs, self.stats, self._policy_targets(input_ids, mask))
@@ -280,14 +295,15 @@ class _Rollout:
     def _step(
         self, rows: list[int], plan: StepPlan, block: torch.Tensor, valid: torch.Tensor, drafts: Drafts
     ) -> tuple[list[int], Verified]:
-        width = drafts.tokens.shape[1]
+        width, length = drafts.tokens.shape[1], block.shape[1]
+        self.features.clear()
         logits = forward(self.policy, self.pol, block, valid, logits_to_keep=width + 1)
         log_p = self._policy_logprobs(logits)
         self.stats.policy_forwards += 1
         if width == 0:
             token = self._pick(log_p[:, -1])
             n = torch.zeros_like(token)
-            tokens = token[:, None]
+            tokens, kept = token[:, None], valid
         else:
             n, token = self._accept(drafts, log_p)
             # The policy cached [last, drafts]: row b keeps last and its n accepted drafts.
@@ -297,7 +313,15 @@ class _Rollout:
         position = torch.arange(width + 1, device=n.device)[None]
         drafted, accepted = position < drafts.lengths[:, None], position < n[:, None]
         emitted, done = self._record(rows, tokens, n + 1, log_p, drafted, accepted)  # the step's one sync
-        step = Verified(tokens, n + 1, n, width, rows, emitted)
+        features = self.features[0] if self.features else None
+        if features is not None and self.topk:  # the features the policy read, for feature-reading drafters' training
+            for i, row in enumerate(rows):
+                read = features[i][valid[i]] if width == 0 else features[i, : len(emitted[i])]
+                self.feature_chunks[row].append(read.to(torch.bfloat16))
+        # What follows each block position: the block's next token, and at the last kept one the emitted token.
+        last_kept = (length - 1 - width + n)[:, None]
+        next_tokens = torch.cat([block[:, 1:], block[:, :1]], 1).scatter(1, last_kept, token[:, None])
+        step = Verified(tokens, n + 1, n, width, rows, emitted, block, kept, next_tokens, features)
         self.last = token[:, None]
         self._account(plan, step, drafts)
         self.model.observe(step, plan.model_rows)
@@ -310,10 +334,14 @@ class _Rollout:
             self.last = self.last[index]
             for source in self.sources:
                 source.select(index)
-        self.pol.crop()
-        self.pol.compact(self.config.compact_threshold, self.max_slots[0])
-        self.model.compact()
+        if keep:
+            self.pol.crop()
+            self.pol.compact(self.config.compact_threshold, self.max_slots[0])
+            self.model.compact()
         return [rows[i] for i in keep], step
+
+    def _capture(self, module: Any, args: Any, output: Any) -> None:
+        self.features.append(output[0] if isinstance(output, tuple) else output)
 
     def _account(self, plan: StepPlan, step: Verified, drafts: Drafts) -> None:
         """The step's counters: drafts proposed and accepted, verifies and plain row-steps, and the suffix source's."""
@@ -418,6 +446,7 @@ class _Rollout:
                     drafted=drafted,
                     accepted=accepted,
                     policy_version=self.policy_version,
+                    features=torch.cat(self.feature_chunks[row]).cpu() if self.feature_chunks[row] else None,
                 )
             )
         return out

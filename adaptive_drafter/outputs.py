@@ -28,6 +28,9 @@ class PolicyTargets:
     drafted: torch.Tensor  # [T] bool: a draft token was proposed for position t
     accepted: torch.Tensor  # [T] bool: ...and accepted (rejected = drafted & ~accepted)
     policy_version: int = 0
+    # [P + T - 1, H] (bf16 saves memory): the policy's last-layer output at every position it read (all but the last
+    # token), for drafters that read the policy's features (`eagle`); None when not collected.
+    features: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         num, ids, logprobs = len(self.completion_ids), self.topk_ids, self.topk_logprobs
@@ -60,6 +63,12 @@ class PolicyTargets:
                 )
         if (self.accepted & ~self.drafted).any():
             raise ValueError("PolicyTargets.accepted is True at a position with no draft (drafted is False there).")
+        read = len(self.prompt_ids) + num - 1
+        if self.features is not None and (self.features.dim() != 2 or self.features.shape[0] != read):
+            raise ValueError(
+                f"PolicyTargets.features must have shape [P + T - 1, H] = [{read}, H] (one row per position the policy "
+                f"read), got {list(self.features.shape)}."
+            )
 
     @property
     def num_tokens(self) -> int:
@@ -81,6 +90,7 @@ class PolicyTargets:
             drafted=self.drafted[:num_tokens],
             accepted=self.accepted[:num_tokens],
             policy_version=self.policy_version,
+            features=None if self.features is None else self.features[: len(self.prompt_ids) + num_tokens - 1],
         )
 
 

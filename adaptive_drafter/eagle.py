@@ -1,0 +1,276 @@
+"""A drafter that reads the policy's hidden states: an EAGLE-style head (Li et al. 2024, arXiv 2401.15077).
+
+The head predicts the token after next from the policy's own feature at a position and the token that follows it:
+
+    g_s = layer(fc([f_s, embed(x_{s+1})]))        q(x_{s+2}) = softmax(lm_head(norm(g_s)))
+
+where f_s is the output of the policy's last decoder layer at position s (before the final norm), `layer` one decoder
+layer initialised from the policy's last one, and `embed`, `norm`, `lm_head` the policy's own, frozen and shared (not
+copied: the head adds fc and one layer, ~3.9M parameters on SmolLM2-135M). Drafting chains the head on its own output:
+the k-th draft's feature is the head's g from the draft before it (EAGLE's feature recurrence), so it is trained
+unrolled on its own outputs (`EagleHead.unroll`, EAGLE-3's training-time test).
+
+The features are free: the engine's verify pass computes them at every position it keeps (a forward hook on the last
+decoder layer, `feature_layer`), and `EagleDrafts` keeps the head's own KV cache in step with them: after each verify,
+the head's cached draft slots (computed from its own approximate features) become holes and the true (feature, next
+token) pairs of every kept position are queued for its next catch-up forward. Lossless like every source: drafts are
+sampled from q (greedy: its argmax) and verified by the policy under the acceptance rule.
+
+Supported policies: Llama-style decoder layers (`self_attn.{q,k,v,o}_proj`, `input_layernorm`,
+`post_attention_layernorm`, `mlp`, rotary positions) such as Llama, Qwen2 and SmolLM; others are refused.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .drafts import Drafts, Verified
+from .metrics import SpecStats
+from .sampling import SamplingParams, process_logits, sample
+
+
+def _decoder(policy: Any) -> Any:
+    """The policy's decoder stack (embeddings, layers, final norm, rotary embedding), through peft wrappers."""
+    model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if decoder is None or not all(hasattr(decoder, name) for name in needed):
+        raise ValueError(
+            f"An EAGLE-style head needs a Llama-style decoder ({', '.join(needed)}); {type(model).__name__} has none. "
+            "Use drafter_kind='truncated' for this policy."
+        )
+    return decoder
+
+
+def feature_layer(policy: Any) -> nn.Module:
+    """The module whose output is the feature the head reads: the policy's last decoder layer (its output is the
+    residual stream before the final norm; HF's `hidden_states[-1]` is already normed in transformers 5)."""
+    return _decoder(policy).layers[-1]
+
+
+class EagleHead(nn.Module):
+    """fc over [policy feature, next token's embedding] → one decoder layer → the policy's final norm and LM head.
+
+    Trainable: `fc` and `layer`. The policy's embedding, final norm, LM head and rotary embedding are used, not owned
+    (`bind` points the head at another copy of the policy, e.g. the rollout copy in another precision).
+    """
+
+    def __init__(self, policy: Any) -> None:
+        super().__init__()
+        decoder, config = _decoder(policy), policy.config
+        layer = decoder.layers[-1]
+        attention = getattr(layer, "self_attn", None)
+        parts = ("q_proj", "k_proj", "v_proj", "o_proj")
+        if attention is None or not all(hasattr(attention, p) for p in parts) or hasattr(attention, "q_norm"):
+            raise ValueError(
+                f"An EAGLE-style head copies a Llama-style decoder layer (q/k/v/o projections, no q/k norms); "
+                f"{type(layer).__name__} is not one. Use drafter_kind='truncated' for this policy."
+            )
+        hidden = config.hidden_size
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
+        self.fc = nn.Linear(2 * hidden, hidden)
+        with torch.no_grad():  # start as "the policy's last layer applied again": the feature half is the identity
+            self.fc.weight[:, :hidden].copy_(torch.eye(hidden))
+            self.fc.weight[:, hidden:].mul_(0.1)
+            self.fc.bias.zero_()
+        self.layer = copy.deepcopy(layer)
+        dtype = next(layer.parameters()).dtype
+        self.to(dtype)
+        self.requires_grad_(True)
+        self.bind(policy)
+
+    def bind(self, policy: Any) -> EagleHead:
+        """Use `policy`'s embedding, final norm, LM head and rotary embedding (kept out of the head's parameters)."""
+        decoder = _decoder(policy)
+        model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        object.__setattr__(self, "_shared", (decoder.embed_tokens, decoder.norm, model.get_output_embeddings(),
+                                             decoder.rotary_emb))  # fmt: skip
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fc.weight.dtype
+
+    def logits(self, g: torch.Tensor) -> torch.Tensor:
+        """Logits over the policy's vocabulary from head outputs `g [..., H]`."""
+        _, norm, head, _ = self._shared
+        return head(norm(g.to(head.weight.dtype)))
+
+    def _inputs(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        embed = self._shared[0]
+        return self.fc(torch.cat([features.to(self.dtype), embed(tokens).to(self.dtype)], -1))
+
+    def _layer(
+        self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor | None, values: torch.Tensor | None,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The decoder layer over `x [B, T, H]` at `positions`, attending to `keys`/`values` (earlier slots, may be
+        None) and its own under `mask [B, T, S + T]`. Returns the output and the new keys and values."""
+        layer, attention = self.layer, self.layer.self_attn
+        batch, length, _ = x.shape
+        h = layer.input_layernorm(x)
+        q = attention.q_proj(h).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = attention.k_proj(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = attention.v_proj(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self._shared[3](x, positions)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        all_k = k if keys is None else torch.cat([keys, k], 2)
+        all_v = v if values is None else torch.cat([values, v], 2)
+        out = F.scaled_dot_product_attention(q, all_k, all_v, attn_mask=mask[:, None], enable_gqa=True)
+        x = x + attention.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
+
+    def step(self, cache: HeadCache, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Append the pairs (features[:, t], tokens[:, t]) to the head's `cache` (invalid ones become holes) and return
+        the head's outputs g at them `[B, T, H]`. A pair's position is the count of valid pairs before it."""
+        positions = (cache.valid.sum(1, keepdim=True) + valid.cumsum(1) - 1).clamp_min(0)
+        slots = cache.valid.shape[1]
+        length = tokens.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
+        # Every query sees itself (an invalid pair's output is never read, but must not be NaN), the valid earlier
+        # slots, and the valid pairs before it in this block.
+        mask = torch.cat([cache.valid[:, None, :].expand(-1, length, -1), causal & valid[:, None, :]], 2)
+        mask[:, :, slots:] |= torch.eye(length, dtype=torch.bool, device=tokens.device)
+        g, k, v = self._layer(self._inputs(features, tokens), positions, cache.keys, cache.values, mask)
+        cache.append(k, v, valid)
+        return g
+
+    def unroll(self, features: torch.Tensor, next_tokens: torch.Tensor, depth: int) -> list[torch.Tensor]:
+        """Training-time test over right-padded sequences: `features [B, T, H]` the policy's f_s, `next_tokens [B, T]`
+        x_{s+1}. Returns the head's outputs of passes 1..depth; pass d at position s is the d-th step of the draft
+        chain started at s - d + 1 (its input feature: pass d-1's output at s - 1), attending as it would when drafting
+        to true-feature keys before the chain's start and to the chain's own earlier steps."""
+        batch, length, _ = features.shape
+        device = features.device
+        positions = torch.arange(length, device=device)[None].expand(batch, -1)
+        tri = lambda offset: torch.ones(length, length, dtype=torch.bool, device=device).tril(offset)  # noqa: E731
+        keys = values = None
+        outputs, inputs = [], features
+        for d in range(1, depth + 1):
+            # Keys: pass 1 at positions <= s - (d - 1); pass i (2..d) exactly at s - (d - i).
+            blocks = [tri(-(d - 1))] + [tri(-(d - i)) & ~tri(-(d - i) - 1) for i in range(2, d + 1)]
+            mask = torch.cat(blocks, 1)[None].expand(batch, -1, -1)
+            g, k, v = self._layer(self._inputs(inputs, next_tokens), positions, keys, values, mask)
+            keys = k if keys is None else torch.cat([keys, k], 2)
+            values = v if values is None else torch.cat([values, v], 2)
+            outputs.append(g)
+            inputs = torch.cat([torch.zeros_like(g[:, :1]), g[:, :-1]], 1)
+        return outputs
+
+
+@dataclass
+class HeadCache:
+    """The head's keys and values over slots, and which slots hold a pair of the row (holes: fed-back draft slots)."""
+
+    keys: torch.Tensor | None
+    values: torch.Tensor | None
+    valid: torch.Tensor  # [B, S] bool
+
+    @classmethod
+    def empty(cls, batch: int, device: torch.device) -> HeadCache:
+        return cls(None, None, torch.zeros(batch, 0, dtype=torch.bool, device=device))
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        self.keys = keys if self.keys is None else torch.cat([self.keys, keys], 2)
+        self.values = values if self.values is None else torch.cat([self.values, values], 2)
+        self.valid = torch.cat([self.valid, valid], 1)
+
+    def select(self, rows: torch.Tensor) -> None:
+        if self.keys is not None:
+            self.keys, self.values = self.keys[rows], self.values[rows]
+        self.valid = self.valid[rows]
+
+    def compact(self) -> None:
+        """Gather each row's valid slots to the right once holes are most of the cache (positions are per pair)."""
+        slots = self.valid.shape[1]
+        width = int(self.valid.sum(1).max()) if slots else 0
+        if self.keys is None or 2 * width > slots:
+            return
+        order = torch.argsort(self.valid.to(torch.int8), dim=1, stable=True)[:, -width:]
+        index = order[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
+        self.keys, self.values = self.keys.gather(2, index), self.values.gather(2, index)
+        self.valid = self.valid.gather(1, order)
+
+
+class EagleDrafts:
+    """The EAGLE-style head as a draft source (`drafts.DraftSource`): it reads the policy's features from each step's
+    `Verified.features` (the engine captures them because `needs_features` is set)."""
+
+    needs_features = True
+
+    def __init__(
+        self, head: EagleHead, params: SamplingParams, vocab_size: int, stats: SpecStats,
+        generator: torch.Generator | None = None,
+    ) -> None:  # fmt: skip
+        self.head, self.params, self.vocab_size, self.stats, self.generator = head, params, vocab_size, stats, generator
+        self.nonfinite = torch.tensor(False)
+        self.drafted = 0
+
+    def begin(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        batch, device = input_ids.shape[0], input_ids.device
+        self.cache = HeadCache.empty(batch, device)
+        hidden = self.head.config.hidden_size
+        self.features = torch.zeros(batch, 0, hidden, dtype=self.head.dtype, device=device)
+        self.tokens = input_ids[:, :0]
+        self.valid = mask[:, :0].bool()
+
+    def steady(self, k: int) -> bool:
+        return self.tokens.shape[1] <= max(2, k + 1)
+
+    def propose(self, rows: torch.Tensor, k: int) -> Drafts:
+        g = self.head.step(self.cache, self.features, self.tokens, self.valid)[:, -1:]
+        self.features, self.tokens, self.valid = self.features[:, :0], self.tokens[:, :0], self.valid[:, :0]
+        drafts, dists = [], []
+        for i in range(k):
+            logits = self.head.logits(g[:, -1])[:, : self.vocab_size]
+            bad = logits.isnan() | logits.isposinf()
+            self.nonfinite = self.nonfinite | bad.any()
+            q_logits = process_logits(logits.masked_fill(bad, 0.0), self.params)
+            if self.params.do_sample:
+                q = q_logits.softmax(-1)
+                token = sample(q, self.generator)
+                dists.append(q)
+            else:
+                token = q_logits.argmax(-1)
+            drafts.append(token)
+            if i < k - 1:  # the next draft reads the head's own output as the feature of this position
+                one = token[:, None]
+                g = self.head.step(self.cache, g, one, torch.ones_like(one, dtype=torch.bool))
+        self.stats.drafter_forwards += k
+        self.drafted = k
+        return Drafts(torch.stack(drafts, 1), torch.where(rows, k, 0), torch.stack(dists, 1) if dists else None)
+
+    def observe(self, step: Verified, mine: torch.Tensor) -> None:
+        k, self.drafted = self.drafted, 0
+        if k > 1:  # the fed-back slots held the head's own features: the policy's true ones replace them
+            self.cache.valid[:, -(k - 1) :] = False
+        if step.features is None:
+            raise RuntimeError("EagleDrafts needs the policy's features of every step; the engine captured none.")
+        # Queue the true pair (f_j, next token after j) of every position the policy kept, right-aligned.
+        kept = step.kept
+        width = int(kept.sum(1).max())
+        order = torch.argsort(kept.to(torch.int8), dim=1, stable=True)[:, -width:]
+        features = step.features.gather(1, order[..., None].expand(-1, -1, step.features.shape[-1]))
+        self.features = torch.cat([self.features, features.to(self.features.dtype)], 1)
+        self.tokens = torch.cat([self.tokens, step.next_tokens.gather(1, order)], 1)
+        self.valid = torch.cat([self.valid, kept.gather(1, order)], 1)
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.cache.select(keep)
+        self.features, self.tokens, self.valid = self.features[keep], self.tokens[keep], self.valid[keep]
+
+    def compact(self) -> None:
+        self.cache.compact()
+
+    def end(self) -> None:
+        self.cache = None  # type: ignore[assignment]

@@ -1,0 +1,153 @@
+"""The EAGLE-style head (`adaptive_drafter.eagle`): drafts from the policy's own features, kept in step by the verify
+pass; lossless like every draft source."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import PAD, STEPS, VOCAB, exact_joint, noise_bound, reference_greedy
+
+from adaptive_drafter import SpecConfig, SpeculativeEngine
+from adaptive_drafter.eagle import EagleHead, feature_layer
+from adaptive_drafter.sampling import SamplingParams
+from adaptive_drafter.testing import left_padded_prompts, tiny_causal_lm
+
+
+def features_of(policy, sequence: list[int]) -> torch.Tensor:
+    """The policy's last-layer output (pre-norm) at every position of `sequence`, from scratch."""
+    seen = []
+    hook = feature_layer(policy).register_forward_hook(lambda m, i, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            policy(input_ids=torch.tensor([sequence]))
+    finally:
+        hook.remove()
+    return seen[0][0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_with_the_head_is_token_identical_to_policy_generate(arch, k):
+    policy = tiny_causal_lm(arch, logit_scale=8.0)
+    head = EagleHead(policy)
+    ids, mask = left_padded_prompts(6, 2, 12, 256, seed=3)
+    engine = SpeculativeEngine(policy, head, SpecConfig(elastic=False, num_draft_tokens=k))
+    out = engine.generate(ids, mask, max_new_tokens=24, do_sample=False, eos_token_id=7, pad_token_id=PAD)
+    assert out.completion_ids == reference_greedy(policy, ids, mask, 24, eos=7)
+    assert 0 < out.stats.drafted <= out.stats.verify_steps * k  # (k shrinks near max_new_tokens)
+
+
+def test_every_draft_is_the_head_over_the_policys_true_features():
+    """The head's incremental cache (catch-up on verified pairs, fed-back draft slots turned into holes, compaction,
+    finished rows leaving) gives exactly what the head computes from scratch over the policy's features: the first
+    draft of every step is argmax q over the true pair before it, the second (where the first was accepted) the
+    fed-back chain of `unroll`'s second pass."""
+    policy = tiny_causal_lm("llama", num_layers=1, logit_scale=8.0).double()
+    head = EagleHead(policy)
+    hidden = policy.config.hidden_size
+    with torch.no_grad():  # the head reads only the next token's embedding: with the policy's one layer it is the
+        head.fc.weight.zero_()  # policy minus its first token, agreeing often enough for second drafts to be checked
+        head.fc.weight[:, hidden:].copy_(torch.eye(hidden))
+    ids, mask = left_padded_prompts(5, 8, 16, 256, seed=11)
+    engine = SpeculativeEngine(policy, head, SpecConfig(elastic=False, num_draft_tokens=2))
+    drafts: list[tuple[int, int, int, int, int]] = []  # (row, completion position, depth, draft, accepted)
+
+    def record(plan, step):
+        for i, row in enumerate(step.rows):
+            done = len(out_rows[row]) + 1  # the prefill emitted the first token
+            for depth in range(step.width):
+                drafts.append((row, done, depth, int(step.block[i, 1 + depth]), int(step.accepted[i])))
+            out_rows[row].extend(step.emitted[i])
+
+    out_rows: dict[int, list[int]] = {row: [] for row in range(len(ids))}
+    engine.step_hooks.append(record)
+    out = engine.generate(ids, mask, max_new_tokens=20, do_sample=False, eos_token_id=5, pad_token_id=PAD)
+    checked = {0: 0, 1: 0}
+    for row, completion in enumerate(out.completion_ids):
+        prompt = ids[row][mask[row].bool()].tolist()
+        sequence = prompt + completion
+        features = features_of(policy, sequence)
+        nxt = torch.tensor([sequence[1:] + [0]])
+        with torch.no_grad():
+            passes = [head.logits(g[0]).argmax(-1) for g in head.unroll(features[None], nxt, 2)]
+        # The prefill emitted completion[0]; the step at completion position p (p tokens emitted) drafts x_{L+p}.
+        for r, done, depth, token, accepted in drafts:
+            if r != row or depth > accepted:
+                continue
+            position = len(prompt) + done - 1 + depth  # the chain's pair (f_s, x_{s+1}) predicting x_{s+2}
+            assert token == int(passes[depth][position - 1]), (row, done, depth)
+            checked[depth] += 1
+    assert checked[0] > 30 and checked[1] > 5, checked
+    assert out.completion_ids == reference_greedy(policy, ids, mask, 20, eos=5)
+
+
+def test_sampled_joint_distribution_with_the_head_is_the_policys():
+    policy = tiny_causal_lm("llama", vocab_size=VOCAB, hidden_size=16, logit_scale=3.0, seed=0).double()
+    head = EagleHead(policy)
+    prompt = [3, 1, 4, 5]
+    rows = 4000
+    target = exact_joint(policy, prompt, SamplingParams(do_sample=True))
+    engine = SpeculativeEngine(policy, head, SpecConfig(elastic=False, num_draft_tokens=2))
+    ids = torch.tensor([prompt]).expand(rows, -1)
+    out = engine.generate(ids, None, max_new_tokens=STEPS, generator=torch.Generator().manual_seed(0))
+    firsts = torch.tensor([row[:STEPS] for row in out.completion_ids])
+    index = (firsts * torch.tensor([VOCAB**2, VOCAB, 1])).sum(-1)
+    joint = torch.bincount(index, minlength=VOCAB**STEPS).double() / rows
+    tv = 0.5 * float((joint - target).abs().sum())
+    assert tv < noise_bound(target, rows), f"TV {tv:.4f}"
+    assert 0.1 < out.stats.acceptance_rate < 0.95, out.stats  # drafts both accepted and rejected: the test has power
+
+
+def test_a_policy_without_a_llama_style_decoder_is_refused_clearly():
+    class Opaque(torch.nn.Module):
+        config = tiny_causal_lm("llama").config
+
+    with pytest.raises(ValueError, match="drafter_kind='truncated'"):
+        EagleHead(Opaque())
+
+
+# --- training from the verify pass's features ---------------------------------------------------------------------
+
+
+def rollout_targets(engine, seed: int, rows: int = 24):
+    ids, mask = left_padded_prompts(rows, 3, 10, 256, seed=seed)
+    out = engine.generate(
+        ids, mask, max_new_tokens=20, collect_topk=16, generator=torch.Generator().manual_seed(seed), pad_token_id=PAD
+    )
+    return out
+
+
+def test_the_verify_pass_collects_the_policys_features_at_every_position_it_read():
+    policy = tiny_causal_lm("llama", logit_scale=4.0)
+    engine = SpeculativeEngine(policy, EagleHead(policy), SpecConfig(elastic=False, num_draft_tokens=3))
+    out = rollout_targets(engine, seed=1, rows=6)
+    for targets in out.targets:
+        sequence = targets.prompt_ids + targets.completion_ids
+        expected = features_of(policy, sequence)[:-1]  # the last token is never read
+        assert targets.features.shape == expected.shape and targets.features.dtype == torch.bfloat16
+        torch.testing.assert_close(targets.features.float(), expected, atol=0.05, rtol=0.02)
+
+
+def test_training_the_head_on_collected_features_raises_its_acceptance_at_every_depth():
+    from adaptive_drafter.eagle_distill import acceptance_by_depth, collate_features, eagle_loss
+
+    torch.manual_seed(0)
+    policy = tiny_causal_lm("llama", logit_scale=8.0)
+    head = EagleHead(policy)
+    engine = SpeculativeEngine(policy, head, SpecConfig(elastic=False, num_draft_tokens=3))
+    train = [t for seed in range(4) for t in rollout_targets(engine, seed=10 + seed).targets]
+    held_out = rollout_targets(engine, seed=99).targets
+    before = acceptance_by_depth(head, held_out, depth=3)
+    untrained = rollout_targets(engine, seed=98).stats
+    optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=5e-3)
+    for step in range(200):
+        rows = [train[(8 * step + i) % len(train)] for i in range(8)]
+        batch, features = collate_features(rows)
+        loss, _ = eagle_loss(head, batch, features, depth=2)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = acceptance_by_depth(head, held_out, depth=3)
+    assert all(a > b + 0.08 for a, b in zip(after, before)), (before, after)
+    trained = rollout_targets(engine, seed=98).stats  # the engine drafts with the trained head: more accepted
+    assert trained.acceptance_rate > untrained.acceptance_rate + 0.05, (untrained, trained)
