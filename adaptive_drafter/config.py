@@ -248,6 +248,15 @@ class DistillConfig:
     distill_effort_min_gain: float = field(
         default=0.01, metadata={"help": "auto: expected-acceptance gain over `patience` adapters that keeps training."}
     )
+    distill_swap_gate: bool = field(
+        default=True,
+        metadata={
+            "help": "Publish a new adapter only if its expected acceptance (1 - TV to the policy) on the newest "
+            "rollouts no training step has seen is not below the served adapter's beyond noise (two standard errors "
+            "of the per-row difference): adaptation never serves a worse drafter (drafter/swap_rejected counts "
+            "the refusals). Off: publish every distill_publish_every steps."
+        },
+    )
     distill_effort_tolerance: float = field(
         default=0.03, metadata={"help": "auto: expected-acceptance drop on fresh rollouts that resumes training."}
     )

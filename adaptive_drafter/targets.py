@@ -97,16 +97,21 @@ class DistillBuffer:
       rollout thread's `add` waits at most for a list copy.
     """
 
-    def __init__(self, max_tokens: int, recency_half_life: float = 2.0) -> None:
+    def __init__(self, max_tokens: int, recency_half_life: float = 2.0, holdout_every: int = 0) -> None:
         if max_tokens < 1:
             raise ValueError(f"DistillBuffer.max_tokens must be >= 1, got {max_tokens}.")
         if not recency_half_life > 0:
             raise ValueError(
                 f"DistillBuffer.recency_half_life must be > 0 (math.inf for uniform), got {recency_half_life}."
             )
+        if holdout_every < 0 or holdout_every == 1:
+            raise ValueError(f"DistillBuffer.holdout_every must be 0 (none) or >= 2, got {holdout_every}.")
         self.max_tokens = max_tokens
         self.recency_half_life = recency_half_life
+        self.holdout_every = holdout_every
         self._rows: deque[PolicyTargets] = deque()
+        self._trained: set[int] = set()  # ids of the rows `sample` ever drew: what `fresh` leaves out
+        self._held_out: set[int] = set()  # ids of the rows `sample` never draws (every `holdout_every`-th added)
         self._num_tokens = 0
         self.added = 0  # rows ever added: how a reader tells that fresh rollouts arrived
         self._lock = threading.Lock()
@@ -137,11 +142,17 @@ class DistillBuffer:
             bad = sorted({row.topk_ids.shape[1] for row in rows} - {k})
             if bad:
                 raise ValueError(f"DistillBuffer rows must share one top-K size: the buffer holds K={k}, got {bad}.")
+            if self.holdout_every:
+                every = self.holdout_every
+                self._held_out.update(id(row) for i, row in enumerate(rows, self.added) if i % every == every - 1)
             self._rows.extend(rows)
             self.added += len(rows)
             self._num_tokens += sum(row.num_tokens for row in rows)
             while self._num_tokens > self.max_tokens:
-                self._num_tokens -= self._rows.popleft().num_tokens
+                evicted = self._rows.popleft()
+                self._num_tokens -= evicted.num_tokens
+                self._trained.discard(id(evicted))
+                self._held_out.discard(id(evicted))
 
     def versions(self) -> dict[int, int]:
         """Number of rows held per policy version, oldest version first."""
@@ -158,12 +169,16 @@ class DistillBuffer:
             dropped = len(self._rows) - len(kept)
             self._rows = deque(kept)
             self._num_tokens = sum(row.num_tokens for row in kept)
+            self._trained &= {id(row) for row in kept}
+            self._held_out &= {id(row) for row in kept}
         return dropped
 
     def clear(self) -> None:
         """Remove every row."""
         with self._lock:
             self._rows.clear()
+            self._trained.clear()
+            self._held_out.clear()
             self._num_tokens = 0
 
     def newest(self, batch_size: int, pad_id: int = 0) -> DistillBatch:
@@ -182,12 +197,29 @@ class DistillBuffer:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         with self._lock:
-            if not self._rows:
+            rows = [row for row in self._rows if id(row) not in self._held_out]
+            if not rows:
                 raise ValueError("Cannot sample from an empty DistillBuffer: add rollouts first.")
-            rows = list(self._rows)
         weights = recency_weights([row.policy_version for row in rows], self.recency_half_life)
-        picks = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
-        return collate([rows[i] for i in picks.tolist()], pad_id)
+        picks = [rows[i] for i in torch.multinomial(weights, batch_size, replacement=True, generator=generator).tolist()]
+        with self._lock:
+            held = {id(row) for row in self._rows}  # a row evicted meanwhile must not leave its id behind
+            self._trained.update(id(row) for row in picks if id(row) in held)
+        return collate(picks, pad_id)
+
+    def fresh(self, batch_size: int, pad_id: int = 0) -> DistillBatch | None:
+        """The newest `batch_size` rollouts no training step has seen (fewer if fewer exist; None if none), on which
+        adapters can be compared without the optimism of their training data: the held-out rows (`holdout_every`),
+        or without a holdout the rows `sample` never drew."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        with self._lock:
+            unseen = [
+                row
+                for row in self._rows
+                if (id(row) in self._held_out if self.holdout_every else id(row) not in self._trained)
+            ][-batch_size:]
+        return collate(unseen, pad_id) if unseen else None
 
 
 def recency_weights(versions: list[int], half_life: float) -> torch.Tensor:

@@ -65,7 +65,12 @@ class DrafterTrainer:
         self.buffer = (
             buffer
             if buffer is not None
-            else DistillBuffer(self.config.distill_buffer_tokens, self.config.distill_recency_half_life)
+            else DistillBuffer(
+                self.config.distill_buffer_tokens,
+                self.config.distill_recency_half_life,
+                # The swap gate compares adapters on rollouts no step trained on: one row in 8 is kept for it.
+                holdout_every=8 if self.config.distill_swap_gate else 0,
+            )
         )
         device = self.config.distill_device or next(drafter.parameters()).device
         self.model = copy.deepcopy(drafter).to(device).train()
@@ -96,6 +101,10 @@ class DrafterTrainer:
         # behind and idles while it holds, checking fresh rollouts meanwhile. `step()` called directly always trains.
         self.effort = self.config.effort()
         self.expected_acceptance = math.nan  # 1 - TV on the last batch measured: α̂ of the exact rule
+        # The swap gate (`distill_swap_gate`): windows whose adapter was not published, and the last comparison's
+        # mean per-row difference in expected acceptance (new - served) on fresh rollouts.
+        self.swaps_rejected = 0
+        self.gate_margin = math.nan
         self._checked_rows = 0  # `buffer.added` at the last idle check
 
     # --- one step -------------------------------------------------------------------------------------------------
@@ -141,6 +150,9 @@ class DrafterTrainer:
             raise TrainerFault(f"non-finite gradient norm at step {self.steps + 1}")
         optimizer.step()
         drift = self._drift(logits.detach(), batch)
+        window_done = (self.steps + 1) % self.config.distill_publish_every == 0
+        # Outside the lock (two forward passes): the rollout thread fetching `latest()` must not wait for them.
+        verdict = self._swap_verdict(model) if window_done and self.config.distill_swap_gate else None
         with self._lock:
             if model is not self.model:  # abandoned after a timeout: drop what it computed
                 return None
@@ -148,9 +160,11 @@ class DrafterTrainer:
             self.last_loss = loss.item()
             self.tv_to_policy, self.kl_to_policy = drift
             self.expected_acceptance = 1.0 - drift[0]
-            window_done = self.steps % self.config.distill_publish_every == 0
-            if window_done:
+            if window_done and (verdict is None or verdict[0]):
                 self._publish(policy_version=int(batch.policy_versions.max()))
+            elif window_done:
+                self.swaps_rejected += 1
+                logger.info("drafter trainer keeps serving v%d: %s", self.adapter_version, verdict[1])
             if self.effort.training and not self.effort.observe_step(self.expected_acceptance, window_done).train:
                 # idling right after a publish: the served adapter is the one measured from now on
                 logger.info("drafter trainer idles: %s", self.effort.decision.reason)
@@ -195,6 +209,49 @@ class DrafterTrainer:
             rejected_weight=self.config.distill_rejected_weight,
         )
         return loss, logits
+
+    @torch.no_grad()
+    def _swap_verdict(self, model: PeftModel) -> tuple[bool, str]:
+        """Whether the weights being trained may be published: their expected acceptance on the newest rollouts no
+        step has trained on, row by row against the served (last published) weights', is not lower beyond noise
+        (the mean per-row difference plus two standard errors is >= 0). No fresh rollout yet: not published."""
+        batch = self.buffer.fresh(self.config.distill_batch_size)
+        if batch is None:
+            return False, "no rollout the trainer has not seen to compare the new adapter on yet"
+        batch = batch.to(next(model.parameters()).device)
+        candidate = adapter_state(model)
+        model.eval()  # no LoRA dropout in a measurement
+        try:
+            new = self._row_acceptance(model, batch)
+            load_adapter_state(model, self._good_state)
+            served = self._row_acceptance(model, batch)
+        finally:
+            load_adapter_state(model, candidate)
+            model.train()
+        difference = new - served
+        rows = len(difference)
+        noise = 2 * float(difference.std() / math.sqrt(rows)) if rows > 1 else 0.0
+        self.gate_margin = float(difference.mean())
+        if self.gate_margin + noise >= 0:
+            return True, "published"
+        return False, (
+            f"the new adapter's expected acceptance on {rows} fresh rollouts is {float(new.mean()):.3f} vs "
+            f"{float(served.mean()):.3f} for the served one (difference {self.gate_margin:+.3f}, noise {noise:.3f})"
+        )
+
+    def _row_acceptance(self, model: PeftModel, batch: DistillBatch) -> torch.Tensor:
+        """`[B]` the mean expected acceptance 1 - TV over each row's target positions."""
+        _, logits = self._loss(model, batch)
+        mask = batch.loss_mask.bool()
+        rows = mask.nonzero()[:, 0]
+        if logits.dim() == 2:  # [N, V] at the targets
+            topk_ids, topk_logprobs, at, _ = batch.at_targets()
+            tv = tv_loss(logits[None], topk_ids, topk_logprobs, at)[0]
+        else:
+            tv = tv_loss(logits, batch.topk_ids, batch.topk_logprobs, mask)[mask]
+        count = torch.zeros(len(mask)).index_add_(0, rows.cpu(), torch.ones(len(rows)))
+        total = torch.zeros(len(mask)).index_add_(0, rows.cpu(), (1 - tv).float().cpu())
+        return (total / count.clamp_min(1))[count > 0]
 
     @staticmethod
     def _drift(logits: torch.Tensor, batch: DistillBatch) -> tuple[float, float]:
@@ -422,4 +479,6 @@ class DrafterTrainer:
             # effort 1: training at the duty cycle; 0: idle (idle_reason 1: plateau, 2: holding; 0: training)
             "drafter/effort": float(self.effort.training),
             "drafter/idle_reason": float(self.effort.decision.code),
+            "drafter/swap_rejected": float(self.swaps_rejected),
+            "drafter/gate_margin": self.gate_margin,
         }

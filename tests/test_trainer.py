@@ -20,9 +20,9 @@ from adaptive_drafter.trainer import DrafterTrainer
 def setup(spec: dict | None = None, **distill):
     policy = tiny_causal_lm("llama", num_layers=3, logit_scale=6.0)
     drafter = build_drafter(policy, DrafterConfig(drafter_num_layers=2, drafter_lora_r=8, drafter_lora_alpha=16))
-    config = DistillConfig(
-        **{"distill_min_buffer_tokens": 64, "distill_publish_every": 4, "distill_learning_rate": 1e-2, **distill}
-    )
+    # The swap gate publishes only adapters that measure no worse: off here, where publishing itself is tested.
+    defaults = {"distill_min_buffer_tokens": 64, "distill_publish_every": 4, "distill_learning_rate": 1e-2}
+    config = DistillConfig(**{**defaults, "distill_swap_gate": False, **distill})
     trainer = DrafterTrainer(drafter, config)
     spec = SpecConfig(elastic=False, num_draft_tokens=3, **(spec or {}))
     adaptive = AdaptiveDrafter(drafter, spec, trainer=trainer)
@@ -393,3 +393,55 @@ def test_effort_always_trains_and_direct_steps_ignore_effort():
     for _ in range(12):
         trainer.step()
     assert trainer.effort.training and trainer.steps == 12
+
+
+# --- the swap gate ----------------------------------------------------------------------------------------------
+
+
+def test_the_swap_gate_never_publishes_an_adapter_that_measures_worse_on_fresh_rollouts():
+    """Training on corrupted targets makes the adapter worse than the served one: the gate keeps serving the old one;
+    a better adapter (after the policy moved) is published."""
+    policy, drafter, trainer, adaptive, engine = setup(distill_swap_gate=True, distill_publish_every=4)
+    with torch.no_grad():  # an RL-like update the drafter has not seen: distillation has something to win back
+        head = policy.get_output_embeddings().weight
+        head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(0)) * 0.5 * head.std())
+    for seed in range(2):
+        rollout(adaptive, engine, seed=seed)
+    for _ in range(8):
+        trainer.step()
+    served = trainer.latest()
+    assert served is not None and trainer.swaps_rejected == 0, trainer.metrics()  # better on fresh rows: published
+    before = rollout(adaptive, engine, seed=100, do_sample=False).stats.acceptance_rate  # swaps in what was published
+    buffer = trainer.buffer
+    rollout(adaptive, engine, seed=7)
+    # Corrupt what the trainer samples (not the held-out rows the gate measures on): every target points elsewhere.
+    with buffer._lock:
+        for row in buffer._rows:
+            if id(row) not in buffer._held_out:
+                row.topk_ids = (row.topk_ids + 17) % 256
+    for _ in range(16):
+        trainer.step()
+    assert trainer.swaps_rejected >= 2 and trainer.metrics()["drafter/gate_margin"] < 0, trainer.metrics()
+    after = rollout(adaptive, engine, seed=100, do_sample=False).stats.acceptance_rate
+    assert after >= before - 0.05, (before, after)  # what is served did not get worse
+    trainer.publish(policy_version=0)  # the same training served ungated is far worse: the test has power
+    worse = rollout(adaptive, engine, seed=100, do_sample=False).stats.acceptance_rate
+    assert worse < before - 0.1, (before, worse)
+
+
+def test_held_out_rows_are_never_trained_on_and_fresh_returns_them():
+    from adaptive_drafter.targets import DistillBuffer
+
+    policy, drafter, trainer, adaptive, engine = setup()
+    rows = rollout(adaptive, engine, seed=3).targets
+    buffer = DistillBuffer(10_000, holdout_every=4)
+    buffer.add_many(rows)
+    held = [row for i, row in enumerate(rows) if i % 4 == 3]
+    for _ in range(20):  # 160 draws: every one of the 12 trainable rows is drawn (all but surely)
+        buffer.sample(8)
+    fresh = buffer.fresh(16)  # the rows never drawn: exactly the held-out ones
+    assert fresh is not None and len(fresh.input_ids) == len(held)
+    for b, row in enumerate(held):
+        assert fresh.input_ids[b, : len(row.prompt_ids)].tolist() == row.prompt_ids
+    with pytest.raises(ValueError, match="holdout_every"):
+        DistillBuffer(100, holdout_every=1)
