@@ -36,6 +36,7 @@ from .drafter import (
     merged_copy,
     save_adapter,
 )
+from .eagle import eagle_head
 from .metrics import SpecStats
 from .outputs import PolicyTargets
 from .trainer import DrafterTrainer
@@ -69,6 +70,12 @@ class AdaptiveDrafter:
             trainer if trainer is not None else DrafterTrainer(drafter, distill_config) if distill_config else None
         )
         self.vocab_size = vocab_size or self.config.vocab_size or drafter.config.vocab_size
+        self.is_eagle = eagle_head(drafter) is not None
+        if self.is_eagle and self.config.draft_vocab_size:
+            raise ValueError(
+                "A reduced draft vocabulary (SpecConfig.draft_vocab_size) is not implemented for the eagle drafter kind "
+                "yet: set draft_vocab_size=0, or use drafter_kind='truncated'."
+            )
         self.policy_version = 0
         self.adapter_version: AdapterVersion | None = None  # the adapter being served (None: the initial weights)
         self._lock = threading.Lock()  # a swap never overlaps a rollout
@@ -151,6 +158,7 @@ class AdaptiveDrafter:
         """Hugging Face-named weights of the merged serving drafter, for an engine that holds its own copy (vLLM).
         With `changed_only`, only the LoRA-adapted layers (nothing else ever changes), and nothing at all when no LoRA
         weight was written since the last call."""
+        self._check_exportable()
         fingerprint = lora_fingerprint(self.drafter) if isinstance(self.drafter, PeftModel) else ()
         state = self._merged_model().state_dict()
         if not changed_only:
@@ -166,12 +174,20 @@ class AdaptiveDrafter:
 
     def export(self, directory: str | os.PathLike[str], tokenizer: Any = None) -> Path:
         """Save the merged serving drafter as an ordinary Hugging Face checkpoint (what vLLM's `draft_model` loads)."""
+        self._check_exportable()
         path = Path(directory)
         self._merged_model().save_pretrained(path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         self._exported = lora_fingerprint(self.drafter) if isinstance(self.drafter, PeftModel) else ()
         return path
+
+    def _check_exportable(self) -> None:
+        if self.is_eagle:
+            raise ValueError(
+                "The vLLM backend cannot serve the eagle drafter kind yet (exporting the head in vLLM's eagle format is "
+                "not done): use the Hugging Face backend (--rollout_backend hf) or drafter_kind='truncated' with vLLM."
+            )
 
     def set_draft_vocab(self, token_ids: Sequence[int] | torch.Tensor | None) -> None:
         """Pin the tokens the drafter may propose (None: back to `SpecConfig.draft_vocab_size`'s frequent tokens).

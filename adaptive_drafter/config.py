@@ -131,7 +131,7 @@ class SpecConfig:
             raise ValueError(f"SpecConfig.suffix_max_draft must be >= 1, got {self.suffix_max_draft}.")
 
 
-DRAFTER_KINDS = ("truncated", "model")
+DRAFTER_KINDS = ("truncated", "model", "eagle")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -145,7 +145,12 @@ class DrafterConfig:
     """
 
     drafter_kind: str = field(
-        default="truncated", metadata={"help": "'truncated' (self-draft from the policy) or 'model'."}
+        default="truncated",
+        metadata={
+            "help": "'truncated' (self-draft from the policy's first layers), 'model' (a separate small LM) or "
+            "'eagle' (a head over the policy's own last-layer features, adaptive_drafter.eagle: one decoder layer "
+            "copied from the policy's last, adapted with LoRA, plus a fusion layer trained fully)."
+        },
     )
     drafter_num_layers: int = field(default=4, metadata={"help": "Decoder layers of a truncated self-draft."})
     drafter_model_name_or_path: str | None = field(
@@ -248,6 +253,13 @@ class DistillConfig:
     distill_effort_min_gain: float = field(
         default=0.01, metadata={"help": "auto: expected-acceptance gain over `patience` adapters that keeps training."}
     )
+    distill_eagle_depth: int = field(
+        default=3,
+        metadata={
+            "help": "drafter_kind='eagle': draft steps the head is unrolled over in training, its own outputs fed back "
+            "(EAGLE-3's training-time test); step d weighs 0.8^(d-1)."
+        },
+    )
     distill_swap_gate: bool = field(
         default=True,
         metadata={
@@ -270,7 +282,9 @@ class DistillConfig:
                 "DistillConfig.distill_mix_weights ('fkl:0.5,tv:0.5') is needed with loss='mix', and only then."
             )
         self.mix()  # parse now: a malformed string fails at start-up, not in the background thread
-        for name in ("distill_topk", "distill_batch_size", "distill_buffer_tokens", "distill_publish_every"):
+        for name in (
+            "distill_topk", "distill_batch_size", "distill_buffer_tokens", "distill_publish_every", "distill_eagle_depth"
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"DistillConfig.{name} must be >= 1, got {getattr(self, name)}.")
         if self.distill_min_buffer_tokens > self.distill_buffer_tokens:

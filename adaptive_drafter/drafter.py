@@ -139,6 +139,18 @@ def build_drafter(
     its LoRA weights trainable; its base weights are its own copy, never shared with the policy.
     """
     config = config if config is not None else DrafterConfig()
+    if config.drafter_kind == "eagle":
+        from .eagle import EagleHead  # the head's module imports the decoding rooms, which import this one
+
+        head = EagleHead(policy).eval()
+        lora = LoraConfig(
+            r=config.drafter_lora_r,
+            lora_alpha=config.drafter_lora_alpha,
+            lora_dropout=config.drafter_lora_dropout,
+            target_modules=list(config.drafter_lora_target_modules),
+            modules_to_save=["fc"],  # the fusion layer is new: trained whole, saved beside the adapter
+        )
+        return get_peft_model(head, lora).eval()
     if config.drafter_kind == "truncated":
         base = truncated_drafter(policy, config.drafter_num_layers)
     else:
@@ -197,7 +209,8 @@ class ReducedVocabDrafter:
     def __call__(self, *, logits_to_keep: int = 0, **forward: Any) -> CausalLMOutputWithPast:
         hidden = self.decoder(**forward).last_hidden_state
         if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+            # contiguous: CPU bfloat16 `linear` on a sliced 3-D input expands the weight per row (precision.py)
+            hidden = hidden[:, -logits_to_keep:].contiguous()
         logits = hidden.new_full((*hidden.shape[:-1], self.vocab_size), -torch.inf)
         logits[..., self.token_ids] = torch.nn.functional.linear(hidden, self.weight, self.bias)
         return CausalLMOutputWithPast(logits=logits)

@@ -23,12 +23,16 @@ Supported policies: Llama-style decoder layers (`self_attn.{q,k,v,o}_proj`, `inp
 from __future__ import annotations
 
 import copy
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from safetensors.torch import load_file, save_file
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .drafts import Drafts, Verified
@@ -47,6 +51,12 @@ def _decoder(policy: Any) -> Any:
             "Use drafter_kind='truncated' for this policy."
         )
     return decoder
+
+
+def eagle_head(model: Any) -> EagleHead | None:
+    """The `EagleHead` inside `model` (itself, or under a peft wrapper whose LoRA layers are injected in it), or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base if isinstance(base, EagleHead) else None
 
 
 def feature_layer(policy: Any) -> nn.Module:
@@ -274,3 +284,38 @@ class EagleDrafts:
 
     def end(self) -> None:
         self.cache = None  # type: ignore[assignment]
+
+
+HEAD_FILE, HEAD_META = "eagle_head.safetensors", "eagle_head.json"
+
+
+def save_head(head: EagleHead, directory: str | os.PathLike[str], **metadata: Any) -> Path:
+    """Save the head's own weights (fc and its layer; the policy's shared parts are not copied) and `metadata` (how it
+    was made) into `directory`, written to a temporary name first so a crash never leaves a half-written head."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in head.state_dict().items()}
+    save_file(state, path / (HEAD_FILE + ".tmp"))
+    os.replace(path / (HEAD_FILE + ".tmp"), path / HEAD_FILE)
+    shape = {"hidden_size": head.config.hidden_size, "vocab_size": head.config.vocab_size}
+    (path / HEAD_META).write_text(json.dumps({"kind": "eagle", **shape, **metadata}, indent=1))
+    return path
+
+
+def load_head(policy: Any, directory: str | os.PathLike[str]) -> EagleHead:
+    """A head for `policy` with the weights saved in `directory` (in the policy's dtype); a head made for another
+    policy (other shapes or layer names) is refused with what to do."""
+    path = Path(directory) / HEAD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"No EAGLE head at {path}: point to a directory written by save_head.")
+    head = EagleHead(policy)
+    state = load_file(path)
+    own = head.state_dict()
+    wrong = sorted(n for n in set(own) | set(state) if n not in own or n not in state or own[n].shape != state[n].shape)
+    if wrong:
+        raise ValueError(
+            f"The EAGLE head at {directory} was made for another policy ({len(wrong)} weights differ, e.g. "
+            f"{wrong[0]}). Distill a head for this policy (scripts/distill_eagle.py) or start from a fresh one."
+        )
+    head.load_state_dict({name: tensor.to(head.dtype) for name, tensor in state.items()})
+    return head

@@ -20,17 +20,18 @@ from .targets import DistillBatch, collate
 def collate_features(rows: list[PolicyTargets], pad_id: int = 0) -> tuple[DistillBatch, torch.Tensor]:
     """The rows as a `DistillBatch` and their features `[B, L, H]` (float32, aligned with `input_ids`; zero where the
     policy read nothing: padding and each row's last token). Every row needs features."""
-    if any(row.features is None for row in rows):
+    batch = collate(rows, pad_id)
+    return batch, require_features(batch)
+
+
+def require_features(batch: DistillBatch) -> torch.Tensor:
+    """The batch's features, or a clear error when its rows were collected without them."""
+    if batch.features is None:
         raise ValueError(
             "Training an eagle head needs the policy's features in every row (PolicyTargets.features): collect them "
             "with an eagle drafter serving, or set engine.collect_features = True."
         )
-    batch = collate(rows, pad_id)
-    hidden = rows[0].features.shape[1]
-    features = torch.zeros(*batch.input_ids.shape, hidden)
-    for b, row in enumerate(rows):
-        features[b, : len(row.features)] = row.features.float()
-    return batch, features
+    return batch.features
 
 
 def shifted(batch: DistillBatch) -> DistillBatch:

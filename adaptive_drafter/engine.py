@@ -26,7 +26,7 @@ from . import acceptance
 from .config import SpecConfig
 from .drafter import check_compatible
 from .drafts import Drafts, ModelDrafts, SuffixDrafts, Verified
-from .eagle import EagleDrafts, EagleHead, feature_layer
+from .eagle import EagleDrafts, eagle_head, feature_layer
 from .elastic import ElasticController
 from .kv import KVSlots, cache_kwargs, forward, max_positions, sliding_window, synchronize
 from .metrics import SpecStats
@@ -203,8 +203,9 @@ class _Rollout:
         # A sliding-window model sees exactly the full context only while its cache fits in the window.
         windows = [sliding_window(m) for m in (self.policy, draft_model)]
         self.max_slots = [None if w is None else w - _max_draft(self.config) - 3 for w in windows]
-        if isinstance(draft_model, EagleHead):
-            self.model: Any = EagleDrafts(draft_model, params, self.vocab_size, self.stats, generator)
+        head = eagle_head(draft_model)
+        if head is not None:
+            self.model: Any = EagleDrafts(head, params, self.vocab_size, self.stats, generator)
         else:
             self.model = ModelDrafts(
                 draft_model,

@@ -37,10 +37,14 @@ class DistillBatch:
     loss_mask: torch.Tensor  # [B, L] bool: position i has a target
     rejected: torch.Tensor  # [B, L] bool: ...and the engine rejected a draft of that token
     policy_versions: torch.Tensor  # [B] int64: the policy version that produced each row
+    # [B, L, H] float32: the policy's last-layer features aligned with input_ids (zero where it read nothing), when
+    # every row carries them (`PolicyTargets.features`): what a feature-reading drafter trains on.
+    features: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> DistillBatch:
         """A copy with every tensor on `device`."""
-        return DistillBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return DistillBatch(**{name: None if t is None else t.to(device) for name, t in moved.items()})
 
     def at_targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """`topk_ids`, `topk_logprobs`, `loss_mask` and `rejected` at the N positions of `loss_mask` only, as one
@@ -78,7 +82,12 @@ def collate(rows: list[PolicyTargets], pad_id: int = 0) -> DistillBatch:
         loss_mask[b, targets] = True
         rejected[b, targets] = row.rejected.cpu()
     versions = torch.tensor([row.policy_version for row in rows], dtype=torch.long)
-    return DistillBatch(input_ids, attention_mask, topk_ids, topk_logprobs, loss_mask, rejected, versions)
+    features = None
+    if all(row.features is not None for row in rows):
+        features = torch.zeros(batch, length, rows[0].features.shape[1])
+        for b, row in enumerate(rows):
+            features[b, : len(row.features)] = row.features.float()
+    return DistillBatch(input_ids, attention_mask, topk_ids, topk_logprobs, loss_mask, rejected, versions, features)
 
 
 class DistillBuffer:

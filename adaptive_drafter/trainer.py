@@ -34,6 +34,8 @@ from peft import PeftModel
 
 from .config import DistillConfig
 from .distill import distill_loss, fkl_loss, tv_loss
+from .eagle import eagle_head
+from .eagle_distill import eagle_loss, require_features, shifted
 from .targets import DistillBatch, DistillBuffer
 from .drafter import AdapterVersion, adapter_state, decoder_and_head, load_adapter_state, logits_are_head_over_decoder
 
@@ -79,7 +81,8 @@ class DrafterTrainer:
             raise ValueError("The drafter has no trainable parameters: build it with build_drafter (LoRA adapters).")
         # Run the LM head only at positions with a target (not over prompts): exact when the logits are the head over
         # the decoder's output, which is checked once; otherwise the full forward is used.
-        self._head_at_targets = logits_are_head_over_decoder(self.model)
+        self._eagle = eagle_head(self.model) is not None  # a head over the policy's features: its own loss
+        self._head_at_targets = not self._eagle and logits_are_head_over_decoder(self.model)
         self._optimizer = self._new_optimizer()
         self._good_state = adapter_state(self.model)  # what a fault rolls back to: the last published weights
         self._published: PublishedAdapter | None = None
@@ -140,7 +143,7 @@ class DrafterTrainer:
         # Taken once: after a timeout the trainer moves on to a new model, and this step must keep to the old one.
         model, optimizer, params = self.model, self._optimizer, self._params
         batch = self.buffer.sample(self.config.distill_batch_size).to(next(model.parameters()).device)
-        loss, logits = self._loss(model, batch)
+        loss, logits, targets = self._loss(model, batch)
         if not torch.isfinite(loss):
             raise TrainerFault(f"non-finite distillation loss ({loss.item()}) at step {self.steps + 1}")
         optimizer.zero_grad(set_to_none=True)
@@ -149,7 +152,7 @@ class DrafterTrainer:
         if not torch.isfinite(grad_norm):
             raise TrainerFault(f"non-finite gradient norm at step {self.steps + 1}")
         optimizer.step()
-        drift = self._drift(logits.detach(), batch)
+        drift = self._drift(logits.detach(), targets)
         window_done = (self.steps + 1) % self.config.distill_publish_every == 0
         # Outside the lock (two forward passes): the rollout thread fetching `latest()` must not wait for them.
         verdict = self._swap_verdict(model) if window_done and self.config.distill_swap_gate else None
@@ -184,17 +187,27 @@ class DrafterTrainer:
         batch = self.buffer.newest(self.config.distill_batch_size).to(next(model.parameters()).device)
         model.eval()  # no LoRA dropout in a measurement
         try:
-            _, logits = self._loss(model, batch)
+            _, logits, targets = self._loss(model, batch)
         finally:
             model.train()
-        tv, _ = self._drift(logits, batch)
+        tv, _ = self._drift(logits, targets)
         with self._lock:
             self.expected_acceptance = 1.0 - tv
             if self.effort.observe_idle(self.expected_acceptance).train:
                 logger.info("drafter trainer resumes: %s", self.effort.decision.reason)
             self.busy_seconds += time.perf_counter() - start
 
-    def _loss(self, model: PeftModel, batch: DistillBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, model: PeftModel, batch: DistillBatch) -> tuple[torch.Tensor, torch.Tensor, DistillBatch]:
+        """The loss, the drafter's logits at the targets (`[N, V]`, or `[B, L, V]`) and the batch they align with (an
+        EAGLE head's output at position s predicts the token after next: its batch is shifted by one; its logits are
+        those of the first draft step)."""
+        if self._eagle:
+            config = self.config
+            loss, logits = eagle_loss(
+                eagle_head(model), batch, require_features(batch), depth=config.distill_eagle_depth,
+                kind=config.distill_loss, mix_weights=config.mix(),
+            )  # fmt: skip
+            return loss, logits[0], shifted(batch)
         if self._head_at_targets:
             decoder, head = decoder_and_head(model)
             hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
@@ -208,7 +221,7 @@ class DrafterTrainer:
             self.config.mix(),
             rejected_weight=self.config.distill_rejected_weight,
         )
-        return loss, logits
+        return loss, logits, batch
 
     @torch.no_grad()
     def _swap_verdict(self, model: PeftModel) -> tuple[bool, str]:
@@ -241,7 +254,7 @@ class DrafterTrainer:
 
     def _row_acceptance(self, model: PeftModel, batch: DistillBatch) -> torch.Tensor:
         """`[B]` the mean expected acceptance 1 - TV over each row's target positions."""
-        _, logits = self._loss(model, batch)
+        _, logits, batch = self._loss(model, batch)
         mask = batch.loss_mask.bool()
         rows = mask.nonzero()[:, 0]
         if logits.dim() == 2:  # [N, V] at the targets

@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         distill_batch_size=args.batch_size,
         distill_min_buffer_tokens=1,
         distill_publish_every=args.steps_per_round,
+        distill_swap_gate=False,  # offline: every round's weights are published; held-out prompts measure them
     )
     trainer = DrafterTrainer(drafter, config)
     spec = SpecConfig(num_draft_tokens=args.k, elastic=False)

@@ -71,7 +71,7 @@ def test_build_model_drafter_checks_the_vocabulary():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(drafter_kind="eagle"), "Unknown drafter kind"),
+        (dict(drafter_kind="medusa"), "Unknown drafter kind"),
         (dict(drafter_num_layers=0), "num_layers must be >= 1"),
         (dict(drafter_lora_r=0), "lora_r >= 1"),
         (dict(drafter_lora_dropout=1.0), "lora_dropout"),

@@ -151,3 +151,55 @@ def test_training_the_head_on_collected_features_raises_its_acceptance_at_every_
     assert all(a > b + 0.08 for a, b in zip(after, before)), (before, after)
     trained = rollout_targets(engine, seed=98).stats  # the engine drafts with the trained head: more accepted
     assert trained.acceptance_rate > untrained.acceptance_rate + 0.05, (untrained, trained)
+
+
+def test_the_eagle_kind_is_distilled_online_through_lora_and_hot_swapped():
+    """drafter_kind='eagle': LoRA on the head's layer and its fusion layer trained whole, by the background trainer
+    from the features every rollout collected; each published version is swapped in and drafts better."""
+    from adaptive_drafter.adaptive import AdaptiveDrafter
+    from adaptive_drafter.config import DistillConfig, DrafterConfig
+    from adaptive_drafter.drafter import build_drafter
+    from adaptive_drafter.trainer import DrafterTrainer
+
+    torch.manual_seed(0)
+    policy = tiny_causal_lm("llama", num_layers=3, logit_scale=8.0)
+    drafter = build_drafter(policy, DrafterConfig(drafter_kind="eagle", drafter_lora_r=8, drafter_lora_alpha=16))
+    trainable = {name for name, p in drafter.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name or ".fc." in name for name in trainable), sorted(trainable)[:4]
+    config = DistillConfig(
+        distill_min_buffer_tokens=64, distill_publish_every=4, distill_learning_rate=5e-3, distill_topk=16
+    )
+    trainer = DrafterTrainer(drafter, config)
+    spec = SpecConfig(elastic=False, num_draft_tokens=3)
+    adaptive = AdaptiveDrafter(drafter, spec, trainer=trainer)
+    engine = SpeculativeEngine(policy, drafter, spec)
+
+    def rollout(seed):
+        ids, mask = left_padded_prompts(16, 2, 8, 256, seed=seed)
+        generator = torch.Generator().manual_seed(seed)
+        return adaptive.generate(engine, ids, mask, max_new_tokens=24, generator=generator)
+
+    before = rollout(100).stats.acceptance_rate
+    for seed in range(1, 7):
+        out = rollout(seed)
+        assert out.targets[0].features is not None  # the verify pass fed the buffer
+        for _ in range(12):
+            trainer.step()
+    after = rollout(100)
+    assert adaptive.adapter_version is not None and adaptive.adapter_version.adapter_version >= 10
+    assert after.stats.acceptance_rate > before + 0.1, (before, after.stats.acceptance_rate)
+
+
+def test_a_saved_head_loads_back_and_one_for_another_policy_is_refused(tmp_path):
+    from adaptive_drafter.eagle import load_head, save_head
+
+    policy = tiny_causal_lm("llama", logit_scale=8.0)
+    head = EagleHead(policy)
+    with torch.no_grad():
+        head.fc.bias.add_(0.5)
+    save_head(head, tmp_path / "head", made_by="test")
+    loaded = load_head(policy, tmp_path / "head")
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), loaded.state_dict().values()))
+    other = tiny_causal_lm("llama", hidden_size=48, logit_scale=8.0)
+    with pytest.raises(ValueError, match="made for another policy"):
+        load_head(other, tmp_path / "head")

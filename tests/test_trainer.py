@@ -144,8 +144,8 @@ def test_faults_are_counted_rolled_back_and_restarted(monkeypatch, fault):
         if calls["n"] <= 3:
             if fault == "exception":
                 raise RuntimeError("injected fault")
-            loss, logits = original(model, batch)
-            return loss * float("nan"), logits
+            loss, logits, targets = original(model, batch)
+            return loss * float("nan"), logits, targets
         return original(model, batch)
 
     monkeypatch.setattr(trainer, "_loss", faulty)

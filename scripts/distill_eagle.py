@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Distil an EAGLE-style head (`adaptive_drafter.eagle`) for the embedded policy from its own rollouts, and measure it
+against the truncated drafter with its shipped adapter, side by side on the same held-out prompts and seeds.
+
+    OMP_NUM_THREADS=1 python scripts/distill_eagle.py --collect-minutes 8 --train-minutes 16 \\
+        --json docs/results/eagle_distill_embedded_cpu.json --out drafters/smollm2-135m-eagle
+
+Rollouts run in bfloat16 through the speculative engine, whose verify pass yields the policy's top-K targets and its
+last-layer features at every position for free (`engine.collect_features`); arithmetic and reasoning prompts alternate
+at T = 1. The head trains in float32 (bf16 autocast) with the unrolled loss (`--depth` draft steps fed back) and is
+served in bfloat16. Reported: expected acceptance α = Σ min(p, q) per draft depth (teacher-forced, held out), and the
+engine's accepted tokens per verify at k = `--k`, T = 1 and greedy, for the head and for the truncated drafter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from adaptive_drafter import SpecConfig, SpeculativeEngine
+from adaptive_drafter.config import DrafterConfig
+from adaptive_drafter.drafter import build_drafter, load_adapter, merged_copy
+from adaptive_drafter.eagle import EagleHead, save_head
+from adaptive_drafter.eagle_distill import acceptance_by_depth, collate_features, eagle_loss
+from adaptive_drafter.embedded import load_embedded
+from adaptive_drafter.tasks import chat_batch, load_task
+
+MAX_NEW = {"arithmetic": 24, "reasoning": 96}
+
+
+def prompts(tokenizer, task: str, count: int, seed: int):
+    dataset, _ = load_task(task, count, seed=seed)
+    return chat_batch(tokenizer, dataset["prompt"])
+
+
+def rollout(engine, tokenizer, task, count, seed, do_sample=True, topk=32):
+    ids, mask = prompts(tokenizer, task, count, seed)
+    return engine.generate(
+        ids, mask, max_new_tokens=MAX_NEW[task], do_sample=do_sample, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, collect_topk=topk, generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+
+
+def tokens_per_verify(serving_policy, drafter, tokenizer, k: int, prompt_count: int, do_sample: bool) -> dict:
+    """The engine's accepted tokens per verify and acceptance per drafted token on the held-out prompts (both tasks)."""
+    engine = SpeculativeEngine(serving_policy, drafter, SpecConfig(num_draft_tokens=k, elastic=False))
+    out = {}
+    for task in MAX_NEW:
+        stats = rollout(engine, tokenizer, task, prompt_count, 900_000 + len(task), do_sample, topk=0).stats
+        out[task] = {"tokens_per_verify": stats.tokens_per_verify, "acceptance": stats.acceptance_rate}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--collect-minutes", type=float, default=8.0)
+    parser.add_argument("--train-minutes", type=float, default=16.0)
+    parser.add_argument("--rollout-batch", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
+    parser.add_argument("--depth", type=int, default=3, help="draft steps unrolled in training (training-time test)")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--eval-prompts", type=int, default=24, help="held-out prompts per task")
+    parser.add_argument("--adapter", default="drafters/smollm2-135m-arithmetic", help="the truncated drafter's")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="save the head here")
+    args = parser.parse_args()
+    started = time.time()
+    torch.manual_seed(0)
+
+    policy, tokenizer = load_embedded()
+    policy.requires_grad_(False)
+    serving = copy.deepcopy(policy).to(torch.bfloat16).eval()  # rollouts in the precision this CPU is fast at
+    head = EagleHead(policy)  # trains in float32
+    serving_head = EagleHead(serving)
+    engine = SpeculativeEngine(serving, serving_head, SpecConfig(num_draft_tokens=args.k))
+    engine.collect_features = True
+
+    train, tasks, seed = [], list(MAX_NEW), 0
+    with tqdm(desc="collect", unit="rows") as bar:
+        while time.time() - started < args.collect_minutes * 60:
+            out = rollout(engine, tokenizer, tasks[seed % 2], args.rollout_batch, 1000 + seed)
+            train += out.targets
+            seed += 1
+            bar.update(len(out.targets))
+    collect_seconds = time.time() - started
+    held_out = [t for task in tasks for t in rollout(engine, tokenizer, task, args.eval_prompts, 900_000 + len(task)).targets]
+    tokens = sum(t.num_tokens for t in train)
+
+    def alpha() -> list[float]:
+        return acceptance_by_depth(head, held_out, depth=args.k, pad_id=tokenizer.pad_token_id)
+
+    curve = [{"minutes": 0.0, "steps": 0, "alpha": alpha()}]
+    optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    rng, steps, train_seconds, losses = random.Random(0), 0, 0.0, []
+    budget = args.train_minutes * 60
+    with tqdm(total=round(budget), desc="train", unit="s") as bar:
+        while train_seconds < budget:
+            step_start = time.time()
+            warmup, progress = min(1.0, (steps + 1) / 30), min(train_seconds / budget, 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * warmup * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+            batch, features = collate_features(rng.sample(train, args.batch_size), tokenizer.pad_token_id)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, _ = eagle_loss(head, batch, features, depth=args.depth)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            optimizer.step()
+            steps += 1
+            losses.append(float(loss))
+            elapsed = time.time() - step_start
+            train_seconds += elapsed
+            bar.update(round(elapsed))
+            if steps % 100 == 0:
+                curve.append({"minutes": train_seconds / 60, "steps": steps, "alpha": alpha(), "loss": losses[-1]})
+                bar.set_postfix(alpha1=f"{curve[-1]['alpha'][0]:.3f}")
+    curve.append({"minutes": train_seconds / 60, "steps": steps, "alpha": alpha(), "loss": sum(losses[-50:]) / 50})
+
+    serving_head.load_state_dict({name: tensor.to(torch.bfloat16) for name, tensor in head.state_dict().items()})
+    truncated = build_drafter(policy, DrafterConfig())
+    version = load_adapter(truncated, args.adapter)
+    truncated_serving = merged_copy(truncated).to(torch.bfloat16).eval()
+    measured = {
+        name: {
+            "T=1": tokens_per_verify(serving, drafter, tokenizer, args.k, args.eval_prompts, True),
+            "greedy": tokens_per_verify(serving, drafter, tokenizer, args.k, args.eval_prompts, False),
+        }
+        for name, drafter in (("eagle", serving_head), ("truncated", truncated_serving))
+    }
+    result = {
+        "command": "python scripts/distill_eagle.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "data": {"train_rows": len(train), "train_completion_tokens": tokens, "collect_minutes": collect_seconds / 60,
+                 "held_out_rows": len(held_out)},
+        "training": {"steps": steps, "minutes": train_seconds / 60, "depth": args.depth, "lr": args.lr},
+        "alpha_by_depth_held_out": curve[-1]["alpha"],
+        "curve": curve,
+        "engine": measured,
+        "truncated_adapter_version": str(version),
+        "wall_minutes": (time.time() - started) / 60,
+    }  # fmt: skip
+    print(json.dumps({k: v for k, v in result.items() if k != "curve"}, indent=1))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    if args.out is not None:
+        save_head(head.to(torch.bfloat16), args.out, policy="SmolLM2-135M-Instruct (embedded)", made_by=result["command"],
+                  date=result["date"], alpha_by_depth_held_out=result["alpha_by_depth_held_out"])  # fmt: skip
+        (args.out / "distill_curve.json").write_text(json.dumps(curve, indent=1))
+
+
+if __name__ == "__main__":
+    main()
