@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .effort import DistillEffort
 
 ACCEPTANCE_RULES = ("exact", "lenient", "cascade")
 DRAFTING = ("model", "hybrid", "suffix")
@@ -300,17 +299,14 @@ class DistillConfig:
             raise ValueError(
                 f"DistillConfig.distill_step_timeout_s must be > 0 or None, got {self.distill_step_timeout_s}."
             )
-        self.effort()  # validates the effort settings at start-up
+        if self.distill_effort not in ("auto", "always"):
+            raise ValueError(f"DistillConfig.distill_effort must be 'auto' or 'always', got {self.distill_effort!r}.")
+        if self.distill_effort_patience < 1 or self.distill_effort_min_gain < 0 or self.distill_effort_tolerance <= 0:
+            raise ValueError("distill_effort_patience must be >= 1, min_gain >= 0 and tolerance > 0.")
         if self.distill_on_error not in ("restart", "stop"):
             raise ValueError(
                 f"DistillConfig.distill_on_error must be 'restart' or 'stop', got {self.distill_on_error!r}."
             )
-
-    def effort(self) -> DistillEffort:
-        """A fresh effort policy with these settings."""
-        return DistillEffort(
-            self.distill_effort, self.distill_effort_patience, self.distill_effort_min_gain, self.distill_effort_tolerance
-        )
 
     def mix(self) -> dict[str, float] | None:
         """`mix_weights` parsed into a dict (None unless loss='mix')."""

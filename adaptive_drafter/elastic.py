@@ -65,7 +65,7 @@ class _Costs:
 class ElasticController:
     """Chooses the draft length of every step from running estimates; `observe_*` feed it measurements."""
 
-    max_k: int
+    num_draft_tokens: int  # the longest draft a step may verify
     min_batch_plain: int | None = None  # at or above this active batch size, always decode plainly
     alpha_prior: float = 0.6
     smoothing: float = 0.2
@@ -114,7 +114,7 @@ class ElasticController:
         if limit <= 0 or (self.min_batch_plain is not None and batch >= self.min_batch_plain):
             return 0
         costs = self.costs.setdefault(self.bucket(batch), _Costs())
-        k_max = min(self.max_k, limit)
+        k_max = min(self.num_draft_tokens, limit)
         if costs.draft is None or not costs.verify:
             return k_max  # measure speculation first
         if costs.plain is None or self.steps % self.explore_every == 0:

@@ -34,6 +34,7 @@ from peft import PeftModel
 
 from .config import DistillConfig
 from .distill import distill_loss, fkl_loss, tv_loss
+from .effort import DistillEffort
 from .eagle import eagle_head
 from .eagle_distill import eagle_loss, require_features, shifted
 from .targets import DistillBatch, DistillBuffer
@@ -102,7 +103,11 @@ class DrafterTrainer:
         self.busy_seconds = 0.0
         # Distillation effort (adaptive_drafter.effort): the background loop trains while the drafter improves or falls
         # behind and idles while it holds, checking fresh rollouts meanwhile. `step()` called directly always trains.
-        self.effort = self.config.effort()
+        config = self.config
+        self.effort = DistillEffort(
+            config.distill_effort, config.distill_effort_patience, config.distill_effort_min_gain,
+            config.distill_effort_tolerance,
+        )  # fmt: skip
         self.expected_acceptance = math.nan  # 1 - TV on the last batch measured: α̂ of the exact rule
         # The swap gate (`distill_swap_gate`): windows whose adapter was not published, and the last comparison's
         # mean per-row difference in expected acceptance (new - served) on fresh rollouts.

@@ -34,7 +34,7 @@ def measured(controller: ElasticController, batch: int, plain: float, draft: flo
 
 
 def test_controller_speculates_in_the_long_tail_and_not_at_large_batch():
-    controller = ElasticController(max_k=6)
+    controller = ElasticController(num_draft_tokens=6)
     controller.accepted, controller.rejected = 80.0, 20.0  # alpha ~ 0.8
     # GPU-like long tail: verifying is nearly free, drafting cheap: speculate with a long draft.
     measured(controller, batch=2, plain=0.010, draft=0.001, verify_per_token=0.0005, k=6)
@@ -48,7 +48,7 @@ def test_controller_speculates_in_the_long_tail_and_not_at_large_batch():
 
 
 def test_controller_measures_before_it_decides_and_threshold_pins_plain():
-    controller = ElasticController(max_k=4, min_batch_plain=16)
+    controller = ElasticController(num_draft_tokens=4, min_batch_plain=16)
     assert controller.choose(batch=4, limit=4) == 4  # no cost known yet: measure speculation first
     controller.observe_speculation(4, 4, 0.004, 0.02, accepted=4, rejections=0)
     assert controller.choose(batch=4, limit=4) == 0  # then a plain step
@@ -56,14 +56,14 @@ def test_controller_measures_before_it_decides_and_threshold_pins_plain():
 
 
 def test_low_acceptance_turns_speculation_off():
-    controller = ElasticController(max_k=4)
+    controller = ElasticController(num_draft_tokens=4)
     measured(controller, batch=1, plain=0.010, draft=0.003, verify_per_token=0.001, k=4)
     controller.accepted, controller.rejected = 1.0, 99.0
     assert controller.choose(batch=1, limit=4) == 0
 
 
 def test_plain_mode_probes_a_poor_drafter_rarely_and_returns_when_it_improves():
-    controller = ElasticController(max_k=4)
+    controller = ElasticController(num_draft_tokens=4)
     controller.accepted, controller.rejected = 2.0, 98.0
     measured(controller, batch=1, plain=0.010, draft=0.001, verify_per_token=0.0005, k=4)
     picks = [controller.choose(1, limit=4) for _ in range(64)]
@@ -90,7 +90,7 @@ def test_plain_mode_probes_a_poor_drafter_rarely_and_returns_when_it_improves():
 def test_a_probe_drafts_the_k_that_pays_at_the_optimistic_alpha(accepted, rejected, probes):
     """CPU-like costs: v_1 = 1.74, v_4 = 1.93 decode steps, c = 0.16; α ≈ 0.6 is below break-even (plain is right).
     Few counts leave room for a good drafter (probe with the k that would then pay); many do not (no probe)."""
-    controller = ElasticController(max_k=4, memory=1.0)  # no ageing: the counts are what they are
+    controller = ElasticController(num_draft_tokens=4, memory=1.0)  # no ageing: the counts are what they are
     controller.observe_plain(1, 1.0)
     controller.observe_speculation(1, 1, 0.16, 1.74, accepted=0, rejections=0)
     controller.observe_speculation(1, 4, 0.64, 1.93, accepted=0, rejections=0)
@@ -112,7 +112,7 @@ def test_verify_costs_are_interpolated_between_the_ks_measured():
 def test_a_cpu_like_jump_in_verify_cost_does_not_hide_a_good_drafter():
     """On a CPU verifying 2 tokens costs ~1.7 decode steps and 5 tokens barely more. Measured per k, the controller
     speculates with k = 4 at α = 0.85 (S ≈ 1.4); a cost linear in k fitted from k = 1 (v_4 ≈ 3.96) would stay plain."""
-    controller = ElasticController(max_k=4, memory=1.0)
+    controller = ElasticController(num_draft_tokens=4, memory=1.0)
     controller.observe_plain(1, 1.0)
     controller.observe_speculation(1, 1, 0.16, 1.74, accepted=0, rejections=0)
     controller.observe_speculation(1, 4, 0.64, 1.93, accepted=0, rejections=0)
@@ -124,7 +124,7 @@ def test_a_cpu_like_jump_in_verify_cost_does_not_hide_a_good_drafter():
 
 
 def test_unrepresentative_draft_times_leave_the_cost_alone():
-    controller = ElasticController(max_k=4)
+    controller = ElasticController(num_draft_tokens=4)
     measured(controller, batch=1, plain=0.010, draft=0.001, verify_per_token=0.0005, k=4)
     before = controller.costs[1].draft
     controller.observe_speculation(1, 4, None, 0.012, accepted=4, rejections=0)  # a catch-up step: time not used
@@ -190,7 +190,7 @@ def test_plain_batch_threshold_without_elastic():
 def test_speculation_needs_a_margin_over_plain(verify_cost, expected):
     """α = 0.5, k = 1, c = 0.05: S = 1.5 / (0.05 + v_1) is 1.36, 1.03 and 0.97. At 1.03 the formula's argmax is k = 1,
     but a gain that small is within the estimates' noise: the controller stays plain below S = 1.05."""
-    controller = ElasticController(max_k=1, memory=1.0)
+    controller = ElasticController(num_draft_tokens=1, memory=1.0)
     controller.observe_plain(1, 1.0)
     controller.observe_speculation(1, 1, 0.05, verify_cost, accepted=0, rejections=0)
     controller.accepted, controller.rejected = 50.0, 50.0
@@ -199,7 +199,7 @@ def test_speculation_needs_a_margin_over_plain(verify_cost, expected):
 
 
 def test_probes_of_a_drafter_that_never_pays_back_off_and_a_new_adapter_is_probed_at_once():
-    controller = ElasticController(max_k=4)
+    controller = ElasticController(num_draft_tokens=4)
     speculated = []
     for _ in range(4096):
         k = controller.choose(1, 4)

@@ -62,9 +62,9 @@ def test_head_only_at_targets_gives_the_full_forwards_loss():
     rollout(adaptive, engine)
     batch = trainer.buffer.sample(4, generator=torch.Generator().manual_seed(0))
     assert trainer._head_at_targets
-    fast, fast_logits = trainer._loss(trainer.model, batch)
+    fast, fast_logits, _ = trainer._loss(trainer.model, batch)
     trainer._head_at_targets = False
-    full, full_logits = trainer._loss(trainer.model, batch)
+    full, full_logits, _ = trainer._loss(trainer.model, batch)
     assert fast_logits.shape == (batch.num_targets, 256) and full_logits.dim() == 3
     assert fast.item() == pytest.approx(full.item(), rel=1e-5)
     assert trainer._drift(fast_logits, batch) == pytest.approx(trainer._drift(full_logits, batch), rel=1e-5)
