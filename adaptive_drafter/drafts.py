@@ -59,6 +59,20 @@ class Verified:
     features: torch.Tensor | None = None  # [B, m, H]
 
 
+def draw(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One draft token per row from a drafter's `logits [B, V]` under the sampling settings: sampled from q (returned,
+    for the acceptance rule) or, greedy, its argmax (q None). Also whether any logit was NaN/+inf (neutralised here;
+    the engine raises at its sync point, where checking costs no extra device sync)."""
+    bad = logits.isnan() | logits.isposinf()
+    q_logits = process_logits(logits.masked_fill(bad, 0.0), params)
+    if not params.do_sample:
+        return q_logits.argmax(-1), None, bad.any()
+    q = q_logits.softmax(-1)
+    return sample(q, generator), q, bad.any()
+
+
 class DraftSource(Protocol):
     """What the engine needs of a source of drafts. Rows are the active rows of the rollout, in order."""
 
@@ -120,14 +134,11 @@ class ModelDrafts:
         logits = forward(self.model, self.kv, self.pending, self.pending_valid, logits_to_keep=1)
         drafts, dists = [], []
         for i in range(k):
-            q_logits = process_logits(self._checked(logits[:, -1, : self.vocab_size]), self.params)
-            if self.params.do_sample:
-                q = q_logits.softmax(-1)
-                token = sample(q, self.generator)
-                dists.append(q)
-            else:
-                token = q_logits.argmax(-1)
+            token, q, bad = draw(logits[:, -1, : self.vocab_size], self.params, self.generator)
+            self.nonfinite = self.nonfinite | bad
             drafts.append(token)
+            if q is not None:
+                dists.append(q)
             if i < k - 1:
                 one = token[:, None]
                 logits = forward(self.model, self.kv, one, torch.ones_like(one, dtype=torch.bool))
@@ -174,11 +185,6 @@ class ModelDrafts:
             return
         order = torch.argsort(self.pending_valid.to(torch.int8), dim=1, stable=True)[:, -width:]
         self.pending, self.pending_valid = self.pending.gather(1, order), self.pending_valid.gather(1, order)
-
-    def _checked(self, logits: torch.Tensor) -> torch.Tensor:
-        bad = logits.isnan() | logits.isposinf()
-        self.nonfinite = self.nonfinite | bad.any()
-        return logits.masked_fill(bad, 0.0)
 
 
 class SuffixDrafts:

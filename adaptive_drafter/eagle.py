@@ -35,9 +35,9 @@ from torch import nn
 from safetensors.torch import load_file, save_file
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .drafts import Drafts, Verified
+from .drafts import Drafts, Verified, draw
 from .metrics import SpecStats
-from .sampling import SamplingParams, process_logits, sample
+from .sampling import SamplingParams
 
 
 def _decoder(policy: Any) -> Any:
@@ -242,17 +242,11 @@ class EagleDrafts:
         self.features, self.tokens, self.valid = self.features[:, :0], self.tokens[:, :0], self.valid[:, :0]
         drafts, dists = [], []
         for i in range(k):
-            logits = self.head.logits(g[:, -1])[:, : self.vocab_size]
-            bad = logits.isnan() | logits.isposinf()
-            self.nonfinite = self.nonfinite | bad.any()
-            q_logits = process_logits(logits.masked_fill(bad, 0.0), self.params)
-            if self.params.do_sample:
-                q = q_logits.softmax(-1)
-                token = sample(q, self.generator)
-                dists.append(q)
-            else:
-                token = q_logits.argmax(-1)
+            token, q, bad = draw(self.head.logits(g[:, -1])[:, : self.vocab_size], self.params, self.generator)
+            self.nonfinite = self.nonfinite | bad
             drafts.append(token)
+            if q is not None:
+                dists.append(q)
             if i < k - 1:  # the next draft reads the head's own output as the feature of this position
                 one = token[:, None]
                 g = self.head.step(self.cache, g, one, torch.ones_like(one, dtype=torch.bool))
