@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .install.stamp
 
-.PHONY: install vllm-env demo test bench
+.PHONY: install vllm-env demo demo-vllm test bench
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ $(VLLM_STAMP): pyproject.toml
 # The main job: GRPO on the embedded model with speculative rollouts and an adaptive drafter (configs/grpo_spec.yaml).
 demo: install
 	accelerate launch recipes/grpo_spec.py
+
+# The same GRPO run with rollouts on vLLM (adaptive_drafter/vllm_engine.py), in the vLLM environment: vLLM serves the
+# adaptive drafter as its draft model, elastic (each rollout speculative or plain, whichever vLLM measured faster).
+demo-vllm: vllm-env
+	$(VLLM_VENV)/bin/accelerate launch recipes/grpo_spec.py --rollout_backend vllm
 
 # Everything a CPU can run, the embedded-model tests included (`-m "not slow"` skips those while developing); then
 # the vLLM backend's tests in their own environment. One OpenMP thread there: vLLM's CPU kernels spin-wait, and with

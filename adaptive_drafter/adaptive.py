@@ -39,6 +39,7 @@ from .drafter import (
 from .eagle import eagle_head
 from .metrics import SpecStats
 from .outputs import PolicyTargets
+from .precision import CastCache
 from .trainer import DrafterTrainer
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,11 @@ class AdaptiveDrafter:
         self.draft_vocab_coverage: float | None = None  # share of the last rollout's tokens inside it
         self._reduced_head_checked = False
         self._merged: tuple[Any, Any] | None = None  # (LoRA fingerprint, merged copy) of the drafter being served
+        # Serving in another precision than the drafter trains in (`serving_dtype`, the rollouts' precision): the cast
+        # copy being served, keyed like `_merged`, and the casts of the drafter's unchanging weights it reuses.
+        self._serving_dtype: torch.dtype | None = None
+        self._cast: tuple[Any, Any] | None = None
+        self._cast_cache: CastCache | None = None
         self._exported: tuple[Any, ...] | None = None  # LoRA fingerprint last handed out by `serving_weights`
 
     # --- the background trainer ------------------------------------------------------------------------------------
@@ -126,10 +132,38 @@ class AdaptiveDrafter:
         self.adapter_version = latest.version
         return True
 
+    @property
+    def serving_dtype(self) -> torch.dtype | None:
+        """The precision the drafter serves in: the rollouts' (`SpecConfig.rollout_dtype`, resolved by the rollout
+        that owns this drafter); None: the drafter's own. The drafter and its background trainer keep their own."""
+        return self._serving_dtype
+
+    @serving_dtype.setter
+    def serving_dtype(self, dtype: torch.dtype | None) -> None:
+        if dtype != self._serving_dtype:
+            self._serving_dtype, self._cast, self._cast_cache = dtype, None, None
+
     def serving_model(self) -> Any:
         """The drafter as it serves: its merged copy (`SpecConfig.merge_lora`), rebuilt whenever a LoRA weight was
-        written (a swap, or a user's load), else the peft model itself."""
-        return self._merged_model() if self.config.merge_lora else self.drafter
+        written (a swap, or a user's load), else the peft model itself; in `serving_dtype` when that differs from the
+        drafter's own (a cast copy, rebuilt on the same occasions)."""
+        dtype = self._serving_dtype
+        if dtype is None or dtype == next(self.drafter.parameters()).dtype:
+            return self._merged_model() if self.config.merge_lora else self.drafter
+        return self._cast_model(dtype)
+
+    def _cast_model(self, dtype: torch.dtype) -> Any:
+        """The serving model in `dtype`: LoRA merged in the drafter's own precision first, then rounded once (merging
+        in bfloat16 would round twice). The drafter's weights that LoRA does not touch are cast once and reused."""
+        peft = isinstance(self.drafter, PeftModel)
+        fingerprint = (lora_fingerprint(self.drafter) if peft else (), self.config.merge_lora)
+        if self._cast is None or self._cast[0] != fingerprint:
+            self._cast = None  # the old copy goes before the new one is made: one copy's memory at a time
+            if self._cast_cache is None:
+                self._cast_cache = CastCache(dtype)
+            source = merged_copy(self.drafter) if self.config.merge_lora and peft else self.drafter
+            self._cast = (fingerprint, self._cast_cache.cast(source, stable=self.drafter.parameters()))
+        return self._cast[1]
 
     def _merged_model(self) -> Any:
         if not isinstance(self.drafter, PeftModel):

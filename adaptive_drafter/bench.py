@@ -530,13 +530,24 @@ def calibrate_draft_vocab(setup: Setup, engines: list[SpeculativeEngine], option
 # ---------------------------------------------------------------------------------------------------------- memory
 
 
-def memory_report(setup: Setup, batch: int, tokens: int, options: RunOptions) -> dict[str, Any]:
+def memory_report(
+    setup: Setup,
+    batch: int,
+    tokens: int,
+    options: RunOptions,
+    served_drafter: Any = None,
+    rollout_copy_bytes: int = 0,
+) -> dict[str, Any]:
     """What speculation adds to plain decoding, in MiB: the drafter's weights (`truncated_drafter` copies them: nothing
     is shared with the policy; tied tensors are counted once), its KV cache at `batch` rows of `tokens` slots (the
     policy's for scale; the verify adds k slots per row to it), and the distillation buffer's top-K targets (bytes per
     token measured on a short rollout, times the buffer's default capacity). Peak memory: on CUDA per phase (plain,
     then speculative, peak reset between them); on CPU only the process's peak RSS, which phases cannot be told apart
-    in (the first phase to reach it sets it for the rest of the process)."""
+    in (the first phase to reach it sets it for the rest of the process).
+
+    Rollouts in another precision than training (`adaptive_drafter.precision`): `setup.policy` is the rollout copy,
+    `rollout_copy_bytes` its size (memory added beside the training policy), and `served_drafter` the drafter's serving
+    copy in that precision (added beside the drafter, which trains in its own); KV caches are in the served dtype."""
 
     def kv_bytes(model: Any) -> int:
         config = model.config
@@ -548,8 +559,9 @@ def memory_report(setup: Setup, batch: int, tokens: int, options: RunOptions) ->
         shared = {id(p) for p in shared_with.parameters()} if shared_with is not None else set()
         return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in shared)  # tied: once
 
-    # The engine drafts with a copy whose LoRA is merged (SpecConfig.merge_lora): its adapted layers are extra.
-    merged = merged_copy(setup.drafter) if isinstance(setup.drafter, PeftModel) else None
+    # The engine drafts with a copy whose LoRA is merged (SpecConfig.merge_lora): its adapted layers are extra. In
+    # another precision the serving copy is a whole cast copy instead.
+    merged = merged_copy(setup.drafter) if isinstance(setup.drafter, PeftModel) and served_drafter is None else None
 
     mib, distill = 2**20, DistillConfig()
     report = {
@@ -559,7 +571,10 @@ def memory_report(setup: Setup, batch: int, tokens: int, options: RunOptions) ->
         "drafter_weights_mib": weight_bytes(setup.drafter) / mib,
         "merged_drafter_mib": weight_bytes(merged, shared_with=setup.drafter) / mib if merged is not None else 0.0,
         "policy_kv_mib": kv_bytes(setup.policy) / mib,
-        "drafter_kv_mib": kv_bytes(setup.drafter) / mib,
+        "drafter_kv_mib": kv_bytes(served_drafter if served_drafter is not None else setup.drafter) / mib,
+        "rollout_copy_mib": rollout_copy_bytes / mib,
+        "drafter_serving_copy_mib": weight_bytes(served_drafter) / mib if served_drafter is not None else 0.0,
+        "policy_dtype": str(next(setup.policy.parameters()).dtype).removeprefix("torch."),
         "distill_topk": distill.distill_topk,
         "distill_bytes_per_token": target_bytes_per_token(setup, distill.distill_topk, options),
         "distill_buffer_tokens": distill.distill_buffer_tokens,
@@ -611,6 +626,13 @@ def format_memory(memory: dict[str, Any]) -> str:
         row("weights", f"{memory['drafter_weights_mib']:.1f}", f"{memory['policy_weights_mib']:.1f}"),
         row("merged copy of the LoRA-adapted layers", f"{memory.get('merged_drafter_mib', 0.0):.1f}", "-"),
         row("KV cache at the end of the rollout", f"{memory['drafter_kv_mib']:.1f}", f"{memory['policy_kv_mib']:.1f}"),
+    ]
+    if memory.get("rollout_copy_mib"):  # rollouts in another precision than training
+        lines += [
+            row(f"rollout copy of the policy ({memory['policy_dtype']})", "-", f"{memory['rollout_copy_mib']:.1f}"),
+            row(f"drafter serving copy ({memory['policy_dtype']})", f"{memory['drafter_serving_copy_mib']:.1f}", "-"),
+        ]
+    lines += [
         row(buffer, f"{memory['distill_buffer_mib']:.1f}", "-"),
     ]
     if "cuda_peak_plain_mib" in memory:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 ACCEPTANCE_RULES = ("exact", "lenient", "cascade")
 DRAFTING = ("model", "hybrid", "suffix")
+ROLLOUT_DTYPES = ("auto", "float32", "bfloat16")  # adaptive_drafter.precision resolves them
 
 
 @dataclass
@@ -96,6 +97,16 @@ class SpecConfig:
     suffix_max_draft: int = field(
         default=16, metadata={"help": "hybrid/suffix drafting: the longest suffix draft of a row in one step."}
     )
+    rollout_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Precision rollouts run in (the policy's serving copy and the drafter): 'auto' (bfloat16 where the "
+            "policy trains in float32 and the hardware computes bfloat16 fast: a CUDA GPU from Ampere on, a CPU with "
+            "AVX512-BF16 or AMX; the policy's own dtype elsewhere), 'float32' or 'bfloat16'. The copy is synced after "
+            "every optimizer step; training keeps its own precision. Lossless either way: completions follow the "
+            "policy as the rollout copy computes it. 'float32' keeps greedy rollouts token-identical to fp32 generate."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.num_draft_tokens < 1:
@@ -128,6 +139,11 @@ class SpecConfig:
             raise ValueError(f"Unknown SpecConfig.drafting {self.drafting!r}: choose one of {', '.join(DRAFTING)}.")
         if self.suffix_max_draft < 1:
             raise ValueError(f"SpecConfig.suffix_max_draft must be >= 1, got {self.suffix_max_draft}.")
+        if self.rollout_dtype not in ROLLOUT_DTYPES:
+            raise ValueError(
+                f"Unknown SpecConfig.rollout_dtype {self.rollout_dtype!r}: choose one of {', '.join(ROLLOUT_DTYPES)} "
+                "('auto' runs rollouts in bfloat16 where the hardware computes it fast, 'float32' keeps them in fp32)."
+            )
 
 
 DRAFTER_KINDS = ("truncated", "model", "eagle")

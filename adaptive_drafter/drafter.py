@@ -209,10 +209,12 @@ class ReducedVocabDrafter:
     def __call__(self, *, logits_to_keep: int = 0, **forward: Any) -> CausalLMOutputWithPast:
         hidden = self.decoder(**forward).last_hidden_state
         if logits_to_keep:
-            # contiguous: CPU bfloat16 `linear` on a sliced 3-D input expands the weight per row (precision.py)
-            hidden = hidden[:, -logits_to_keep:].contiguous()
+            hidden = hidden[:, -logits_to_keep:]
         logits = hidden.new_full((*hidden.shape[:-1], self.vocab_size), -torch.inf)
-        logits[..., self.token_ids] = torch.nn.functional.linear(hidden, self.weight, self.bias)
+        # On 2-D rows: CPU bfloat16 `linear` on a 3-D input sliced out of a longer block expands the weight per row
+        # (precision.contiguous_head_input).
+        flat = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]), self.weight, self.bias)
+        logits[..., self.token_ids] = flat.view(*hidden.shape[:-1], -1)
         return CausalLMOutputWithPast(logits=logits)
 
     def check(self) -> None:

@@ -195,3 +195,159 @@ class ElasticController:
         if costs is None or costs.plain is None or not costs.verify:
             return None
         return interpolate({n: seconds / costs.plain for n, seconds in costs.verify.items()}, width)[width]
+
+
+# --- between rollouts: the vLLM backend's switch ----------------------------------------------------------------------
+# vLLM decides per engine step inside its own scheduler; what the backend can choose is how each `generate` call is
+# served, speculatively or plainly, in the same engine (`vllm_engine.VLLMEngine`).
+
+
+@dataclass
+class Decision:
+    """How one `generate` call was served and why (`VLLMEngine.last_decision`)."""
+
+    speculate: bool
+    reason: str  # one of RolloutSwitch.REASONS
+    expected_speedup: float | None = None  # speculative over plain serving, as estimated before the call
+    measured_speedup: float | None = None  # filled in after the call, where a plain baseline was measured
+
+    def metrics(self) -> dict[str, float]:
+        """`spec/*` metrics: the mode (1 speculative, 0 plain), why (one flag per reason), the speed-ups."""
+        out = {"spec/vllm_speculative": float(self.speculate)}
+        out.update({f"spec/vllm_mode_{reason}": float(reason == self.reason) for reason in RolloutSwitch.REASONS})
+        if self.expected_speedup is not None:
+            out["spec/vllm_expected_speedup"] = self.expected_speedup
+        return out
+
+
+def acceptance_from_tokens(tokens_per_verify: float, k: int) -> float:
+    """The per-token acceptance α whose `expected_tokens(α, k)` is `tokens_per_verify` (bisection: it increases)."""
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if expected_tokens(mid, k) < tokens_per_verify else (low, mid)
+    return (low + high) / 2
+
+
+@dataclass
+class _Bucket:
+    """What was measured at one batch-size bucket: seconds per step of the longest row, in each mode."""
+
+    plain: float | None = None
+    speculative: float | None = None
+    tokens_per_verify: float | None = None  # of the drafter measured with `speculative`
+    calls: int = 0
+    last_speculative: int = 0  # the call of the last speculative measurement
+    last_plain: int = 0
+    probe_interval: int = 0
+
+
+@dataclass
+class RolloutSwitch:
+    """Per `generate` call, speculative or plain serving, from the seconds per step of the longest row measured in
+    each mode at the call's batch size (power-of-two buckets: costs change with the batch) and the drafter's tokens
+    per verify. Plain serving is measured first (it is the baseline and costs nothing against it), speculation next;
+    then the faster one serves. The expected speed-up of speculation is the plain seconds per step over the
+    speculative ones, rescaled by the tokens per verify of the drafter now served (a new adapter) against the one
+    measured. While plain, speculation is probed again when a probe could pay: after `probe_interval` calls (doubling
+    after every probe that did not pay, up to `max_probe_interval`) and when an acceptance `optimism` higher, growing
+    by `optimism_per_call` with every call since the last measurement, would make speculation faster. While
+    speculating, plain serving is re-measured every `remeasure_every` calls (costs drift).
+    """
+
+    k: int
+    min_speedup: float = 1.0
+    remeasure_every: int = 16
+    first_probe_interval: int = 4
+    max_probe_interval: int = 256
+    optimism: float = 0.05
+    optimism_per_call: float = 0.01
+    smoothing: float = 0.5
+    buckets: dict[int, _Bucket] = field(default_factory=dict)
+    new_drafter: bool = False  # an adapter was loaded since the last speculative measurement
+
+    REASONS = ("warm_up", "measure_plain", "measure_speculation", "faster", "slower", "probe", "remeasure_plain")
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        return 1 << max(0, math.ceil(math.log2(max(1, batch))))
+
+    def _bucket(self, batch: int) -> _Bucket:
+        return self.buckets.setdefault(self.bucket(batch), _Bucket())
+
+    def plain_seconds_per_step(self, batch: int) -> float | None:
+        """Plain serving's measured seconds per step of the longest row at this batch size (None: not measured)."""
+        bucket = self.buckets.get(self.bucket(batch))
+        return bucket.plain if bucket is not None else None
+
+    def expected_speedup(self, batch: int, optimism: float = 0.0) -> float | None:
+        """Speculative over plain serving at this batch size, from the measurements (None: a mode not measured);
+        `optimism` raises the acceptance assumed for the drafter now served by that much."""
+        b = self.buckets.get(self.bucket(batch))
+        if b is None or b.plain is None or b.speculative is None:
+            return None
+        speculative = b.speculative
+        if b.tokens_per_verify is not None and optimism > 0:
+            alpha = min(1.0, acceptance_from_tokens(b.tokens_per_verify, self.k) + optimism)
+            speculative *= b.tokens_per_verify / expected_tokens(alpha, self.k)
+        return b.plain / speculative
+
+    def choose(self, batch: int) -> Decision:
+        """How to serve the next call of `batch` requests."""
+        b = self._bucket(batch)
+        b.calls += 1
+        if b.plain is None:
+            return self._decide(b, False, "measure_plain", None)
+        if b.speculative is None:
+            return self._decide(b, True, "measure_speculation", None)
+        speedup = self.expected_speedup(batch)
+        if speedup >= self.min_speedup:
+            if b.calls - b.last_plain >= self.remeasure_every:
+                return self._decide(b, False, "remeasure_plain", speedup)
+            b.probe_interval = 0
+            return self._decide(b, True, "faster", speedup)
+        since = b.calls - b.last_speculative
+        interval = b.probe_interval or self.first_probe_interval
+        optimistic = self.expected_speedup(batch, self.optimism + self.optimism_per_call * since)
+        if since >= interval and optimistic >= self.min_speedup:
+            b.probe_interval = min(2 * interval, self.max_probe_interval)
+            return self._decide(b, True, "probe", speedup)
+        return self._decide(b, False, "slower", speedup)
+
+    @staticmethod
+    def _decide(b: _Bucket, speculate: bool, reason: str, speedup: float | None) -> Decision:
+        if speculate:
+            b.last_speculative = b.calls
+        else:
+            b.last_plain = b.calls
+        return Decision(speculate, reason, speedup)
+
+    def observe(
+        self, batch: int, speculated: bool, seconds: float, length: int, tokens_per_verify: float | None
+    ) -> None:
+        """A call's outcome: `seconds` for a longest row of `length` tokens, and (speculative) tokens per verify."""
+        if length < 1:
+            return
+        b = self._bucket(batch)
+        per_step = seconds / length
+
+        def ema(old: float | None) -> float:
+            return per_step if old is None else (1 - self.smoothing) * old + self.smoothing * per_step
+
+        if not speculated:
+            b.plain = ema(b.plain)
+            return
+        if self.new_drafter:  # the old drafter's acceptance, and so its cost per token, no longer holds
+            b.speculative, b.tokens_per_verify = per_step, tokens_per_verify
+            self.new_drafter = False
+            return
+        b.speculative = ema(b.speculative)
+        if tokens_per_verify is not None:
+            old, weight = b.tokens_per_verify, self.smoothing
+            b.tokens_per_verify = tokens_per_verify if old is None else (1 - weight) * old + weight * tokens_per_verify
+
+    def drafter_changed(self) -> None:
+        """A new draft adapter was loaded: the next speculative measurement replaces the old drafter's instead of
+        averaging with it. No probe is forced: adapters arrive often, and a probe of a poor drafter costs a slow
+        call; the growing optimism brings one when it could pay."""
+        self.new_drafter = True

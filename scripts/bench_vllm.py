@@ -6,6 +6,9 @@ plain and vLLM with the adaptive drafter as its draft model, at several batch si
     .venv-vllm/bin/python scripts/bench_vllm.py --batch-sizes 1,8,32 --max-new-tokens 64 --repeats 3 \
         --json docs/results/bench_vllm_cpu.json
     .venv-vllm/bin/python scripts/bench_vllm.py --adapter outputs/drafter_embedded_warm --do-sample   # a GPU: T = 1
+    # the elastic vLLM backend (speculative or plain per call, whichever it measured faster) beside vLLM plain:
+    OMP_NUM_THREADS=1 .venv-vllm/bin/python scripts/bench_vllm.py --skip-hf --elastic --batch-sizes 1,8,32 \
+        --max-new-tokens 64 --repeats 5
     # vLLM's model-free methods on grouped reasoning rollouts at T = 1 (issue 13's measurement, vLLM's side):
     OMP_NUM_THREADS=1 .venv-vllm/bin/python scripts/bench_vllm.py --skip-hf --methods draft_model,ngram,suffix \
         --task reasoning --group 4 --do-sample --batch-sizes 8,32 --max-new-tokens 128 --repeats 1
@@ -18,6 +21,10 @@ acceptance and tokens per verify, and whether vLLM's speculative output equals i
 `--methods` picks vLLM's speculative methods measured beside vLLM plain (`draft_model` is the adaptive drafter; `ngram`
 is prompt lookup in the row's own prompt and output; `suffix` needs the `arctic-inference` package and is recorded as
 skipped without it); `--group G` repeats each prompt G times, as GRPO's `num_generations` does.
+`--elastic` adds `vllm_adaptive_elastic`: the adaptive drafter served elastically (`VLLMEngine(elastic=True)`), timed
+call by call over `--elastic-warmup` calls (its first calls at a batch size measure plain serving and speculation)
+and then `--repeats` calls: `_tok_s` is the median of those, `_all_tok_s` counts every call but the engine's first
+(as the other rows leave out their warm-up), and `_modes` lists how each call was served and why.
 """
 
 from __future__ import annotations
@@ -40,6 +47,28 @@ def timed_run(run: Callable[[], Any], device: torch.device, repeats: int) -> tup
     return seconds, results[-1]
 
 
+def elastic_run(
+    engine: Any, run: Callable[[], Any], row: dict[str, Any], name: str, args: argparse.Namespace, first: bool
+) -> tuple[float, Any]:
+    """The elastic engine's calls at one batch size, each timed: `--elastic-warmup` calls, then `--repeats`. Returns
+    the median seconds of the last `--repeats` and the last output; records every call's throughput and mode."""
+    import statistics
+    import time
+
+    seconds, tokens, modes, out = [], [], [], None
+    for _ in range(args.elastic_warmup + args.repeats):
+        start = time.perf_counter()
+        out = run()
+        seconds.append(time.perf_counter() - start)
+        tokens.append(sum(map(len, out.completion_ids)))
+        decision = engine.last_decision
+        modes.append(f"{'S' if decision.speculate else 'P'}:{decision.reason}")
+    counted = slice(1, None) if first else slice(None)  # the engine's very first call sets up its kernels
+    row[f"{name}_all_tok_s"] = sum(tokens[counted]) / sum(seconds[counted])
+    row[f"{name}_modes"] = " ".join(modes)
+    return statistics.median(seconds[args.elastic_warmup :]), out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch-sizes", default="1,8,32")
@@ -54,6 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true", help="vLLM rows only (a GPU: the HF rows take long)")
     p.add_argument("--methods", default="draft_model", help="vLLM speculative methods: draft_model,ngram,suffix")
     p.add_argument("--group", type=int, default=1, help="rows per prompt (GRPO's num_generations; default 1)")
+    p.add_argument("--elastic", action="store_true", help="also the elastic adaptive drafter (vllm_adaptive_elastic)")
+    p.add_argument("--elastic-warmup", type=int, default=3, help="elastic calls per batch size before the timed ones")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     from adaptive_drafter.vllm_engine import METHODS  # imports no vLLM
@@ -61,8 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     speculative = [m for m in METHODS if m is not None]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    if not args.methods or any(m not in speculative for m in args.methods):
-        p.error(f"--methods takes one or more of {', '.join(speculative)}; got {args.methods}")
+    if (not args.methods and not args.elastic) or any(m not in speculative for m in args.methods):
+        p.error(f"--methods takes one or more of {', '.join(speculative)} ('' with --elastic); got {args.methods}")
     if args.group < 1 or any(b % args.group for b in args.batch_sizes):
         p.error(f"--group must be positive and divide every batch size; got {args.group} for {args.batch_sizes}")
     return args
@@ -140,6 +171,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             skipped[served_name(method)] = "vLLM's suffix method needs the arctic-inference package, not installed"
             continue
         vllm_runs.append((served_name(method), kwargs))
+    if args.elastic:  # before ngram (see above)
+        at = next((i for i, (name, _) in enumerate(vllm_runs) if name == "vllm_ngram"), len(vllm_runs))
+        elastic = dict(method="draft_model", draft_path=str(draft_dir), elastic=True)
+        vllm_runs.insert(at, ("vllm_adaptive_elastic", elastic))
     for name, kwargs in vllm_runs:
         engine = VLLMEngine(str(cache_path()), num_draft_tokens=args.k, max_model_len=1024, **kwargs)
         outputs[name] = {}
@@ -147,7 +182,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             def rollout(b: int = b) -> Any:
                 return engine.generate(prompts[:b], max_new_tokens=args.max_new_tokens, generator_seed=0, **sampling)
 
-            seconds, out = timed_run(rollout, policy.device, args.repeats)
+            if kwargs.get("elastic"):
+                seconds, out = elastic_run(engine, rollout, rows[b], name, args, first=b == batches[0])
+            else:
+                seconds, out = timed_run(rollout, policy.device, args.repeats)
             outputs[name][b] = out
             rows[b][f"{name}_tok_s"] = sum(map(len, out.completion_ids)) / seconds
             if name != "vllm_plain":
@@ -157,19 +195,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for b in batches:
         row = rows[b]
         base = row.get("hf_generate_tok_s")
-        for key in [k for k in row if k.endswith("_tok_s")]:
+        for key in [k for k in row if k.endswith("_tok_s") and not k.endswith("_all_tok_s")]:
             if base:
                 row[key.replace("_tok_s", "_vs_generate")] = row[key] / base
         for name, _ in vllm_runs[1:]:
             row[f"{name}_vs_vllm_plain"] = row[f"{name}_tok_s"] / row["vllm_plain_tok_s"]
+            if f"{name}_all_tok_s" in row:
+                row[f"{name}_all_vs_vllm_plain"] = row[f"{name}_all_tok_s"] / row["vllm_plain_tok_s"]
             row[f"{name}_identical"] = (
                 outputs["vllm_plain"][b].completion_ids == outputs[name][b].completion_ids if not args.do_sample else None
             )  # fmt: skip
 
-    print(f"{'batch':>5} " + " ".join(f"{k:>24}" for k in rows[batches[0]] if k != "batch"))
+    print(f"{'batch':>5} " + " ".join(f"{k:>24}" for k in rows[batches[0]] if k != "batch" and "modes" not in k))
     for b in batches:
-        cells = [f"{v:24.3f}" if isinstance(v, float) else f"{v!s:>24}" for k, v in rows[b].items() if k != "batch"]
+        cells = [
+            f"{v:24.3f}" if isinstance(v, float) else f"{v!s:>24}"
+            for k, v in rows[b].items()
+            if k != "batch" and "modes" not in k
+        ]
         print(f"{b:5d} " + " ".join(cells))
+    for b in batches:
+        for key in (k for k in rows[b] if k.endswith("_modes")):
+            print(f"batch {b} {key}: {rows[b][key]}")
     import vllm
 
     meta = {

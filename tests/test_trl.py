@@ -21,6 +21,7 @@ from adaptive_drafter.config import DistillConfig, DrafterConfig, SpecConfig
 from adaptive_drafter.drafter import AdapterVersion, load_adapter
 from adaptive_drafter.testing import tiny_causal_lm
 from adaptive_drafter.trl import DRAFTER_DIR, SpeculativeRollout, last_complete_checkpoint
+from adaptive_drafter.sampling import SamplingParams
 from conftest import load_file_module, word_tokenizer
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -64,10 +65,10 @@ def make_trainer(tmp_path, rollout, reward=None, policy=None, **overrides) -> GR
     )
 
 
-def rollout_under_test(**distill):
+def rollout_under_test(rollout_dtype: str = "auto", **distill):
     distill_config = DistillConfig(**{"distill_min_buffer_tokens": 8, "distill_batch_size": 4, **distill})
     return SpeculativeRollout(
-        SpecConfig(num_draft_tokens=3, elastic=False),
+        SpecConfig(num_draft_tokens=3, elastic=False, rollout_dtype=rollout_dtype),
         DrafterConfig(drafter_num_layers=1, drafter_lora_r=4),
         distill_config,
     )
@@ -110,7 +111,8 @@ def test_backend_returns_what_grpo_expects_with_the_policys_logprobs(tmp_path):
 
 
 def test_logprobs_equal_the_policys_at_rollout_time(tmp_path):
-    rollout = Recorder(rollout_under_test())
+    # float32 rollouts: the training forward's own numbers (bfloat16 rollouts: tests/test_precision.py)
+    rollout = Recorder(rollout_under_test(rollout_dtype="float32"))
     policy = tiny_causal_lm("llama", vocab_size=64, num_layers=3, logit_scale=4.0)
     initial = tiny_causal_lm("llama", vocab_size=64, num_layers=3, logit_scale=4.0)  # same seed: the step-0 weights
     make_trainer(tmp_path, rollout, policy=policy, max_steps=1).train()
@@ -231,7 +233,7 @@ def test_recipe_cli_runs_two_steps_and_its_summary_holds_only_measured_figures(t
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = load_recipe().main(recipe_argv(tmp_path, tiny_model_dir))
+        trainer = load_recipe().main(recipe_argv(tmp_path, tiny_model_dir, "--temperature", "0.7", "--top_p", "0.9"))
     assert trainer.state.global_step == 2
     assert not [w for w in caught if str(w.message).startswith("`gradient_checkpointing`")]  # the YAML uses the new name
     printed = capsys.readouterr().out
@@ -242,6 +244,8 @@ def test_recipe_cli_runs_two_steps_and_its_summary_holds_only_measured_figures(t
     if totals.measured_speedup is not None:  # elastic (the YAML's default) timed plain steps beside speculative ones
         assert f"measured speed-up    {totals.measured_speedup:.2f}x plain decoding" in printed
     assert (tmp_path / "out" / "drafter" / "adapter.safetensors").exists()
+    # The held-out probe samples as the run does (it used to sample at T = 1 whatever the config said).
+    assert rollout.probe.points and rollout.probe.sampling == SamplingParams(temperature=0.7, top_p=0.9)
 
     fixed = load_recipe().main(recipe_argv(tmp_path / "fixed", tiny_model_dir, "--elastic", "false"))
     assert "measured speed-up    not measured in this run" in capsys.readouterr().out
@@ -418,3 +422,52 @@ def test_a_warm_start_adapter_made_for_another_policy_is_refused_clearly(tmp_pat
     argv[argv.index("--drafter_adapter_path") + 1] = shipped
     with pytest.raises(ValueError, match="does not fit this drafter.*another policy"):
         load_recipe().main(argv)
+
+
+# --- sampling settings and the vLLM backend's refusals (no vLLM needed: they come before any engine starts) ----------
+
+
+def test_generation_kwargs_override_the_sampling_settings_and_any_other_key_is_refused(tmp_path):
+    from adaptive_drafter.trl import _sampling_settings
+
+    args = grpo_args(tmp_path, top_p=0.9, generation_kwargs={"top_p": 0.8, "min_p": 0.05, "suppress_tokens": None})
+    settings = _sampling_settings(args)
+    assert (settings["top_p"], settings["min_p"], settings["top_k"]) == (0.8, 0.05, 0)
+    assert "repetition_penalty" not in settings  # the HF engine takes no penalty
+    with pytest.raises(ValueError, match=r"logit_bias.*Remove it"):
+        _sampling_settings(grpo_args(tmp_path, generation_kwargs={"logit_bias": {3: 5.0}}))
+    with pytest.raises(ValueError, match=r"\['num_beams'\] are not honoured"):
+        _sampling_settings(grpo_args(tmp_path, generation_kwargs={"num_beams": 2}))
+    with pytest.raises(ValueError, match=r"repetition_penalty=1.3 is not supported.*--rollout_backend vllm"):
+        _sampling_settings(grpo_args(tmp_path, generation_kwargs={"repetition_penalty": 1.3}))
+    assert _sampling_settings(grpo_args(tmp_path, repetition_penalty=1.3), repetition_penalty=True)[
+        "repetition_penalty"
+    ] == 1.3  # the vLLM backend applies it
+
+
+def test_the_vllm_backend_refuses_min_p_with_speculation_when_training_begins_before_any_rollout(tmp_path):
+    from adaptive_drafter.trl import VLLMRollout
+
+    rollout = VLLMRollout(SpecConfig(num_draft_tokens=3), DrafterConfig(drafter_num_layers=1, drafter_lora_r=4))
+    trainer = make_trainer(tmp_path, rollout, min_p=0.1)
+    with pytest.raises(ValueError, match=r"min_p=0.1 is not supported by vLLM with speculative decoding.*top_p"):
+        trainer.train()
+    assert rollout.engine is None and trainer.state.global_step == 0
+    VLLMRollout(method=None).check(grpo_args(tmp_path, min_p=0.1))  # vLLM without speculation honours min_p
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (dict(acceptance="lenient"), "exact"),
+        (dict(drafting="hybrid"), "--vllm_speculation suffix"),
+    ],
+)
+def test_the_vllm_backend_refuses_spec_options_it_does_not_implement(spec, message):
+    from adaptive_drafter.trl import VLLMRollout, _vllm_ignored_options
+
+    with pytest.raises(ValueError, match=message):
+        VLLMRollout(SpecConfig(**spec))
+    # The HF engine's speed settings change no output: ignored on vLLM, and said so at start-up.
+    ignored = _vllm_ignored_options(SpecConfig(draft_vocab_size=512, merge_lora=False), "draft_model")
+    assert [line.split(" ")[0] for line in ignored] == ["draft_vocab_size=512", "merge_lora=False"]

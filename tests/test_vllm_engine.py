@@ -1,6 +1,6 @@
-"""The vLLM rollout backend on the embedded model (SmolLM2-135M): losslessness, weight swaps, distillation targets and
-sampling under speculation. Runs inside the vLLM environment (`make vllm-env`; `make test` runs it there); skipped
-where vLLM is not installed."""
+"""The vLLM rollout backend on the embedded model (SmolLM2-135M): losslessness, weight swaps, distillation targets,
+sampling under speculation and elastic serving. The engine tests run inside the vLLM environment (`make vllm-env`;
+`make test` runs them there) and are skipped where vLLM is not installed; the elastic switch's tests run anywhere."""
 
 from __future__ import annotations
 
@@ -9,20 +9,65 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="vLLM is not installed here: `make vllm-env` builds .venv-vllm, where it is")
-
 from adaptive_drafter.embedded import cache_path, load_embedded
+from adaptive_drafter.elastic import RolloutSwitch, _Bucket, acceptance_from_tokens, expected_tokens
 from adaptive_drafter.vllm_engine import VLLMEngine
-
-pytestmark = [pytest.mark.vllm]
 
 TOPK = 5
 LAYER = "model.layers.2."  # a whole decoder layer: vLLM fuses q/k/v and gate/up, so swaps go by module
 
 
+# --- the elastic switch (no vLLM needed) -----------------------------------------------------------------------------
+
+
+def _simulate(switch: RolloutSwitch, calls: int, plain: float, speculative: float, tokens: float = 1.2) -> list:
+    """Drive the switch at batch 8 with fixed seconds per step in each mode; return its decisions."""
+    decisions = []
+    for _ in range(calls):
+        decision = switch.choose(8)
+        switch.observe(8, decision.speculate, speculative if decision.speculate else plain, 1, tokens)
+        decisions.append(decision)
+    return decisions
+
+
+def test_the_switch_measures_plain_then_speculation_then_serves_the_faster_and_remeasures_plain_now_and_then():
+    decisions = _simulate(RolloutSwitch(k=4), 40, plain=1.0, speculative=0.5, tokens=3.0)
+    assert [d.reason for d in decisions[:3]] == ["measure_plain", "measure_speculation", "faster"]
+    assert decisions[2].expected_speedup == pytest.approx(2.0)
+    plain = [i for i, d in enumerate(decisions) if not d.speculate]
+    assert plain[0] == 0 and 1 <= len(plain) - 1 <= 3  # re-measured every 16 calls, no more
+    assert all(d.reason == "remeasure_plain" for d in (decisions[i] for i in plain[1:]))
+
+
+def test_a_poor_drafter_is_probed_rarely_so_it_costs_little_over_many_rollouts():
+    decisions = _simulate(RolloutSwitch(k=4), 300, plain=1.0, speculative=2.0, tokens=1.05)
+    speculative = sum(d.speculate for d in decisions)
+    assert decisions[2].reason == "slower" and speculative <= 8  # each probe costs one call at 2x: under 3% here
+    # ...while a drafter that got better (its tokens per verify measured at the next probe) wins the calls back.
+    switch = RolloutSwitch(k=4)
+    _simulate(switch, 60, plain=1.0, speculative=2.0, tokens=1.05)
+    switch.drafter_changed()
+    later = _simulate(switch, 200, plain=1.0, speculative=0.6, tokens=3.5)
+    assert sum(d.speculate for d in later[-50:]) >= 45
+
+
+def test_the_expected_speedup_rescales_to_an_optimistic_acceptance():
+    switch = RolloutSwitch(k=4)
+    switch.buckets[8] = _Bucket(plain=1.0, speculative=1.25, tokens_per_verify=expected_tokens(0.3, 4))
+    assert acceptance_from_tokens(expected_tokens(0.3, 4), 4) == pytest.approx(0.3, abs=1e-6)
+    assert switch.expected_speedup(8) == pytest.approx(0.8)
+    optimistic = switch.expected_speedup(8, optimism=0.2)
+    assert optimistic == pytest.approx(0.8 * expected_tokens(0.5, 4) / expected_tokens(0.3, 4))
+    assert switch.expected_speedup(5) == switch.expected_speedup(8) and switch.expected_speedup(16) is None
+
+
+# --- the engine (vLLM) -----------------------------------------------------------------------------------------------
+
+
 @pytest.fixture(scope="module")
 def policy():
     """The embedded model (HF), its tokenizer and its checkpoint directory."""
+    pytest.importorskip("vllm", reason="vLLM is not installed here: `make vllm-env` builds .venv-vllm, where it is")
     model, tokenizer = load_embedded()
     return model, tokenizer, str(cache_path())
 
@@ -42,8 +87,13 @@ def plain(policy):
 
 @pytest.fixture(scope="module")
 def spec(policy):
-    """Speculation with a drafter equal to the policy (same checkpoint): what `load_draft` perturbs and restores."""
-    engine = VLLMEngine(policy[2], draft_path=policy[2], num_draft_tokens=4, max_model_len=512, collect_topk=TOPK)
+    """Speculation with a drafter equal to the policy (same checkpoint): what `load_draft` perturbs and restores.
+    Started elastic (vLLM's draft-length schedule on) with the switch removed: every call speculates unless a test
+    puts a switch back."""
+    engine = VLLMEngine(
+        policy[2], draft_path=policy[2], num_draft_tokens=4, max_model_len=512, collect_topk=TOPK, elastic=True
+    )
+    engine.switch = None
     yield engine
     engine.close()
 
@@ -66,12 +116,66 @@ def _weights(model, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
 GREEDY = {"do_sample": False, "eos_token_id": None}  # fixed lengths: every row runs the full max_new_tokens
 
 
-def test_greedy_speculation_matches_plain_decoding_in_every_row(prompts, plain, spec):
+def test_greedy_speculation_matches_plain_decoding_in_every_row_with_and_without_a_repetition_penalty(
+    prompts, plain, spec
+):
     reference = plain.generate(prompts, max_new_tokens=32, **GREEDY)
     assert [len(row) for row in reference.completion_ids] == [32] * 8
     out = spec.generate(prompts, max_new_tokens=32, **GREEDY)
     assert out.completion_ids == reference.completion_ids
     assert out.stats.verify_steps > 0
+    penalised = plain.generate(prompts, max_new_tokens=32, repetition_penalty=1.3, **GREEDY)
+    assert penalised.completion_ids != reference.completion_ids  # the penalty acts...
+    out = spec.generate(prompts, max_new_tokens=32, repetition_penalty=1.3, **GREEDY)
+    assert out.completion_ids == penalised.completion_ids  # ...identically under speculation
+    assert out.stats.verify_steps > 0
+
+
+def test_elastic_serving_switches_between_plain_and_speculative_in_one_engine_with_identical_outputs(
+    prompts, plain, spec
+):
+    reference = plain.generate(prompts, max_new_tokens=16, **GREEDY).completion_ids
+    spec.switch = switch = RolloutSwitch(k=4)
+    spec._warm = True  # the fixture's engine has run before in a full run; not when this test runs alone
+    try:
+        # Measurements that make speculation slower, then faster, at batch 8.
+        switch.buckets[8] = _Bucket(plain=1.0, speculative=10.0, tokens_per_verify=5.0, calls=1)
+        slow = spec.generate(prompts, max_new_tokens=16, **GREEDY)
+        plain_mode = spec.last_decision
+        skipped = spec.llm.collective_rpc(lambda worker: "propose_draft_token_ids" in vars(worker.model_runner))
+        switch.buckets[8] = _Bucket(plain=10.0, speculative=1.0, tokens_per_verify=5.0, calls=1)
+        fast = spec.generate(prompts, max_new_tokens=16, **GREEDY)
+        fast_mode = spec.last_decision
+        restored = spec.llm.collective_rpc(lambda worker: "propose_draft_token_ids" in vars(worker.model_runner))
+    finally:
+        spec.switch = None
+    assert (plain_mode.speculate, plain_mode.reason, slow.stats.drafted) == (False, "slower", 0)
+    assert skipped == [True] and restored == [False]  # plain serving skipped the drafting step (CPU: synchronous)
+    assert (fast_mode.speculate, fast_mode.reason) == (True, "faster") and fast.stats.accepted > 0
+    assert slow.completion_ids == reference and fast.completion_ids == reference
+    metrics = fast_mode.metrics()
+    assert metrics["spec/vllm_speculative"] == 1.0 and metrics["spec/vllm_mode_faster"] == 1.0
+    assert fast.stats.measured_speedup is not None  # timed against the plain seconds per step measured
+
+
+def test_plain_batch_threshold_uses_vllms_draft_length_schedule(prompts, spec):
+    spec.plain_batch_threshold, spec._speculating = 5, False
+    try:
+        spec._serve(speculate=True)  # rewrites the schedule: 4 drafts below 5 running requests, none from 5 on
+        wide = spec.generate(prompts, max_new_tokens=8, **GREEDY)  # 8 rows all the way: never drafts
+        narrow = spec.generate(prompts[:4], max_new_tokens=8, **GREEDY)
+    finally:
+        spec.plain_batch_threshold, spec._speculating = None, False
+        spec._serve(speculate=True)
+    assert wide.stats.drafted == 0 and narrow.stats.drafted > 0
+
+
+def test_at_t1_a_drafter_equal_to_the_policy_is_almost_always_accepted_so_vllm_samples_its_drafts(prompts, spec):
+    """With argmax drafts (vLLM's default draft_sample_method="greedy") the acceptance at T = 1 would be about the
+    policy's mean max p (0.5-0.65 here) however good the drafter; sampled drafts from q = p are always accepted."""
+    assert spec.probabilistic_drafts
+    out = spec.generate(prompts, max_new_tokens=16, do_sample=True, temperature=1.0, eos_token_id=None)
+    assert out.stats.drafted > 0 and out.stats.acceptance_rate > 0.9
 
 
 def test_a_drafter_equal_to_the_policy_is_accepted_a_perturbed_one_is_not_and_restoring_it_restores_acceptance(
@@ -151,12 +255,14 @@ def _chi2_sf(statistic: float, dof: int) -> float:
     return torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(statistic / 2)).item()
 
 
-def test_sampled_speculation_draws_from_the_policys_distribution(policy, prompts, plain, spec):
-    """Speculation at T = 1 with a noisy drafter: the first two tokens' joint frequencies over many seeded rows fit
-    the exact distribution computed from the plain engine's logprobs (the 3 x 3 likeliest pairs, the rest pooled)."""
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.8, 0.9)])
+def test_sampled_speculation_draws_from_the_policys_distribution(policy, prompts, plain, spec, temperature, top_p):
+    """Speculation with a noisy drafter: the first two tokens' joint frequencies over many seeded rows fit the exact
+    sampling distribution (temperature, top-p) computed from the plain engine's processed logprobs (the 3 x 3
+    likeliest pairs, the rest pooled)."""
     prompt, batch, batches = prompts[0], 80, 3
     rows = batch * batches
-    sampling = {"do_sample": True, "temperature": 1.0, "eos_token_id": None}
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "eos_token_id": None}
     first = plain.generate([prompt], max_new_tokens=1, **sampling).targets[0]
     exact = {}
     for a, log_a in zip(first.topk_ids[0, :3].tolist(), first.topk_logprobs[0, :3].float().tolist()):
@@ -237,6 +343,13 @@ def test_invalid_settings_are_refused(policy, plain):
         plain.generate([[]])
     with pytest.raises(ValueError, match="load_draft"):
         plain.load_draft([])
+
+
+def test_min_p_with_speculation_is_refused_before_vllm_runs_and_works_without(prompts, plain, spec):
+    with pytest.raises(ValueError, match=r"min_p=0.1 is not supported by vLLM with speculative decoding.*top_p"):
+        spec.generate(prompts[:1], max_new_tokens=2, do_sample=True, min_p=0.1)
+    out = plain.generate(prompts[:1], max_new_tokens=2, do_sample=True, min_p=0.1)
+    assert len(out.completion_ids[0]) == 2
 
 
 # Last in the file: closing a vLLM engine tears down vLLM's process-wide distributed state, which the other engines of

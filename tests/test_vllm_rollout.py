@@ -16,22 +16,28 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "grpo_spec.py"
 
 
-def test_the_recipe_trains_with_vllm_rollouts_serving_the_adaptive_drafter(tmp_path, capsys):
+def test_the_recipe_trains_with_vllm_rollouts_serving_the_adaptive_drafter_elastically(tmp_path, capsys):
+    """Elastic by default: the engine's first rollout warms it up, the second measures plain serving, the third
+    speculation (timed against the second)."""
     argv = [
-        "--rollout_backend", "vllm", "--max_steps", "2", "--max_completion_length", "12",
+        "--rollout_backend", "vllm", "--max_steps", "3", "--max_completion_length", "12",
         "--per_device_train_batch_size", "4", "--num_generations", "4", "--num_examples", "16",
         "--report_to", "none", "--output_dir", str(tmp_path / "out"), "--use_cpu", "true",
         "--save_steps", "100", "--probe_every", "1", "--probe_prompts", "2", "--probe_max_new_tokens", "8",
         "--distill_min_buffer_tokens", "8",
     ]  # fmt: skip
     trainer = load_file_module(RECIPE).main(argv)
-    assert trainer.state.global_step == 2
+    assert trainer.state.global_step == 3
     rollout = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "rollout")).rollout
-    assert type(rollout).__name__ == "VLLMRollout" and rollout._synced_step == 1  # synced after the first step
+    assert type(rollout).__name__ == "VLLMRollout" and rollout._synced_step == 2  # synced after each step
     assert rollout.totals.drafted > 0 and rollout.totals.verify_steps > 0  # vLLM speculated with the drafter
     assert rollout.adaptive.trainer.buffer.num_tokens > 0  # vLLM's top-K logprobs reached the distiller
-    assert any("vLLM engine started (draft_model speculation" in event for event in rollout.events)
-    assert len(rollout.probe.points) == 2 and (tmp_path / "out" / "adaptive_drafter.png").exists()
+    assert any("vLLM engine started (draft_model speculation, k=4, elastic" in event for event in rollout.events)
+    assert any("vLLM serves speculatively from step 2 (measure_speculation" in event for event in rollout.events)
+    logged = [row for row in trainer.state.log_history if "spec/vllm_speculative" in row]
+    assert [row["spec/vllm_mode_measure_plain"] for row in logged] == [0.0, 1.0, 0.0]
+    assert [row["spec/vllm_speculative"] for row in logged] == [0.0, 0.0, 1.0]
+    assert len(rollout.probe.points) == 3 and (tmp_path / "out" / "adaptive_drafter.png").exists()
     printed = capsys.readouterr().out
-    assert "acceptance" in printed and "not measured in this run" in printed
+    assert "acceptance" in printed and "measured speed-up" in printed and "x plain decoding" in printed
     assert (tmp_path / "out" / "drafter" / "adapter.safetensors").exists()
