@@ -142,6 +142,19 @@ def exact_joint(model, prompt: list[int], params: SamplingParams) -> torch.Tenso
     return joint.reshape(-1)
 
 
+def first_tokens_joint(completions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The empirical joint of every row's first STEPS tokens, and each row's outcome index into it."""
+    firsts = torch.tensor([row[:STEPS] for row in completions])
+    index = (firsts * torch.tensor([VOCAB**2, VOCAB, 1])).sum(-1)
+    return torch.bincount(index, minlength=VOCAB**STEPS).double() / len(completions), index
+
+
+def assert_within_noise(empirical: torch.Tensor, target: torch.Tensor, samples: int) -> None:
+    """TV(empirical, target) below what a correct sampler exceeds with probability 1e-6 (`noise_bound`)."""
+    tv, bound = 0.5 * float((empirical - target).abs().sum()), noise_bound(target, samples)
+    assert tv < bound, f"TV {tv:.4f} >= noise bound {bound:.4f}"
+
+
 def noise_bound(probs: torch.Tensor, samples: int, delta: float = 1e-6) -> float:
     """Upper bound on TV(empirical, true) that holds with probability 1 - delta: E[TV] <= 1/2 sum sqrt(p(1-p)/N), and
     TV moves by at most 1/N per sample, so McDiarmid adds sqrt(ln(1/delta) / 2N)."""
@@ -174,11 +187,8 @@ def test_sampled_joint_distribution_is_the_policys(small_vocab_models, settings,
     engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=k))
     ids = torch.tensor([prompt]).expand(SAMPLES, -1)
     out = engine.generate(ids, None, max_new_tokens=STEPS + 1, generator=torch.Generator().manual_seed(k), **settings)
-    firsts = torch.tensor([row[:STEPS] for row in out.completion_ids])
-    index = (firsts * torch.tensor([VOCAB**2, VOCAB, 1])).sum(-1)
-    empirical = torch.bincount(index, minlength=VOCAB**STEPS).double() / SAMPLES
-    tv = 0.5 * float((empirical - target).abs().sum())
-    assert tv < bound, f"TV {tv:.4f} >= noise bound {bound:.4f}"
+    empirical, index = first_tokens_joint(out.completion_ids)
+    assert_within_noise(empirical, target, SAMPLES)
     assert out.stats.drafted > 0 and 0 < out.stats.acceptance_rate < 1
 
     # Reported logprobs are the policy's: log P(x_t | prefix) from the brute-force tables.

@@ -7,7 +7,17 @@ import copy
 
 import pytest
 import torch
-from test_engine import EOS, PAD, STEPS, VOCAB, exact_joint, frequent_token, noise_bound, reference_greedy
+from test_engine import (
+    EOS,
+    PAD,
+    STEPS,
+    VOCAB,
+    exact_joint,
+    first_tokens_joint,
+    frequent_token,
+    noise_bound,
+    reference_greedy,
+)
 
 from adaptive_drafter import SpecConfig, SpeculativeEngine
 from adaptive_drafter.drafter import noised_copy
@@ -126,9 +136,7 @@ def peaked_models():
 
 
 def joint_of_first_tokens(completions: list[list[int]]) -> torch.Tensor:
-    firsts = torch.tensor([row[:STEPS] for row in completions])
-    index = (firsts * torch.tensor([VOCAB**2, VOCAB, 1])).sum(-1)
-    return torch.bincount(index, minlength=VOCAB**STEPS).double() / len(completions)
+    return first_tokens_joint(completions)[0]
 
 
 def test_sampled_joint_distribution_with_suffix_drafts_is_the_policys(peaked_models):
