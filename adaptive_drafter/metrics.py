@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 
 @dataclass
@@ -127,3 +130,23 @@ def speedup_estimate(alpha: float, k: int, cost_ratio: float, verify_cost: float
         )
     expected_tokens = k + 1 if alpha == 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
     return expected_tokens / (k * cost_ratio + verify_cost)
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and with what a run or benchmark ran (its report says so beside every figure)."""
+    import torch  # here, not at the top: the statistics above need neither
+    import transformers
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_avg_1min"] = round(os.getloadavg()[0], 2)
+    return info

@@ -272,7 +272,7 @@ def write_run_record(rollout: AdaptiveRollout, trainer: GRPOTrainer, cost: dict[
     and measured speed-up, the step times, the cost of freshness, the reward per logged step, and the machine."""
     import json
 
-    from adaptive_drafter.bench import machine_info
+    from adaptive_drafter.metrics import machine_info
 
     record = {
         "probe": rollout.probe.as_dicts() if rollout.probe is not None else [],

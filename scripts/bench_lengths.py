@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python scripts/bench_lengths.py --model embedded --task reasoning --prompts 16 --samples 4 \\
         --max-new-tokens 384 --threads 1 --json docs/results/reasoning_lengths_cpu.json
 
-`--prompts` prompts (the benchmarks' held-out seeds, `adaptive_drafter.bench.embedded_setup`), each sampled
+`--prompts` prompts (the benchmarks' held-out seeds, `adaptive_drafter.experiments.bench.embedded_setup`), each sampled
 `--samples` times at `--temperature` (default 1, top-k/top-p off, as RL samples; `--greedy` for argmax), `--chunk`
 rows per `generate` call. Prints and records median, p90, mean, max and the shares of rows >= 64, >= 256 tokens and
 at the `--max-new-tokens` cap (rows without an eos count as the cap). `--model tiny` (a random model: no meaningful
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from adaptive_drafter.bench import (
+from adaptive_drafter.experiments.bench import (
     RunOptions,
     embedded_setup,
     grouped,

@@ -8,7 +8,7 @@ active batch is memory-bound on a GPU and cheap to verify), and where the elasti
 
 The lengths are real, not imposed: every row stops at its own eos.
 
-* `--model tiny` (default): the damped random Llama of `adaptive_drafter.bench.tiny_setup` (greedy). A random model
+* `--model tiny` (default): the damped random Llama of `adaptive_drafter.experiments.bench.tiny_setup` (greedy). A random model
   has no meaningful eos and its greedy continuations are prompt-specific, so an eos *set* is chosen from a plain run on
   the batch itself: tokens are added greedily (each the one that shortens the rows most) until the median length is
   `--max-new-tokens` / 16. Rows stop at their first token of the set; rows that never emit one run to
@@ -24,7 +24,7 @@ the engine drops them. To separate that from speculation, the engine also runs w
     python scripts/bench_longtail.py                                # tiny, batch 32, up to 256 tokens
     python scripts/bench_longtail.py --model embedded --batch 16 --max-new-tokens 160 --json out.json --plot out.png
 
-Setups, runners and records come from `adaptive_drafter.bench`; `--preset PATH` (YAML of flag names with underscores)
+Setups, runners and records come from `adaptive_drafter.experiments.bench`; `--preset PATH` (YAML of flag names with underscores)
 sets defaults that flags override.
 """
 
@@ -39,7 +39,7 @@ import torch
 
 from adaptive_drafter import SpecConfig, SpeculativeEngine
 from adaptive_drafter.adaptive import AdaptiveDrafter
-from adaptive_drafter.bench import (
+from adaptive_drafter.experiments.bench import (
     RunOptions,
     Setup,
     calibrate_draft_vocab,

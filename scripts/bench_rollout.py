@@ -12,7 +12,7 @@ For each batch size all decoders run back to back on identical left-padded promp
 after a short warm-up; medians of `--repeats` runs. Throughput counts the new tokens produced per row up to and
 including the first eos (the padding plain `generate` adds to finished rows is not counted). ratio = spec tok/s /
 plain tok/s (> 1: speculation wins). Greedy runs also report the share of rows identical to `generate`'s (lossless:
-1.00 up to float ties). Setups (`adaptive_drafter.bench`): `--model tiny` (default: a random 12-layer Llama with damped
+1.00 up to float ties). Setups (`adaptive_drafter.experiments.bench`): `--model tiny` (default: a random 12-layer Llama with damped
 late layers, drafted by its first `--drafter-layers` layers: agreement set by the damping) and `--model embedded`
 (SmolLM2-135M-Instruct on `--task` prompts, drafted by its own first layers: untrained unless `--adapter`).
 
@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from adaptive_drafter import SpecStats, SpeculativeEngine
 from adaptive_drafter.adaptive import AdaptiveDrafter
-from adaptive_drafter.bench import (  # noqa: F401 - TINY, embedded_setup, forward_seconds: used through this module
+from adaptive_drafter.experiments.bench import (  # noqa: F401 - TINY, embedded_setup, forward_seconds: used through this module
     DRAFTERS,
     TINY,
     RunOptions,

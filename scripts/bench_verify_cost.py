@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from adaptive_drafter import SpecConfig, SpeculativeEngine
-from adaptive_drafter.bench import SetupOptions, embedded_setup, machine_info, machine_line, write_json
+from adaptive_drafter.experiments.bench import SetupOptions, embedded_setup, machine_info, machine_line, write_json
 from adaptive_drafter.precision import RolloutCopy, resolve_rollout_dtype
 
 

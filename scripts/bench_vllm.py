@@ -39,8 +39,8 @@ import torch
 
 
 def timed_run(run: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, Any]:
-    """`adaptive_drafter.bench.timed` after one warm-up, and the last run's result (its tokens are counted)."""
-    from adaptive_drafter.bench import timed
+    """`adaptive_drafter.experiments.bench.timed` after one warm-up, and the last run's result (its tokens are counted)."""
+    from adaptive_drafter.experiments.bench import timed
 
     results = [run()]
     seconds = timed(lambda: results.append(run()), device, repeats)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     from adaptive_drafter import SpecConfig, SpeculativeEngine
     from adaptive_drafter.adaptive import AdaptiveDrafter
-    from adaptive_drafter.bench import machine_info, write_json
+    from adaptive_drafter.experiments.bench import machine_info, write_json
     from adaptive_drafter.config import DrafterConfig
     from adaptive_drafter.drafter import build_drafter, load_adapter
     from adaptive_drafter.embedded import cache_path, load_embedded

@@ -21,7 +21,7 @@ positions of those rollouts; the reward, the policy's entropy, the share of dist
 and the trainer's state. Both drafters start from the same warm adapter: before step 0 the fresh drafter is distilled
 synchronously (`--warmup-steps` steps) on rollouts of the step-0 policy, then copied as the frozen drafter.
 
-The update rule (`adaptive_drafter.studies.grpo_update`). `--prompts` prompts × `--group-size` completions (GRPO
+The update rule (`adaptive_drafter.experiments.studies.grpo_update`). `--prompts` prompts × `--group-size` completions (GRPO
 groups); advantage A = (r − group mean) / (group std + 1e-4); loss = −mean over completion tokens of
 [A · log π(token) − β · k3], k3 = exp(log π_0 − log π) − (log π_0 − log π) − 1 the GRPO (DeepSeekMath) estimate of
 KL(π ‖ π_0), β = `--kl-coef`; one AdamW step (no weight decay, gradient norm clipped to 1). The quick mode uses
@@ -62,9 +62,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from adaptive_drafter import SpecConfig, SpeculativeEngine, studies
+from adaptive_drafter import SpecConfig, SpeculativeEngine
+from adaptive_drafter.experiments import studies
 from adaptive_drafter.adaptive import AdaptiveDrafter
-from adaptive_drafter.bench import machine_info, parse_with_preset, synchronize, write_json
+from adaptive_drafter.experiments.bench import machine_info, parse_with_preset, synchronize, write_json
 from adaptive_drafter.config import DistillConfig, DrafterConfig
 from adaptive_drafter.drafter import build_drafter
 from adaptive_drafter.tasks import TASKS

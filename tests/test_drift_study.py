@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import load_file_module
 
-from adaptive_drafter.studies import CSV_COLUMNS
+from adaptive_drafter.experiments.studies import CSV_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "drift_study.py"

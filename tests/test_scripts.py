@@ -155,7 +155,7 @@ def test_bench_longtail_finishes_the_same_rows_faster_or_not_and_says_so(tmp_pat
 
 
 def test_lengths_summary_counts_tokens_up_to_the_first_eos():
-    from adaptive_drafter.bench import lengths_summary
+    from adaptive_drafter.experiments.bench import lengths_summary
 
     rows = [[5, 6, 2, 7, 2], [2, 9, 9, 9, 9], [5, 5, 5, 5, 5], [1, 2, 3, 4, 9]]  # eos 2 at 2, at 0, never, at 1
     summary = lengths_summary(rows, eos=[2, 3], cap=5)  # 3 is an eos too: the last row stops at its 2 first
@@ -176,7 +176,7 @@ def test_bench_lengths_records_the_length_distribution_of_sampled_completions(tm
 def test_mean_max_p_averages_the_policys_top_probability_over_every_position():
     from types import SimpleNamespace
 
-    from adaptive_drafter.bench import mean_max_p
+    from adaptive_drafter.experiments.bench import mean_max_p
 
     rows = [SimpleNamespace(topk_logprobs=torch.tensor([[0.5, 0.3], [0.9, 0.1]]).log().half()),
             SimpleNamespace(topk_logprobs=torch.tensor([[0.4, 0.2]]).log().half())]  # fmt: skip
@@ -184,7 +184,7 @@ def test_mean_max_p_averages_the_policys_top_probability_over_every_position():
 
 
 def test_step_shares_split_row_steps_into_plain_suffix_and_model():
-    from adaptive_drafter.bench import step_shares
+    from adaptive_drafter.experiments.bench import step_shares
     from adaptive_drafter.metrics import SpecStats
 
     stats = SpecStats(verify_steps=6, verified_tokens=15, plain_steps=4)
@@ -197,7 +197,7 @@ def test_step_shares_split_row_steps_into_plain_suffix_and_model():
 
 @pytest.mark.skipif(not HYBRID, reason="the engine has no hybrid drafting yet (SpecConfig.drafting)")
 def test_the_bench_k_bounds_suffix_drafts_as_well_as_model_drafts():
-    from adaptive_drafter.bench import make_engine
+    from adaptive_drafter.experiments.bench import make_engine
     from adaptive_drafter.drafter import truncated_drafter
 
     policy = tiny_causal_lm(seed=0, vocab_size=64, hidden_size=32, num_layers=2)

@@ -13,7 +13,7 @@ import torch
 
 from adaptive_drafter.config import DrafterConfig
 from adaptive_drafter.drafter import build_drafter
-from adaptive_drafter.studies import (
+from adaptive_drafter.experiments.studies import (
     completion_rows,
     correlation,
     distill_overhead,

@@ -38,13 +38,13 @@ import transformers
 from peft import PeftModel
 from transformers import DynamicCache
 
-from .config import DistillConfig, DrafterConfig, SpecConfig
-from .drafter import ReducedVocabDrafter, build_drafter, frequent_tokens, load_adapter, merged_copy, truncated_drafter
-from .elastic import expected_tokens
-from .engine import SpeculativeEngine, cache_kwargs
-from .metrics import SpecStats
-from .targets import DistillBuffer
-from .testing import dampen_layers, left_padded_prompts, tiny_causal_lm
+from ..config import DistillConfig, DrafterConfig, SpecConfig
+from ..drafter import ReducedVocabDrafter, build_drafter, frequent_tokens, load_adapter, merged_copy, truncated_drafter
+from ..elastic import expected_tokens
+from ..engine import SpeculativeEngine, cache_kwargs
+from ..metrics import SpecStats, machine_info
+from ..targets import DistillBuffer
+from ..testing import dampen_layers, left_padded_prompts, tiny_causal_lm
 
 TINY = {"arch": "llama", "vocab_size": 512, "hidden_size": 256, "num_layers": 12, "logit_scale": 8.0}
 TINY_PROMPT_LENGTHS = (8, 24)  # min, max prompt tokens: mixed lengths, so prompts are really left-padded
@@ -139,8 +139,8 @@ def tiny_setup(options: SetupOptions) -> Setup:
 def embedded_setup(options: SetupOptions) -> Setup:
     """SmolLM2-135M-Instruct on chat-templated questions or an embedded RL task (`tasks.load_task`: arithmetic,
     reasoning), drafted by its own first layers (untrained, or distilled with `adapter`)."""
-    from .embedded import EMBEDDED_MODEL_NAME, load_embedded
-    from .tasks import chat_batch, load_task
+    from ..embedded import EMBEDDED_MODEL_NAME, load_embedded
+    from ..tasks import chat_batch, load_task
 
     policy, tokenizer = load_embedded()
     drafter = make_drafter(policy, options)
@@ -687,23 +687,6 @@ def save_figure(fig: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     pyplot().close(fig)
-
-
-def machine_info() -> dict[str, Any]:
-    """Where and with what the benchmark ran."""
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    if hasattr(os, "getloadavg"):
-        info["load_avg_1min"] = round(os.getloadavg()[0], 2)
-    return info
 
 
 def machine_line(machine: dict[str, Any], device: str = "cpu") -> str:

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from .bench import pyplot, save_figure
-from .engine import SpeculativeEngine
-from .testing import dampen_layers, left_padded_prompts, tiny_causal_lm
+from ..engine import SpeculativeEngine
+from ..testing import dampen_layers, left_padded_prompts, tiny_causal_lm
 
 TINY_VOCAB = 256
 TINY_PROMPT_LENGTHS = (4, 12)
@@ -113,7 +113,7 @@ def tiny_task(vocab_size: int, max_new_tokens: int, eos: int, pad: int, modulus:
 def embedded_task(tokenizer: Any, name: str = "arithmetic") -> StudyTask:
     """The embedded RL task `name` of `adaptive_drafter.tasks`, chat-templated; the reward is the sum of the task's
     reward functions (the recipe's) on the decoded completions."""
-    from .tasks import chat_batch, load_task
+    from ..tasks import chat_batch, load_task
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
