@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .kv import KVSlots, forward
+from .kv import KVSlots, forward, right_aligned
 from .metrics import SpecStats
 from .sampling import SamplingParams, process_logits, sample
 from .suffix import SuffixDraft, SuffixDrafter, stack_drafts
@@ -183,7 +183,7 @@ class ModelDrafts:
         width = int(self.pending_valid.sum(1).max())
         if 2 * width >= self.pending.shape[1]:
             return
-        order = torch.argsort(self.pending_valid.to(torch.int8), dim=1, stable=True)[:, -width:]
+        order = right_aligned(self.pending_valid, width)
         self.pending, self.pending_valid = self.pending.gather(1, order), self.pending_valid.gather(1, order)
 
 

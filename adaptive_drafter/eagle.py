@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .drafts import Drafts, Verified, draw
+from .kv import right_aligned
 from .metrics import SpecStats
 from .sampling import SamplingParams
 
@@ -206,7 +207,7 @@ class HeadCache:
         width = int(self.valid.sum(1).max()) if slots else 0
         if self.keys is None or 2 * width > slots:
             return
-        order = torch.argsort(self.valid.to(torch.int8), dim=1, stable=True)[:, -width:]
+        order = right_aligned(self.valid, width)
         index = order[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
         self.keys, self.values = self.keys.gather(2, index), self.values.gather(2, index)
         self.valid = self.valid.gather(1, order)
@@ -263,7 +264,7 @@ class EagleDrafts:
         # Queue the true pair (f_j, next token after j) of every position the policy kept, right-aligned.
         kept = step.kept
         width = int(kept.sum(1).max())
-        order = torch.argsort(kept.to(torch.int8), dim=1, stable=True)[:, -width:]
+        order = right_aligned(kept, width)
         features = step.features.gather(1, order[..., None].expand(-1, -1, step.features.shape[-1]))
         self.features = torch.cat([self.features, features.to(self.features.dtype)], 1)
         self.tokens = torch.cat([self.tokens, step.next_tokens.gather(1, order)], 1)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,14 +27,14 @@ from .drafter import check_compatible
 from .drafts import Drafts, ModelDrafts, SuffixDrafts, Verified
 from .eagle import EagleDrafts, eagle_head, feature_layer
 from .elastic import ElasticController
-from .kv import KVSlots, cache_kwargs, forward, max_positions, sliding_window, synchronize
+from .kv import KVSlots, forward, max_positions, sliding_window, synchronize
 from .metrics import SpecStats
 from .outputs import PolicyTargets, SpecOutput
 from .plan import StepPlan, StepPlanner
 from .sampling import SamplingParams, process_logits, sample
 from .suffix import SuffixConfig, SuffixDrafter
 
-__all__ = ["SpeculativeEngine", "StepHook", "cache_kwargs"]
+__all__ = ["SpeculativeEngine", "StepHook"]
 
 StepHook = Callable[[StepPlan, Verified], None]
 

@@ -20,6 +20,12 @@ from transformers import DynamicCache
 from .drafter import ReducedVocabDrafter
 
 
+def right_aligned(valid: torch.Tensor, width: int) -> torch.Tensor:
+    """`[B, width]` indices that gather each row's valid slots of `valid [B, S]` to the right, in their order (the
+    invalid ones fill the left): how every ragged block here is compacted."""
+    return torch.argsort(valid.to(torch.int8), dim=1, stable=True)[:, -width:]
+
+
 @dataclass
 class KVSlots:
     """One model's KV cache and the mask of its slots that hold real tokens."""
@@ -52,7 +58,7 @@ class KVSlots:
             return
         if 1 - width / slots <= threshold and (max_slots is None or slots <= max_slots):
             return
-        order = torch.argsort(self.valid.to(torch.int8), dim=1, stable=True)[:, -width:]
+        order = right_aligned(self.valid, width)
         for layer in self.cache.layers:
             index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
             layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)

@@ -27,11 +27,6 @@ class StepPlan:
     model_rows: torch.Tensor  # [B] bool
     suffix_rows: torch.Tensor  # [B] bool
 
-    @property
-    def plain(self) -> bool:
-        """No row verifies a draft: an ordinary one-token decode step."""
-        return self.k == 0 and not bool(self.suffix_rows.any())
-
 
 class StepPlanner:
     """Plans every step of the engine's rollouts; persists across them (the controller's measurements carry over)."""

@@ -9,7 +9,6 @@ teacher signal costs no extra forward pass: the engine keeps the top-K ids and l
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import deque
 from collections.abc import Iterable

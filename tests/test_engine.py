@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from adaptive_drafter import SpecConfig, SpeculativeEngine
+from adaptive_drafter import SpecConfig, SpecOutput, SpeculativeEngine
 from adaptive_drafter.drafter import noised_copy
 from adaptive_drafter.sampling import SamplingParams, process_logits
 from adaptive_drafter.testing import ARCHITECTURES, left_padded_prompts, tiny_causal_lm
@@ -142,6 +142,13 @@ def exact_joint(model, prompt: list[int], params: SamplingParams) -> torch.Tenso
     return joint.reshape(-1)
 
 
+def speculative_samples(policy, drafter, prompt: list[int], k: int, settings: dict) -> SpecOutput:
+    """SAMPLES rows of `prompt` decoded speculatively at draft length k (fixed, exact rule), seeded by k."""
+    engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=k))
+    ids = torch.tensor([prompt]).expand(SAMPLES, -1)
+    return engine.generate(ids, None, max_new_tokens=STEPS + 1, generator=torch.Generator().manual_seed(k), **settings)
+
+
 def first_tokens_joint(completions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """The empirical joint of every row's first STEPS tokens, and each row's outcome index into it."""
     firsts = torch.tensor([row[:STEPS] for row in completions])
@@ -184,9 +191,7 @@ def test_sampled_joint_distribution_is_the_policys(small_vocab_models, settings,
     # The test has power: sampling from the drafter instead would be caught many times over.
     assert 0.5 * float((exact_joint(drafter, prompt, params) - target).abs().sum()) > 3 * bound
 
-    engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=k))
-    ids = torch.tensor([prompt]).expand(SAMPLES, -1)
-    out = engine.generate(ids, None, max_new_tokens=STEPS + 1, generator=torch.Generator().manual_seed(k), **settings)
+    out = speculative_samples(policy, drafter, prompt, k, settings)
     empirical, index = first_tokens_joint(out.completion_ids)
     assert_within_noise(empirical, target, SAMPLES)
     assert out.stats.drafted > 0 and 0 < out.stats.acceptance_rate < 1

@@ -31,6 +31,7 @@ from test_engine import (
     first_tokens_joint,
     noise_bound,
     reference_greedy,
+    speculative_samples,
 )
 from test_trl import Recorder, make_trainer, rollout_under_test
 
@@ -222,9 +223,7 @@ def test_sampled_joint_distribution_in_bfloat16_is_the_rollout_copys(small_vocab
     bound = noise_bound(target, SAMPLES)
     assert 0.5 * float((exact_joint(drafter, prompt, params) - target).abs().sum()) > 3 * bound  # the test has power
 
-    engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=k))
-    ids = torch.tensor([prompt]).expand(SAMPLES, -1)
-    out = engine.generate(ids, None, max_new_tokens=STEPS + 1, generator=torch.Generator().manual_seed(k), **settings)
+    out = speculative_samples(policy, drafter, prompt, k, settings)
     empirical, index = first_tokens_joint(out.completion_ids)
     assert_within_noise(empirical, target, SAMPLES)
     assert out.stats.drafted > 0 and 0 < out.stats.acceptance_rate < 1

@@ -41,7 +41,8 @@ from transformers import DynamicCache
 from ..config import DistillConfig, DrafterConfig, SpecConfig
 from ..drafter import ReducedVocabDrafter, build_drafter, frequent_tokens, load_adapter, merged_copy, truncated_drafter
 from ..elastic import expected_tokens
-from ..engine import SpeculativeEngine, cache_kwargs
+from ..engine import SpeculativeEngine
+from ..kv import cache_kwargs
 from ..metrics import SpecStats, machine_info
 from ..targets import DistillBuffer
 from ..testing import dampen_layers, left_padded_prompts, tiny_causal_lm
