@@ -55,7 +55,7 @@ test: install
 	$(MAKE) vllm-env
 	OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -m "not gpu" -q tests/test_vllm_engine.py
 	# Its own process: once the ngram engine of the other file has loaded llvmlite, no new vLLM engine can start in
-	# that process (vLLM's kernel re-binding scan fails on an llvmlite object; see vllm_engine._register_expand_fallback).
+	# that process (vLLM's kernel re-binding scan fails on an llvmlite object; see vllm_support.register_expand_fallback).
 	OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -m "not gpu" -q tests/test_vllm_rollout.py
 
 # A quick version (a few minutes on 2 CPU cores, tiny models); docs/benchmarks.md lists the full commands.

@@ -6,10 +6,10 @@ draft vocabulary, the swap of a newly published adapter between rollouts (never 
 alarm. Engines only decode: the Hugging Face engine takes the draft model of each rollout from `draft_model()`, the vLLM
 engine loads `serving_weights()` into its draft model; both hand back what they saw through `record()`.
 
-    adaptive = AdaptiveDrafter(build_drafter(policy), SpecConfig(), DistillConfig())
-    engine = SpeculativeEngine(policy, adaptive.drafter, adaptive.config)
+    adaptive = AdaptiveDrafter(build_drafter(policy), ServingConfig(), DistillConfig())
+    engine = SpeculativeEngine(policy, adaptive.drafter, SpecConfig())   # or a vllm_engine.VLLMEngine
     with adaptive:                                   # the background trainer runs inside
-        out = adaptive.generate(engine, input_ids, attention_mask, max_new_tokens=256)
+        out = adaptive.generate(engine, prompt_ids, SamplingParams(temperature=1.0), max_new_tokens=256)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .config import DistillConfig, SpecConfig
+from .config import DistillConfig, ServingConfig
 from .drafter import (
     AdapterVersion,
     ReducedVocabDrafter,
@@ -38,8 +38,9 @@ from .drafter import (
 )
 from .eagle import eagle_head
 from .metrics import SpecStats
-from .outputs import PolicyTargets
+from .outputs import PolicyTargets, RolloutEngine, SpecOutput
 from .precision import CastCache
+from .sampling import SamplingParams
 from .trainer import DrafterTrainer
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 class AdaptiveDrafter:
     """A peft drafter whose LoRA adapters a background trainer keeps distilling from the policy's rollouts.
 
-    `config` supplies the serving options (`merge_lora`, `draft_vocab_size`, the stale alarm's thresholds);
+    `serving` supplies the serving options (`merge_lora`, `draft_vocab_size`, the stale alarm's thresholds);
     `distill_config` (or a ready `trainer`) turns on continual distillation: without either the drafter is served as
     it is (frozen) and nothing is collected. `policy_version` is advanced by whoever updates the policy; it stamps the
     collected targets and measures how far the served adapter lags.
@@ -57,7 +58,7 @@ class AdaptiveDrafter:
     def __init__(
         self,
         drafter: PeftModel,
-        config: SpecConfig | None = None,
+        serving: ServingConfig | None = None,
         distill_config: DistillConfig | None = None,
         *,
         trainer: DrafterTrainer | None = None,
@@ -65,16 +66,21 @@ class AdaptiveDrafter:
     ) -> None:
         if trainer is not None and distill_config is not None:
             raise ValueError("Pass distill_config or a ready trainer to AdaptiveDrafter, not both.")
+        if serving is not None and not isinstance(serving, ServingConfig):
+            raise TypeError(
+                f"AdaptiveDrafter takes a ServingConfig (merge_lora, draft_vocab_size, stale thresholds), got "
+                f"{type(serving).__name__}: the engine's SpecConfig goes to the engine."
+            )
         self.drafter = drafter
-        self.config = config if config is not None else SpecConfig()
+        self.config = serving if serving is not None else ServingConfig()
         self.trainer = (
             trainer if trainer is not None else DrafterTrainer(drafter, distill_config) if distill_config else None
         )
-        self.vocab_size = vocab_size or self.config.vocab_size or drafter.config.vocab_size
+        self.vocab_size = vocab_size or drafter.config.vocab_size
         self.is_eagle = eagle_head(drafter) is not None
         if self.is_eagle and self.config.draft_vocab_size:
             raise ValueError(
-                "A reduced draft vocabulary (SpecConfig.draft_vocab_size) is not implemented for the eagle drafter kind "
+                "A reduced draft vocabulary (ServingConfig.draft_vocab_size) is not implemented for the eagle drafter kind "
                 "yet: set draft_vocab_size=0, or use drafter_kind='truncated'."
             )
         self.policy_version = 0
@@ -134,7 +140,7 @@ class AdaptiveDrafter:
 
     @property
     def serving_dtype(self) -> torch.dtype | None:
-        """The precision the drafter serves in: the rollouts' (`SpecConfig.rollout_dtype`, resolved by the rollout
+        """The precision the drafter serves in: the rollouts' (`ServingConfig.rollout_dtype`, resolved by the rollout
         that owns this drafter); None: the drafter's own. The drafter and its background trainer keep their own."""
         return self._serving_dtype
 
@@ -144,7 +150,7 @@ class AdaptiveDrafter:
             self._serving_dtype, self._cast, self._cast_cache = dtype, None, None
 
     def serving_model(self) -> Any:
-        """The drafter as it serves: its merged copy (`SpecConfig.merge_lora`), rebuilt whenever a LoRA weight was
+        """The drafter as it serves: its merged copy (`ServingConfig.merge_lora`), rebuilt whenever a LoRA weight was
         written (a swap, or a user's load), else the peft model itself; in `serving_dtype` when that differs from the
         drafter's own (a cast copy, rebuilt on the same occasions)."""
         dtype = self._serving_dtype
@@ -175,7 +181,7 @@ class AdaptiveDrafter:
 
     def draft_model(self) -> Any:
         """What the Hugging Face engine drafts with this rollout: the serving model, whole or with its head cut to the
-        reduced draft vocabulary (`set_draft_vocab`, else `SpecConfig.draft_vocab_size`'s most frequent tokens)."""
+        reduced draft vocabulary (`set_draft_vocab`, else `ServingConfig.draft_vocab_size`'s most frequent tokens)."""
         drafter = self.serving_model()
         ids = self.draft_vocab
         if ids is None and self.config.draft_vocab_size:
@@ -224,7 +230,7 @@ class AdaptiveDrafter:
             )
 
     def set_draft_vocab(self, token_ids: Sequence[int] | torch.Tensor | None) -> None:
-        """Pin the tokens the drafter may propose (None: back to `SpecConfig.draft_vocab_size`'s frequent tokens).
+        """Pin the tokens the drafter may propose (None: back to `ServingConfig.draft_vocab_size`'s frequent tokens).
         Lossless whatever the set: the policy still emits any token it wants."""
         if token_ids is None:
             self.draft_vocab = None
@@ -236,23 +242,34 @@ class AdaptiveDrafter:
 
     # --- one rollout -----------------------------------------------------------------------------------------------
 
-    def generate(self, engine: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
-        """One rollout through the Hugging Face `engine` (`SpeculativeEngine.generate`'s arguments): swap in the
-        newest adapter, draft with the serving model, collect the targets the trainer needs, and record the outcome."""
+    def generate(
+        self,
+        engine: RolloutEngine,
+        prompt_ids: Sequence[Sequence[int]] | torch.Tensor,
+        sampling: SamplingParams | None = None,
+        **kwargs: Any,
+    ) -> SpecOutput:
+        """One rollout through either engine (`RolloutEngine.generate`'s arguments): serve the newest adapter, decode,
+        collect the targets the trainer needs, and record the outcome."""
         with self._lock:
-            if self.swap():
-                engine.drafter_changed()
-            draft_model = self.draft_model()
-            out = engine.generate(
-                input_ids,
-                attention_mask,
-                drafter=draft_model,
-                collect_topk=max(self.topk, engine.config.collect_topk),
-                policy_version=self.policy_version,
-                **kwargs,
-            )
+            swapped = self.swap()
+            draft_model = self.serve(engine, swapped)
+            kwargs.setdefault("collect_topk", max(self.topk, engine.collect_topk))
+            out = engine.generate(prompt_ids, sampling, policy_version=self.policy_version, **kwargs)
         self.record(out.completion_ids, out.targets, out.stats, draft_model)
         return out
+
+    def serve(self, engine: RolloutEngine, swapped: bool = False) -> Any:
+        """Hand `engine` the drafter as it serves now, in the engine's format: the draft model (merged, cast, reduced
+        vocabulary) to a module engine, every time; the merged weights to a weights engine (vLLM), only when a LoRA
+        weight changed since it last got them (`swapped`, or a user's load). Returns the draft model, or None."""
+        if engine.drafter_format == "module":
+            draft_model = self.draft_model()
+            engine.load_drafter(draft_model, new_version=swapped)
+            return draft_model
+        if swapped or self.serving_weights():  # whole modules: vLLM fuses q/k/v
+            engine.load_drafter(self.serving_weights(changed_only=False).items(), new_version=True)
+        return None
 
     def record(
         self,

@@ -12,7 +12,8 @@ ROLLOUT_DTYPES = ("auto", "float32", "bfloat16")  # adaptive_drafter.precision r
 
 @dataclass
 class SpecConfig:
-    """How the speculative engine drafts and verifies.
+    """How the speculative engine drafts and verifies (what the engines read; how the drafter is served is
+    `ServingConfig`).
 
     `acceptance="exact"` is the default and the only lossless rule: completions follow the policy's own
     sampling distribution whatever the drafter proposes (greedy: token-identical to `policy.generate`).
@@ -40,24 +41,9 @@ class SpecConfig:
             "or stale drafter then costs next to nothing. false: always draft num_draft_tokens (fixed k, opt-in)."
         },
     )
-    merge_lora: bool = field(
-        default=True,
-        metadata={
-            "help": "Draft with a copy of the drafter whose LoRA weights are merged into its adapted layers, refreshed "
-            "whenever the adapter changes: faster steps for the memory of those layers. Off: draft with the peft model."
-        },
-    )
     plain_batch_threshold: int | None = field(
         default=None,
         metadata={"help": "Decode plainly (no drafting) while at least this many rows are active. None: no limit."},
-    )
-    stale_acceptance: float = field(
-        default=0.05,
-        metadata={"help": "Alarm (warning + drafter/stale_alarm metric) when the running acceptance falls below this."},
-    )
-    stale_version_lag: int = field(
-        default=50,
-        metadata={"help": "Alarm when the served adapter lags the policy by more than this many policy versions."},
     )
     vocab_size: int | None = field(
         default=None,
@@ -71,14 +57,6 @@ class SpecConfig:
         metadata={
             "help": "Keep the policy's top-K logprobs at every generated position (`SpecOutput.targets`), the "
             "distiller's targets at no extra forward pass. 0 (default) collects nothing."
-        },
-    )
-    draft_vocab_size: int = field(
-        default=0,
-        metadata={
-            "help": "Draft over only the N tokens most frequent in past completions (0: the full vocabulary). The "
-            "drafter's LM head dominates a small drafter's step at a 50k-150k vocabulary; this cuts it. Lossless with "
-            "the exact rule: the drafter gives q = 0 to the other tokens, which the policy still emits when it wants."
         },
     )
     compact_threshold: float = field(
@@ -96,16 +74,6 @@ class SpecConfig:
     )
     suffix_max_draft: int = field(
         default=16, metadata={"help": "hybrid/suffix drafting: the longest suffix draft of a row in one step."}
-    )
-    rollout_dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "Precision rollouts run in (the policy's serving copy and the drafter): 'auto' (bfloat16 where the "
-            "policy trains in float32 and the hardware computes bfloat16 fast: a CUDA GPU from Ampere on, a CPU with "
-            "AVX512-BF16 or AMX; the policy's own dtype elsewhere), 'float32' or 'bfloat16'. The copy is synced after "
-            "every optimizer step; training keeps its own precision. Lossless either way: completions follow the "
-            "policy as the rollout copy computes it. 'float32' keeps greedy rollouts token-identical to fp32 generate."
-        },
     )
 
     def __post_init__(self) -> None:
@@ -131,19 +99,65 @@ class SpecConfig:
             raise ValueError(f"SpecConfig.vocab_size must be positive, got {self.vocab_size}.")
         if self.collect_topk < 0:
             raise ValueError(f"SpecConfig.collect_topk must be >= 0 (0 disables it), got {self.collect_topk}.")
-        if self.draft_vocab_size < 0:
-            raise ValueError(f"SpecConfig.draft_vocab_size must be >= 0 (0: all tokens), got {self.draft_vocab_size}.")
         if not 0.0 < self.compact_threshold <= 1.0:
             raise ValueError(f"SpecConfig.compact_threshold must lie in (0, 1], got {self.compact_threshold}.")
         if self.drafting not in DRAFTING:
             raise ValueError(f"Unknown SpecConfig.drafting {self.drafting!r}: choose one of {', '.join(DRAFTING)}.")
         if self.suffix_max_draft < 1:
             raise ValueError(f"SpecConfig.suffix_max_draft must be >= 1, got {self.suffix_max_draft}.")
+
+
+@dataclass
+class ServingConfig:
+    """How the adaptive drafter is served to an engine and watched, and the precision rollouts run in: read by
+    `AdaptiveDrafter` and the rollout backends (the engine never reads it)."""
+
+    merge_lora: bool = field(
+        default=True,
+        metadata={
+            "help": "Draft with a copy of the drafter whose LoRA weights are merged into its adapted layers, refreshed "
+            "whenever the adapter changes: faster steps for the memory of those layers. Off: draft with the peft model."
+        },
+    )
+    draft_vocab_size: int = field(
+        default=0,
+        metadata={
+            "help": "Draft over only the N tokens most frequent in past completions (0: the full vocabulary). The "
+            "drafter's LM head dominates a small drafter's step at a 50k-150k vocabulary; this cuts it. Lossless with "
+            "the exact rule: the drafter gives q = 0 to the other tokens, which the policy still emits when it wants."
+        },
+    )
+    rollout_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Precision rollouts run in (the policy's serving copy and the drafter): 'auto' (bfloat16 where the "
+            "policy trains in float32 and the hardware computes bfloat16 fast: a CUDA GPU from Ampere on, a CPU with "
+            "AVX512-BF16 or AMX; the policy's own dtype elsewhere), 'float32' or 'bfloat16'. The copy is synced after "
+            "every optimizer step; training keeps its own precision. Lossless either way: completions follow the "
+            "policy as the rollout copy computes it. 'float32' keeps greedy rollouts token-identical to fp32 generate."
+        },
+    )
+    stale_acceptance: float = field(
+        default=0.05,
+        metadata={"help": "Alarm (warning + drafter/stale_alarm metric) when the running acceptance falls below this."},
+    )
+    stale_version_lag: int = field(
+        default=50,
+        metadata={"help": "Alarm when the served adapter lags the policy by more than this many policy versions."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.draft_vocab_size < 0:
+            raise ValueError(f"ServingConfig.draft_vocab_size must be >= 0 (0: all tokens), got {self.draft_vocab_size}.")
         if self.rollout_dtype not in ROLLOUT_DTYPES:
             raise ValueError(
-                f"Unknown SpecConfig.rollout_dtype {self.rollout_dtype!r}: choose one of {', '.join(ROLLOUT_DTYPES)} "
+                f"Unknown ServingConfig.rollout_dtype {self.rollout_dtype!r}: choose one of {', '.join(ROLLOUT_DTYPES)} "
                 "('auto' runs rollouts in bfloat16 where the hardware computes it fast, 'float32' keeps them in fp32)."
             )
+        if not 0.0 <= self.stale_acceptance <= 1.0:
+            raise ValueError(f"ServingConfig.stale_acceptance must lie in [0, 1], got {self.stale_acceptance}.")
+        if self.stale_version_lag < 0:
+            raise ValueError(f"ServingConfig.stale_version_lag must be >= 0, got {self.stale_version_lag}.")
 
 
 DRAFTER_KINDS = ("truncated", "model", "eagle")

@@ -197,8 +197,8 @@ class ReducedVocabDrafter:
         if type(head) is not torch.nn.Linear:
             raise ValueError(
                 f"A reduced draft vocabulary needs a plain Linear LM head, but the drafter's is {type(head).__name__} "
-                "(LoRA on lm_head?). Keep SpecConfig.merge_lora on (the merged head is plain), keep lm_head out of the LoRA "
-                "targets, or set SpecConfig.draft_vocab_size=0."
+                "(LoRA on lm_head?). Keep ServingConfig.merge_lora on (the merged head is plain), keep lm_head out of the LoRA "
+                "targets, or set ServingConfig.draft_vocab_size=0."
             )
         self.drafter, self.decoder, self.config = drafter, decoder, drafter.config
         self.token_ids = token_ids.to(head.weight.device, torch.long)
@@ -223,7 +223,7 @@ class ReducedVocabDrafter:
         if not logits_are_head_over_decoder(self.drafter):
             raise ValueError(
                 "This drafter's logits are not its LM head over its decoder's output (logit scaling or soft-capping?), "
-                "so a reduced draft vocabulary cannot be used with it. Set SpecConfig.draft_vocab_size=0."
+                "so a reduced draft vocabulary cannot be used with it. Set ServingConfig.draft_vocab_size=0."
             )
 
 

@@ -39,6 +39,30 @@ __all__ = ["SpeculativeEngine", "StepHook"]
 StepHook = Callable[[StepPlan, Verified], None]
 
 
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batch(
+    prompt_ids: Sequence[Sequence[int]] | torch.Tensor, attention_mask: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as a left-padded batch and its attention mask, on `device`."""
+    if isinstance(prompt_ids, torch.Tensor):
+        return prompt_ids, attention_mask if attention_mask is not None else torch.ones_like(prompt_ids)
+    if attention_mask is not None:
+        raise ValueError("attention_mask goes with a padded prompt_ids tensor; token-id lists need none.")
+    rows = [list(map(int, row)) for row in prompt_ids]
+    if not rows or any(len(row) == 0 for row in rows):
+        raise ValueError("prompt_ids must be a non-empty list of non-empty token id lists.")
+    width = max(map(len, rows))
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
 def _max_draft(config: SpecConfig) -> int:
     """The most drafts a row verifies in one step."""
     return max(config.num_draft_tokens, config.suffix_max_draft if config.drafting != "model" else 0)
@@ -53,6 +77,8 @@ class SpeculativeEngine:
     (`adaptive_drafter.adaptive.AdaptiveDrafter`) hands it the draft model of each rollout and takes back the policy's
     targets it collected.
     """
+
+    drafter_format = "module"  # what `load_drafter` takes: a model to draft with
 
     def __init__(
         self,
@@ -85,51 +111,68 @@ class SpeculativeEngine:
         """The draft model's weights changed (a new adapter): the acceptance measured so far describes the old one."""
         self.controller.forget_acceptance()
 
+    @property
+    def collect_topk(self) -> int:
+        """Top-K policy logprobs kept per generated position when a call does not say (`SpecConfig.collect_topk`)."""
+        return self.config.collect_topk
+
+    def load_drafter(self, drafter: Any, *, new_version: bool = False) -> None:
+        """Draft the next calls with `drafter` (a serving copy of the engine's drafter: merged, cast, or with a reduced
+        vocabulary). `new_version`: its weights changed, so the acceptance measured so far describes the old ones."""
+        self.drafter = drafter
+        if new_version:
+            self.drafter_changed()
+
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 64,
-        do_sample: bool = True,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
-        generator: torch.Generator | None = None,
+        prompt_ids: Sequence[Sequence[int]] | torch.Tensor,
+        sampling: SamplingParams | None = None,
         *,
-        drafter: Any = None,
+        max_new_tokens: int = 64,
+        eos_token_id: int | Sequence[int] | None = None,
+        seed: int | None = None,
         collect_topk: int | None = None,
         policy_version: int = 0,
+        attention_mask: torch.Tensor | None = None,
     ) -> SpecOutput:
-        """Generate up to `max_new_tokens` tokens for each left-padded prompt row.
+        """Generate up to `max_new_tokens` tokens for each prompt: the rollout contract both engines implement.
 
-        Each row stops after its first token in `eos_token_id` (one id or several). With `acceptance="exact"` the
-        completions are samples from the policy's sampling distribution (greedy: identical to
-        `policy.generate(do_sample=False)`). `generator` seeds drafting, acceptance and sampling for reproducibility.
-        `drafter` drafts this call instead of the engine's own (a merged or reduced-vocabulary serving copy of it);
-        `collect_topk` (default `SpecConfig.collect_topk`) keeps the policy's top-K logprobs at every generated
-        position in `SpecOutput.targets`, stamped with `policy_version`.
+        `prompt_ids` are token-id lists (unpadded), or a left-padded `[batch, width]` tensor with its
+        `attention_mask` (default: no padding). Each row stops after its first token in `eos_token_id` (one id or
+        several). `sampling` defaults to `SamplingParams()` (T = 1); with `acceptance="exact"` the completions are
+        samples from the policy's sampling distribution (greedy: identical to `policy.generate(do_sample=False)`).
+        `seed` seeds drafting, acceptance and sampling (None: fresh randomness). `collect_topk` (default
+        `SpecConfig.collect_topk`) keeps the policy's top-K logprobs at every generated position in
+        `SpecOutput.targets`, stamped with `policy_version`. The policy decodes in eval mode (dropout off).
         """
-        params = SamplingParams(do_sample, temperature, top_k, top_p, min_p)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        params = sampling if sampling is not None else SamplingParams()
+        if params.repetition_penalty != 1.0:
+            raise ValueError(
+                f"repetition_penalty={params.repetition_penalty} is not supported by the speculative engine (it would "
+                "have to be applied identically to drafts and verification). Use 1.0, or the vLLM engine, which "
+                "applies it."
+            )
+        input_ids, attention_mask = _batch(prompt_ids, attention_mask, _device(self.policy))
         self._validate(input_ids, attention_mask, max_new_tokens)
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-        pad = pad_token_id if pad_token_id is not None else 0
-        if not 0 <= pad < self.vocab_size:
-            raise ValueError(f"pad_token_id {pad} is outside the vocabulary [0, {self.vocab_size}).")
-        topk = self.config.collect_topk if collect_topk is None else collect_topk
+        topk = self.collect_topk if collect_topk is None else collect_topk
         if topk < 0:
             raise ValueError(f"collect_topk must be >= 0 (0 collects nothing), got {topk}.")
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(input_ids.device).manual_seed(seed)
         mask = attention_mask.bool()
-        input_ids = input_ids.long().masked_fill(~mask, pad)  # whatever sits under the padding is never looked up
+        # Whatever sits under the padding is never looked up; 0 keeps every embedding lookup in range.
+        input_ids = input_ids.long().masked_fill(~mask, 0)
         with self._lock:
-            draft_model = drafter if drafter is not None else self.drafter
-            rollout = _Rollout(self, draft_model, params, eos, pad, max_new_tokens, generator, topk, policy_version)
-            return rollout.run(input_ids, mask)
+            was_training = self.policy.training
+            self.policy.eval()  # rollouts sample the policy itself: dropout off
+            try:
+                rollout = _Rollout(self, self.drafter, params, eos, max_new_tokens, generator, topk, policy_version)
+                return rollout.run(input_ids, mask)
+            finally:
+                self.policy.train(was_training)
 
     def _validate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> None:
         if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
@@ -187,14 +230,13 @@ class _Rollout:
         draft_model: Any,
         params: SamplingParams,
         eos: set[int],
-        pad: int,
         max_new_tokens: int,
         generator: torch.Generator | None,
         topk: int,
         policy_version: int,
     ) -> None:
         self.engine, self.policy, self.config = engine, engine.policy, engine.config
-        self.vocab_size, self.params, self.eos, self.pad = engine.vocab_size, params, eos, pad
+        self.vocab_size, self.params, self.eos = engine.vocab_size, params, eos
         self.max_new_tokens, self.generator = max_new_tokens, generator
         self.policy_version, self.topk = policy_version, topk
         self.nonfinite = torch.tensor(False)  # NaN/+inf policy logits seen (raised at the step's sync point)

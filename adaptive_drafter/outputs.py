@@ -7,11 +7,14 @@ training code.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 import torch
 
 from .metrics import SpecStats
+from .sampling import SamplingParams
 
 
 @dataclass
@@ -102,3 +105,34 @@ class SpecOutput:
     logprobs: list[list[float]]  # the policy's logprob of each of them under the sampling distribution
     stats: SpecStats = field(default_factory=SpecStats)
     targets: list[PolicyTargets] | None = None  # the distiller's targets, when top-K collection was asked for
+
+
+class RolloutEngine(Protocol):
+    """The rollout contract both engines implement (`engine.SpeculativeEngine`, `vllm_engine.VLLMEngine`), through
+    which `AdaptiveDrafter.generate` and the TRL rollout drive either one.
+
+    `generate` decodes unpadded token-id prompts under `sampling`, stops each row at its first `eos_token_id`, seeds
+    row randomness from `seed`, keeps the policy's top-K targets when `collect_topk` > 0 (stamped `policy_version`)
+    and refuses with a ValueError any setting it cannot honour. `load_drafter` serves a new drafter for the next calls,
+    in the engine's `drafter_format`: a model to draft with ("module") or its merged Hugging Face-named weights
+    ("weights").
+    """
+
+    drafter_format: Literal["module", "weights"]
+
+    @property
+    def collect_topk(self) -> int: ...
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        sampling: SamplingParams | None = None,
+        *,
+        max_new_tokens: int = 64,
+        eos_token_id: int | Sequence[int] | None = None,
+        seed: int | None = None,
+        collect_topk: int | None = None,
+        policy_version: int = 0,
+    ) -> SpecOutput: ...
+
+    def load_drafter(self, drafter: Any, *, new_version: bool = ...) -> None: ...

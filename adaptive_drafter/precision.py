@@ -3,7 +3,7 @@ training weights after every optimizer step, while training keeps its own precis
 
 Speculation pays when verifying k drafts costs about one decode step. In float32 on a CPU a (k+1)-token forward costs
 1.7-2x a 1-token one at batch 1; in bfloat16, on a CPU with AVX512-BF16 or AMX (or a CUDA GPU from Ampere on), the
-verify of 5 tokens costs about 1.1 decode steps (docs/benchmarks.md). `SpecConfig.rollout_dtype` picks the precision:
+verify of 5 tokens costs about 1.1 decode steps (docs/benchmarks.md). `ServingConfig.rollout_dtype` picks the precision:
 
 * `auto` (default): bfloat16 where the policy trains in float32 and the hardware computes bfloat16 fast
   (`fast_bf16`), else the policy's own dtype (no copy at all).
@@ -82,7 +82,7 @@ class RolloutPrecision:
     """The precision rollouts run in and why (`resolve_rollout_dtype`)."""
 
     dtype: torch.dtype
-    setting: str  # the SpecConfig.rollout_dtype it was resolved from
+    setting: str  # the ServingConfig.rollout_dtype it was resolved from
     reason: str
 
     @property
@@ -91,7 +91,7 @@ class RolloutPrecision:
 
 
 def resolve_rollout_dtype(setting: str, policy: Any) -> RolloutPrecision:
-    """The dtype rollouts of `policy` run in under `SpecConfig.rollout_dtype = setting`.
+    """The dtype rollouts of `policy` run in under `ServingConfig.rollout_dtype = setting`.
 
     `auto` turns a float32 policy into bfloat16 rollouts where its device computes bfloat16 fast, and serves any other
     policy in its own dtype (a policy trained in bf16/fp16 needs no copy). An explicit dtype is obeyed, with a warning

@@ -66,7 +66,6 @@ class DrafterProbe:
         max_new_tokens: int = 32,
         sampling: SamplingParams | None = None,
         eos_token_id: Any = None,
-        pad_token_id: int = 0,
         seed: int = 1234,
         track_drift: bool = True,
         suffix_group: int = 0,
@@ -79,7 +78,7 @@ class DrafterProbe:
         self.input_ids, self.attention_mask = input_ids, attention_mask
         self.every, self.max_new_tokens = every, max_new_tokens
         self.sampling = sampling if sampling is not None else SamplingParams()
-        self.eos_token_id, self.pad_token_id, self.seed, self.track_drift = eos_token_id, pad_token_id, seed, track_drift
+        self.eos_token_id, self.seed, self.track_drift = eos_token_id, seed, track_drift
         self.spec = SpecConfig(num_draft_tokens=num_draft_tokens, elastic=False)
         self.suffix_group = suffix_group
         self.suffix_spec = SpecConfig(
@@ -109,9 +108,8 @@ class DrafterProbe:
             for name, drafter in (("adaptive", adaptive.serving_model()), ("frozen", self.frozen)):
                 engine = SpeculativeEngine(policy, drafter, self.spec)
                 outs[name] = engine.generate(
-                    ids, mask, max_new_tokens=self.max_new_tokens, **asdict(self.sampling),
-                    eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-                    generator=torch.Generator(device=ids.device).manual_seed(self.seed),
+                    ids, self.sampling, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                    eos_token_id=self.eos_token_id, seed=self.seed,
                 )  # fmt: skip
             kl, entropy = self._drift(policy, ids, mask, outs["adaptive"])
             suffix = self._suffix(policy, adaptive, ids, mask) if self.suffix_group else None
@@ -142,10 +140,9 @@ class DrafterProbe:
         drafts come from the siblings and the row's own context only, never from the training rollouts."""
         engine = SpeculativeEngine(policy, adaptive.serving_model(), self.suffix_spec)
         out = engine.generate(
-            ids.repeat_interleave(self.suffix_group, 0), mask.repeat_interleave(self.suffix_group, 0),
-            max_new_tokens=self.max_new_tokens, **asdict(self.sampling),
-            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-            generator=torch.Generator(device=ids.device).manual_seed(self.seed + 1),
+            ids.repeat_interleave(self.suffix_group, 0), self.sampling,
+            attention_mask=mask.repeat_interleave(self.suffix_group, 0), max_new_tokens=self.max_new_tokens,
+            eos_token_id=self.eos_token_id, seed=self.seed + 1,
         )  # fmt: skip
         return out.stats
 
@@ -205,72 +202,3 @@ def _snapshot(model: Any) -> Any:
     snapshot = copy.deepcopy(model)
     snapshot.__dict__.pop("forward", None)  # back to the class's forward, on the copy's own weights
     return snapshot.eval().requires_grad_(False)
-
-
-def plot_run(
-    probe: DrafterProbe | None,
-    history: list[dict[str, float]],
-    path: str | Path,
-    title: str = "",
-    rewards: list[dict[str, float]] | None = None,
-) -> Path:
-    """A PNG of the run: acceptance of the adaptive vs the frozen drafter on the held-out prompts (and the suffix
-    drafter's, when measured), tokens per verify, the measured rollout speed-up over plain decoding per step, the
-    policy's drift and entropy, and the reward, over policy steps. `history` holds one dict per rollout with `step`,
-    `tokens_per_verify` and `measured_speedup` (None: unmeasured); `rewards` one dict per logged step with `step` and
-    `reward` (TRL's log history)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = probe.points if probe is not None else []
-    fig, axes = plt.subplots(2, 3 if rewards else 2, figsize=(15 if rewards else 11, 7), constrained_layout=True)
-    steps = [p.step for p in points]
-    with_suffix = any(not math.isnan(p.suffix_tokens_per_step) for p in points)
-    ax = axes[0][0]
-    ax.plot(steps, [p.adaptive_acceptance for p in points], "o-", label="adaptive (served adapter)")
-    ax.plot(steps, [p.frozen_acceptance for p in points], "s--", label="frozen (starting adapter)")
-    if with_suffix:
-        ax.plot(steps, [p.suffix_acceptance for p in points], "^:", label="suffix (siblings)")
-    ax.set(title="acceptance on held-out prompts", xlabel="policy step", ylabel="accepted / drafted")
-    ax.legend()
-    ax = axes[0][1]
-    ax.plot(steps, [p.adaptive_tokens_per_verify for p in points], "o-", label="adaptive")
-    ax.plot(steps, [p.frozen_tokens_per_verify for p in points], "s--", label="frozen")
-    if with_suffix:
-        ax.plot(steps, [p.suffix_tokens_per_step for p in points], "^:", label="suffix (siblings), per step")
-    ax.set(title="tokens per verify (held-out)", xlabel="policy step", ylabel="tokens")
-    ax.legend()
-    ax = axes[1][0]
-    timed = [(h["step"], h["measured_speedup"]) for h in history if h.get("measured_speedup") is not None]
-    if timed:
-        ax.plot(*zip(*timed), "o-", label="rollouts of this run")
-    ax.axhline(1.0, color="grey", lw=0.8, label="plain decoding")
-    ax.set(title="measured rollout speed-up vs plain", xlabel="policy step", ylabel="x plain")
-    ax.legend()
-    ax = axes[1][1]
-    ax.plot(steps, [p.policy_kl for p in points], "o-", color="C3", label="KL to the start")
-    ax.set(title="policy drift", xlabel="policy step", ylabel="KL, nats per token")
-    twin = ax.twinx()
-    twin.plot(steps, [p.policy_entropy for p in points], "s--", color="C4", label="entropy")
-    twin.set_ylabel("entropy, nats per token")
-    ax.legend(handles=ax.get_lines() + twin.get_lines(), loc="upper left")
-    if rewards:
-        ax = axes[0][2]
-        xs, ys = [r["step"] for r in rewards], [r["reward"] for r in rewards]
-        ax.plot(xs, ys, ".", alpha=0.4, label="per step")
-        window = max(1, len(ys) // 20)
-        if len(ys) >= window > 1:
-            smooth = [sum(ys[i - window + 1 : i + 1]) / window for i in range(window - 1, len(ys))]
-            ax.plot(xs[window - 1 :], smooth, "-", label=f"mean of {window}")
-        ax.set(title="reward", xlabel="policy step", ylabel="mean reward")
-        ax.legend()
-        axes[1][2].axis("off")
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -11,13 +11,17 @@ import torch
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling settings, with the semantics and order of Hugging Face's logits warpers:
-    temperature, then top-k, then top-p, then min-p. `do_sample=False` is greedy decoding."""
+    temperature, then top-k, then top-p, then min-p. `do_sample=False` is greedy decoding.
+
+    `repetition_penalty` (1: none) is vLLM's; the Hugging Face engine refuses any other value, and `process_logits`
+    does not apply it."""
 
     do_sample: bool = True
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.do_sample and not self.temperature > 0:
@@ -28,6 +32,8 @@ class SamplingParams:
             raise ValueError(f"top_p must lie in (0, 1] (1 disables it), got {self.top_p}.")
         if not 0.0 <= self.min_p < 1.0:
             raise ValueError(f"min_p must lie in [0, 1) (0 disables it), got {self.min_p}.")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 is none), got {self.repetition_penalty}.")
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

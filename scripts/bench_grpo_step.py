@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def machine() -> dict[str, Any]:
     """The benchmarks' machine description (imported lazily: it imports torch, which this parent does not need)."""
-    from adaptive_drafter.experiments.bench import machine_info
+    from adaptive_drafter.metrics import machine_info
 
     return machine_info()
 

@@ -19,18 +19,10 @@ from typing import Any
 
 import torch
 
-from adaptive_drafter.experiments.bench import (
-    RunOptions,
-    embedded_setup,
-    grouped,
-    lengths_summary,
-    machine_info,
-    machine_line,
-    parse_with_preset,
-    sample_completions,
-    tiny_setup,
-    write_json,
-)
+from adaptive_drafter.experiments.bench import RunOptions, embedded_setup, grouped, tiny_setup
+from adaptive_drafter.experiments.cli import machine_line, parse_with_preset, write_json
+from adaptive_drafter.experiments.lengths import lengths_summary, sample_completions
+from adaptive_drafter.metrics import machine_info
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

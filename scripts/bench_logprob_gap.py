@@ -21,8 +21,11 @@ from typing import Any
 
 import torch
 
+from adaptive_drafter.sampling import SamplingParams
 from adaptive_drafter import SpecConfig, SpeculativeEngine
-from adaptive_drafter.experiments.bench import SetupOptions, embedded_setup, grouped, machine_info, machine_line, write_json
+from adaptive_drafter.experiments.bench import SetupOptions, embedded_setup, grouped
+from adaptive_drafter.experiments.cli import machine_line, write_json
+from adaptive_drafter.metrics import machine_info
 from adaptive_drafter.precision import RolloutCopy, resolve_rollout_dtype
 
 
@@ -47,9 +50,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     drafter = RolloutCopy.build(setup.drafter, precision).model
     engine = SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=4))
     ids, mask = setup.make_prompts(args.prompts * args.group, args.seed)
-    out = engine.generate(ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          eos_token_id=setup.eos_token_id, pad_token_id=setup.pad_token_id,
-                          generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
+    out = engine.generate(ids, SamplingParams(temperature=args.temperature), attention_mask=mask,
+                          max_new_tokens=args.max_new_tokens, eos_token_id=setup.eos_token_id, seed=args.seed)  # fmt: skip
     deltas, log_ratios = [], []
     for row, (completion, logprobs) in enumerate(zip(out.completion_ids, out.logprobs)):
         prompt = ids[row][mask[row].bool()].tolist()

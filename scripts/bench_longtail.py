@@ -39,21 +39,19 @@ import torch
 
 from adaptive_drafter import SpecConfig, SpeculativeEngine
 from adaptive_drafter.adaptive import AdaptiveDrafter
+from adaptive_drafter.plots import plot_longtail
 from adaptive_drafter.experiments.bench import (
     RunOptions,
     Setup,
     calibrate_draft_vocab,
     embedded_setup,
-    machine_info,
-    parse_with_preset,
     prompts_on,
-    pyplot,
     run_plain,
     run_spec,
-    save_figure,
     tiny_setup,
-    write_json,
 )
+from adaptive_drafter.experiments.cli import parse_with_preset, write_json
+from adaptive_drafter.metrics import machine_info
 
 
 def first_occurrences(rows: list[list[int]], vocab_size: int, cap: int) -> torch.Tensor:
@@ -150,22 +148,6 @@ def run_all(setup: Setup, engines: dict[str, SpeculativeEngine], args: argparse.
     return result
 
 
-def plot(result: dict[str, Any], engines: list[str], path: Path, title: str) -> None:
-    """Left: the batch's completion lengths; right: seconds to finish the batch per decoder."""
-    fig, (left, right) = pyplot().subplots(1, 2, figsize=(9, 3.6))
-    left.hist(result["lengths"], bins=24, color="tab:blue")
-    left.set_xlabel("completion length (tokens)")
-    left.set_ylabel("rows")
-    names = ["plain", *engines]
-    colors = ["gray", "silver", "tab:orange", "tab:green"][: len(names)]
-    right.bar(names, [result[n]["seconds"] for n in names], color=colors)
-    for i, name in enumerate(names[1:], start=1):
-        right.text(i, result[name]["seconds"], f"{result[name]['speedup']:.2f}x", ha="center", va="bottom")
-    right.set_ylabel("seconds to finish the batch")
-    fig.suptitle(title, fontsize=9)
-    save_figure(fig, path)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("tiny", "embedded"), default="tiny")
@@ -246,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = f"{bucket['batch_from']}-{bucket['batch_to']}" if bucket["batch_to"] > bucket["batch_from"] else "1"
         print(f"  {rows:>7} rows: {bucket['steps']:4d} steps, {bucket['sd_share']:.2f} speculated")
     if args.plot is not None:
-        plot(result, list(engines), args.plot, f"long-tail batch: {setup.description[:80]}")
+        plot_longtail(result, list(engines), args.plot, f"long-tail batch: {setup.description[:80]}")
         print(f"wrote {args.plot}")
     if args.json is not None:
         write_json(args.json, args, {"machine": machine, "model": setup.description}, result=result)

@@ -54,17 +54,11 @@ from adaptive_drafter.experiments.bench import (  # noqa: F401 - TINY, embedded_
     check_source,
     effective_alpha,
     embedded_setup,
-    format_memory,
     forward_seconds,
     fresh_suffix,
     grouped,
-    machine_info,
-    machine_line,
     make_engine,
     mean_max_p,
-    memory_report,
-    parse_with_preset,
-    plot_speedup,
     prompts_on,
     restore_suffix,
     run_assisted,
@@ -77,8 +71,11 @@ from adaptive_drafter.experiments.bench import (  # noqa: F401 - TINY, embedded_
     step_shares,
     suffix_supported,
     tiny_setup,
-    write_json,
 )
+from adaptive_drafter.experiments.cli import machine_line, parse_with_preset, write_json
+from adaptive_drafter.experiments.memory import format_memory, memory_report
+from adaptive_drafter.metrics import machine_info
+from adaptive_drafter.plots import plot_speedup
 from adaptive_drafter.elastic import expected_tokens
 from adaptive_drafter.metrics import speedup_estimate
 from adaptive_drafter.precision import RolloutCopy, resolve_rollout_dtype

@@ -21,8 +21,11 @@ from typing import Any
 
 import torch
 
+from adaptive_drafter.sampling import SamplingParams
 from adaptive_drafter import SpecConfig, SpeculativeEngine
-from adaptive_drafter.experiments.bench import SetupOptions, embedded_setup, machine_info, machine_line, write_json
+from adaptive_drafter.experiments.bench import SetupOptions, embedded_setup
+from adaptive_drafter.experiments.cli import machine_line, write_json
+from adaptive_drafter.metrics import machine_info
 from adaptive_drafter.precision import RolloutCopy, resolve_rollout_dtype
 
 
@@ -53,11 +56,11 @@ def measure(policy: Any, drafter: Any, ids: torch.Tensor, mask: torch.Tensor, k:
     record: dict[str, list[float]] = {}
     engine = SpeculativeEngine(policy, drafter, SpecConfig(num_draft_tokens=k, elastic=True))
     force_schedule(engine, k, record)
-    generate = dict(max_new_tokens=tokens, do_sample=False, pad_token_id=pad)
-    engine.generate(ids, mask, **generate)  # warm-up
+    generate = dict(max_new_tokens=tokens)
+    engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, **generate)  # warm-up
     record.clear()
-    engine.generate(ids, mask, **generate)
-    engine.generate(ids, mask, **generate)
+    engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, **generate)
+    engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, **generate)
     plain = statistics.median(record[f"plain@{batch}"])
     return statistics.median(record[f"verify{k}@{batch}"]) / plain, plain
 

@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     from adaptive_drafter import SpecConfig, SpeculativeEngine
     from adaptive_drafter.adaptive import AdaptiveDrafter
-    from adaptive_drafter.experiments.bench import machine_info, write_json
+    from adaptive_drafter.experiments.cli import write_json
+    from adaptive_drafter.metrics import machine_info
+    from adaptive_drafter.sampling import SamplingParams
     from adaptive_drafter.config import DrafterConfig
     from adaptive_drafter.drafter import build_drafter, load_adapter
     from adaptive_drafter.embedded import cache_path, load_embedded
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     drafter = build_drafter(policy, DrafterConfig(drafter_num_layers=args.drafter_layers))
     if args.adapter is not None:
         load_adapter(drafter, args.adapter)
-    adaptive = AdaptiveDrafter(drafter, SpecConfig(num_draft_tokens=args.k))
+    adaptive = AdaptiveDrafter(drafter)
     draft_dir = adaptive.export(Path(tempfile.mkdtemp(prefix="bench_vllm_drafter_")), tokenizer)
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature)
     batches = args.batch_sizes
@@ -149,7 +151,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows[b]["hf_generate_tok_s"] = b * args.max_new_tokens / seconds
             for name, engine in engines.items():
                 seconds, out = timed_run(
-                    lambda engine=engine: engine.generate(i, m, max_new_tokens=args.max_new_tokens, **sampling),
+                    lambda engine=engine: engine.generate(
+                        i, SamplingParams(**sampling), attention_mask=m, max_new_tokens=args.max_new_tokens
+                    ),
                     policy.device,
                     args.repeats,
                 )
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     skipped: dict[str, str] = {}
     vllm_runs = [("vllm_plain", dict(method=None))]
     # ngram last: its proposer loads llvmlite (numba), after which no new vLLM engine can start in this process
-    # (vLLM's kernel-override scan fails on one of llvmlite's objects; see vllm_engine._register_expand_fallback).
+    # (vLLM's kernel-override scan fails on one of llvmlite's objects; see vllm_support.register_expand_fallback).
     for method in sorted(args.methods, key=lambda m: m == "ngram"):
         kwargs: dict[str, Any] = dict(method=method)
         if method == "draft_model":
@@ -180,7 +184,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         outputs[name] = {}
         for b in batches:
             def rollout(b: int = b) -> Any:
-                return engine.generate(prompts[:b], max_new_tokens=args.max_new_tokens, generator_seed=0, **sampling)
+                return engine.generate(
+                    prompts[:b], SamplingParams(**sampling), max_new_tokens=args.max_new_tokens, seed=0
+                )
 
             if kwargs.get("elastic"):
                 seconds, out = elastic_run(engine, rollout, rows[b], name, args, first=b == batches[0])

@@ -26,11 +26,13 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from adaptive_drafter.sampling import SamplingParams
 from adaptive_drafter import SpecConfig, SpeculativeEngine, SpecStats
 from adaptive_drafter.adaptive import AdaptiveDrafter
 from adaptive_drafter.config import DistillConfig, DrafterConfig
 from adaptive_drafter.drafter import AdapterVersion, build_drafter, save_adapter
 from adaptive_drafter.testing import left_padded_prompts, tiny_causal_lm
+from adaptive_drafter.plots import plot_distill_curve
 from adaptive_drafter.trainer import DrafterTrainer
 
 
@@ -72,11 +74,10 @@ Served = tuple[AdaptiveDrafter, SpeculativeEngine]  # a drafter and the engine i
 def rollout(served: Served, task: Task, args: argparse.Namespace, seed: int, do_sample: bool = True) -> SpecStats:
     """One batch of completions (sampled, or greedy) from prompts drawn with `seed`; returns its statistics."""
     ids, mask = task.prompts(args.batch_size, seed)
-    generator = torch.Generator(device=ids.device).manual_seed(seed)
     adaptive, engine = served
     out = adaptive.generate(
-        engine, ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature, do_sample=do_sample,
-        eos_token_id=task.eos_token_id, generator=generator,
+        engine, ids, SamplingParams(do_sample=do_sample, temperature=args.temperature), attention_mask=mask,
+        max_new_tokens=args.max_new_tokens, eos_token_id=task.eos_token_id, seed=seed,
     )  # fmt: skip
     return out.stats
 
@@ -92,29 +93,6 @@ def evaluate(evaluator: Served, task: Task, args: argparse.Namespace) -> dict[st
     if args.eval_greedy:
         point["greedy_acceptance"] = held_out_stats(evaluator, task, args, do_sample=False).acceptance_rate
     return point
-
-
-def plot_curve(result: dict, path: Path) -> None:
-    """Held-out acceptance (sampled and, if measured, greedy) against minutes of distillation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curve = result["curve"]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    minutes = [point["minutes"] for point in curve]
-    ax.plot(minutes, [point["acceptance"] for point in curve], "o-", label="sampled (T=1): acceptance rate")
-    if all("greedy_acceptance" in point for point in curve):
-        ax.plot(minutes, [point["greedy_acceptance"] for point in curve], "s-", label="greedy: acceptance rate")
-    ax.set_xlabel("minutes of distillation (rollouts included, evaluations excluded)")
-    ax.set_ylabel("held-out acceptance")
-    ax.set_ylim(0, 1)
-    ax.set_title(result.get("policy", ""), fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -154,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.replot is not None:
         result = json.loads(args.replot.read_text())
-        plot_curve(result, args.plot or args.replot.with_suffix(".png"))
+        plot_distill_curve(result, args.plot or args.replot.with_suffix(".png"))
         return result
     torch.manual_seed(args.seed)
     task = (tiny_task if args.model == "tiny" else embedded_task)(args)
@@ -176,11 +154,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer = DrafterTrainer(drafter, config)
     spec = SpecConfig(num_draft_tokens=args.k, elastic=False)
     # Targets come from plain steps as well as verifies, so elastic training rollouts lose nothing but time.
-    adaptive = AdaptiveDrafter(drafter, spec, trainer=trainer)
+    adaptive = AdaptiveDrafter(drafter, trainer=trainer)
     training = SpecConfig(num_draft_tokens=args.k, elastic=args.elastic)
     engine = (adaptive, SpeculativeEngine(task.policy, drafter, training))
     # The same serving drafter, frozen: it feeds no buffer.
-    evaluator = (AdaptiveDrafter(drafter, spec), SpeculativeEngine(task.policy, drafter, spec))
+    evaluator = (AdaptiveDrafter(drafter), SpeculativeEngine(task.policy, drafter, spec))
     print(f"policy: {task.description}; drafter: first {args.drafter_layers} layers + LoRA r={args.lora_r}")
 
     before = held_out_stats(evaluator, task, args)
@@ -216,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         args.json.write_text(json.dumps({"settings": settings, **result}, indent=2) + "\n")
     if args.plot is not None and curve:
-        plot_curve(result, args.plot)
+        plot_distill_curve(result, args.plot)
     return result
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from adaptive_drafter.sampling import SamplingParams
 from adaptive_drafter import SpecConfig, SpeculativeEngine
 from adaptive_drafter.config import DrafterConfig
 from adaptive_drafter.drafter import build_drafter, load_adapter, merged_copy
@@ -45,8 +46,8 @@ def prompts(tokenizer, task: str, count: int, seed: int):
 def rollout(engine, tokenizer, task, count, seed, do_sample=True, topk=32):
     ids, mask = prompts(tokenizer, task, count, seed)
     return engine.generate(
-        ids, mask, max_new_tokens=MAX_NEW[task], do_sample=do_sample, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, collect_topk=topk, generator=torch.Generator().manual_seed(seed),
+        ids, SamplingParams(do_sample=do_sample), attention_mask=mask, max_new_tokens=MAX_NEW[task],
+        eos_token_id=tokenizer.eos_token_id, collect_topk=topk, seed=seed,
     )  # fmt: skip
 
 

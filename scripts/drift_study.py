@@ -62,12 +62,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from adaptive_drafter.sampling import SamplingParams
 from adaptive_drafter import SpecConfig, SpeculativeEngine
 from adaptive_drafter.experiments import studies
 from adaptive_drafter.adaptive import AdaptiveDrafter
-from adaptive_drafter.experiments.bench import machine_info, parse_with_preset, synchronize, write_json
+from adaptive_drafter.experiments.bench import synchronize
+from adaptive_drafter.experiments.cli import parse_with_preset, write_json
+from adaptive_drafter.metrics import machine_info
 from adaptive_drafter.config import DistillConfig, DrafterConfig
 from adaptive_drafter.drafter import build_drafter
+from adaptive_drafter.plots import plot_study
 from adaptive_drafter.tasks import TASKS
 from adaptive_drafter.trainer import DrafterTrainer
 
@@ -83,13 +87,13 @@ def train_step(
     ids = ids.repeat_interleave(args.group_size, 0).to(device)
     mask = mask.repeat_interleave(args.group_size, 0).to(device)
     metas = [m for m in metas for _ in range(args.group_size)]
-    generator = torch.Generator(device=device).manual_seed(studies.study_seed(args.seed, "rollout", step))
+    seed = studies.study_seed(args.seed, "rollout", step)
     run.adaptive.policy_version = step
     synchronize(device)
     start = time.perf_counter()
     out = run.adaptive.generate(
-        run.engine, ids, mask, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0,
-        eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id, generator=generator,
+        run.engine, ids, SamplingParams(), attention_mask=mask, max_new_tokens=args.max_new_tokens,
+        eos_token_id=task.eos_token_id, seed=seed,
     )  # fmt: skip
     synchronize(device)
     middle = time.perf_counter()
@@ -116,9 +120,8 @@ def evaluate(step: int, engines: dict[str, tuple[AdaptiveDrafter, SpeculativeEng
     for name, (drafter, engine) in engines.items():
         drafter.policy_version = step
         outs[name] = out = drafter.generate(
-            engine, ids, mask, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0,
-            eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id,
-            generator=torch.Generator(device=device).manual_seed(studies.study_seed(args.seed, "eval-sampling", step)),
+            engine, ids, SamplingParams(), attention_mask=mask, max_new_tokens=args.max_new_tokens,
+            eos_token_id=task.eos_token_id, seed=studies.study_seed(args.seed, "eval-sampling", step),
         )  # fmt: skip
         row[f"{name}_acceptance"] = out.stats.acceptance_rate
         row[f"{name}_mean_accepted_len"] = out.stats.mean_accepted_len
@@ -165,9 +168,9 @@ def warm_up(adaptive: AdaptiveDrafter, engine: SpeculativeEngine, trainer: Draft
     for r in tqdm(range(rollouts), desc="warm-up", leave=False, disable=args.no_progress):
         ids, mask, _ = task.make_prompts(args.prompts * args.group_size, studies.study_seed(args.seed, "warmup", r))
         adaptive.generate(
-            engine, ids.to(device), mask.to(device), max_new_tokens=args.max_new_tokens, do_sample=True,
-            temperature=1.0, eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id,
-            generator=torch.Generator(device=device).manual_seed(studies.study_seed(args.seed, "warmup-sampling", r)),
+            engine, ids.to(device), SamplingParams(), attention_mask=mask.to(device),
+            max_new_tokens=args.max_new_tokens, eos_token_id=task.eos_token_id,
+            seed=studies.study_seed(args.seed, "warmup-sampling", r),
         )  # fmt: skip
         for _ in range(min(per_rollout, args.warmup_steps - len(losses))):
             loss = trainer.step()
@@ -267,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     spec = SpecConfig(num_draft_tokens=args.k, elastic=False)
     engine = SpeculativeEngine(policy, drafter, spec)
     trainer = DrafterTrainer(drafter, distill_config)
-    adaptive = AdaptiveDrafter(drafter, spec, trainer=trainer)
+    adaptive = AdaptiveDrafter(drafter, trainer=trainer)
 
     # Warm start: both drafters begin with the same adapter, distilled from the step-0 policy.
     warm_start = time.perf_counter()
@@ -290,11 +293,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         base_policy, base_drafter = copy.deepcopy(reference).requires_grad_(True), copy.deepcopy(frozen_drafter)
         base_engine = SpeculativeEngine(base_policy, base_drafter, spec)
         baseline = studies.Run(
-            base_policy, optimizer_for(base_policy), base_engine, AdaptiveDrafter(base_drafter, spec), reference
+            base_policy, optimizer_for(base_policy), base_engine, AdaptiveDrafter(base_drafter), reference
         )
     # Evaluation rollouts never reach the distillation buffer: adaptive drafters without a trainer serve them.
     eval_engines = {
-        name: (AdaptiveDrafter(model, spec), SpeculativeEngine(policy, model, spec))
+        name: (AdaptiveDrafter(model), SpeculativeEngine(policy, model, spec))
         for name, model in (("frozen", frozen_drafter), ("adaptive", drafter))
     }
     rows: list[dict[str, float]] = []
@@ -375,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{f', rebase every {args.rebase_every}' if args.rebase_every else ''}"
         f"{'; NO distillation' if args.no_distill else ''}"
     )
-    studies.plot(rows, out_dir / "drift_study.png", title)
+    plot_study(rows, out_dir / "drift_study.png", title)
     machine = {**machine_info(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     write_json(out_dir / "summary.json", args, {"machine": machine}, **summary)
     studies.print_summary(rows, summary)

@@ -37,7 +37,7 @@ import torch
 def expand_check() -> None:
     from vllm.platforms import current_platform
 
-    from adaptive_drafter.vllm_engine import _probe_expand, _register_expand_fallback
+    from adaptive_drafter.vllm_support import probe_expand, register_expand_fallback
 
     current_platform.register_triton_kernel_overrides()  # what every vLLM worker does at start-up
     from vllm.v1.sample.rejection_sampler import expand_batch_to_tokens
@@ -45,9 +45,9 @@ def expand_check() -> None:
     temperatures, cumulative = torch.tensor([0.5, 1.0, 2.0]), torch.tensor([2, 5, 6], dtype=torch.int32)
     print("platform:", type(current_platform).__name__)
     print("want     [0.5, 0.5, 1.0, 1.0, 1.0, 2.0]")
-    print("vLLM    ", expand_batch_to_tokens(temperatures, cumulative, 6).tolist(), "correct:", _probe_expand())
-    _register_expand_fallback()
-    print("repaired", expand_batch_to_tokens(temperatures, cumulative, 6).tolist(), "correct:", _probe_expand())
+    print("vLLM    ", expand_batch_to_tokens(temperatures, cumulative, 6).tolist(), "correct:", probe_expand())
+    register_expand_fallback()
+    print("repaired", expand_batch_to_tokens(temperatures, cumulative, 6).tolist(), "correct:", probe_expand())
 
 
 def llm_check(repair: bool, draft_sample_method: str) -> None:
@@ -55,7 +55,7 @@ def llm_check(repair: bool, draft_sample_method: str) -> None:
     from vllm import LLM, SamplingParams
 
     from adaptive_drafter.embedded import cache_path, load_embedded
-    from adaptive_drafter.vllm_engine import _register_expand_fallback
+    from adaptive_drafter.vllm_support import register_expand_fallback
 
     load_embedded()  # converts the embedded model into its cache directory on first use
     policy = str(cache_path())
@@ -75,7 +75,7 @@ def llm_check(repair: bool, draft_sample_method: str) -> None:
         },
     )
     if repair:
-        _register_expand_fallback()  # after LLM(): the worker's start-up registered the platform's kernels
+        register_expand_fallback()  # after LLM(): the worker's start-up registered the platform's kernels
     tokenizer = AutoTokenizer.from_pretrained(policy)
     prompts = [
         {"prompt_token_ids": tokenizer(f"Question {i}: what is {i} + 3*{i}? Answer:").input_ids} for i in range(4)

@@ -32,7 +32,7 @@ def test_greedy_with_the_head_is_token_identical_to_policy_generate(arch, k):
     head = EagleHead(policy)
     ids, mask = left_padded_prompts(6, 2, 12, 256, seed=3)
     engine = SpeculativeEngine(policy, head, SpecConfig(elastic=False, num_draft_tokens=k))
-    out = engine.generate(ids, mask, max_new_tokens=24, do_sample=False, eos_token_id=7, pad_token_id=PAD)
+    out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=24, eos_token_id=7)
     assert out.completion_ids == reference_greedy(policy, ids, mask, 24, eos=7)
     assert 0 < out.stats.drafted <= out.stats.verify_steps * k  # (k shrinks near max_new_tokens)
 
@@ -61,7 +61,7 @@ def test_every_draft_is_the_head_over_the_policys_true_features():
 
     out_rows: dict[int, list[int]] = {row: [] for row in range(len(ids))}
     engine.step_hooks.append(record)
-    out = engine.generate(ids, mask, max_new_tokens=20, do_sample=False, eos_token_id=5, pad_token_id=PAD)
+    out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=20, eos_token_id=5)
     checked = {0: 0, 1: 0}
     for row, completion in enumerate(out.completion_ids):
         prompt = ids[row][mask[row].bool()].tolist()
@@ -89,7 +89,7 @@ def test_sampled_joint_distribution_with_the_head_is_the_policys():
     target = exact_joint(policy, prompt, SamplingParams(do_sample=True))
     engine = SpeculativeEngine(policy, head, SpecConfig(elastic=False, num_draft_tokens=2))
     ids = torch.tensor([prompt]).expand(rows, -1)
-    out = engine.generate(ids, None, max_new_tokens=STEPS, generator=torch.Generator().manual_seed(0))
+    out = engine.generate(ids, max_new_tokens=STEPS, seed=0)
     assert_within_noise(first_tokens_joint(out.completion_ids)[0], target, rows)
     assert 0.1 < out.stats.acceptance_rate < 0.95, out.stats  # drafts both accepted and rejected: the test has power
 
@@ -107,9 +107,7 @@ def test_a_policy_without_a_llama_style_decoder_is_refused_clearly():
 
 def rollout_targets(engine, seed: int, rows: int = 24):
     ids, mask = left_padded_prompts(rows, 3, 10, 256, seed=seed)
-    out = engine.generate(
-        ids, mask, max_new_tokens=20, collect_topk=16, generator=torch.Generator().manual_seed(seed), pad_token_id=PAD
-    )
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=20, collect_topk=16, seed=seed)
     return out
 
 
@@ -167,13 +165,12 @@ def test_the_eagle_kind_is_distilled_online_through_lora_and_hot_swapped():
     )
     trainer = DrafterTrainer(drafter, config)
     spec = SpecConfig(elastic=False, num_draft_tokens=3)
-    adaptive = AdaptiveDrafter(drafter, spec, trainer=trainer)
+    adaptive = AdaptiveDrafter(drafter, trainer=trainer)
     engine = SpeculativeEngine(policy, drafter, spec)
 
     def rollout(seed):
         ids, mask = left_padded_prompts(16, 2, 8, 256, seed=seed)
-        generator = torch.Generator().manual_seed(seed)
-        return adaptive.generate(engine, ids, mask, max_new_tokens=24, generator=generator)
+        return adaptive.generate(engine, ids, attention_mask=mask, max_new_tokens=24, seed=seed)
 
     before = rollout(100).stats.acceptance_rate
     for seed in range(1, 7):

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from adaptive_drafter.sampling import SamplingParams
 from adaptive_drafter import SpecConfig, SpeculativeEngine
 from adaptive_drafter.drafter import noised_copy
 from adaptive_drafter.elastic import ElasticController, best_k, expected_tokens, interpolate
@@ -144,7 +145,7 @@ def test_elastic_engine_measures_the_drafter_only_in_steady_state():
         original(batch, k, draft, *rest)
 
     engine.controller.observe_costs = observe
-    engine.generate(ids, mask, max_new_tokens=24, do_sample=False)
+    engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=24)
     assert seen[0] is None  # the first draft prefilled the 12-token prompt: not a drafter step's cost
     assert any(t is not None and t > 0 for t in seen[1:])
 
@@ -155,7 +156,7 @@ def test_switching_between_plain_and_speculative_steps_is_lossless(monkeypatch):
     schedule = itertools.cycle([0, 0, 3, 4, 0, 1, 2, 0, 0, 0, 4])  # plain stretches make the drafter catch up
     monkeypatch.setattr(engine.controller, "choose", lambda batch, limit: min(next(schedule), limit))
     ids, mask = left_padded_prompts(24, 2, 12, 256, seed=9)
-    out = engine.generate(ids, mask, max_new_tokens=40, do_sample=False, eos_token_id=2)
+    out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=40, eos_token_id=2)
     reference = policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
     expected = [row[: row.index(2) + 1] if 2 in row else row for row in reference[:, ids.shape[1] :].tolist()]
     assert out.completion_ids == expected
@@ -167,7 +168,7 @@ def test_elastic_engine_samples_the_policys_distribution_and_learns_costs():
     engine = SpeculativeEngine(policy, noised_copy(policy, 0.1), SpecConfig(num_draft_tokens=4, elastic=True))
     ids, mask = left_padded_prompts(8, 2, 8, 256, seed=1)
     for seed in range(3):
-        out = engine.generate(ids, mask, max_new_tokens=24, generator=torch.Generator().manual_seed(seed))
+        out = engine.generate(ids, attention_mask=mask, max_new_tokens=24, seed=seed)
         assert all(len(row) == 24 for row in out.completion_ids)
     costs = engine.controller.costs[ElasticController.bucket(8)]
     assert costs.plain is not None and costs.draft is not None and costs.verify
@@ -180,9 +181,9 @@ def test_plain_batch_threshold_without_elastic():
         policy, noised_copy(policy, 0.1), SpecConfig(num_draft_tokens=3, elastic=False, plain_batch_threshold=4)
     )
     ids, mask = left_padded_prompts(8, 2, 8, 256, seed=2)
-    out = engine.generate(ids, mask, max_new_tokens=12, do_sample=False)
+    out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=12)
     assert out.stats.verify_steps == 0 and out.stats.plain_steps == 8 * 12
-    small = engine.generate(ids[:2], mask[:2], max_new_tokens=12, do_sample=False)
+    small = engine.generate(ids[:2], SamplingParams(do_sample=False), attention_mask=mask[:2], max_new_tokens=12)
     assert small.stats.verify_steps > 0
 
 

@@ -60,9 +60,7 @@ def test_greedy_is_token_identical_to_policy_generate(arch_models, drafter_kind)
     expected = reference_greedy(policy, ids, mask, max_new_tokens=32, eos=eos)
     assert len({len(row) for row in expected}) > 4, "rows should finish at many different lengths"
     for k in (1, 2, 4, 8):
-        out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=k)).generate(
-            ids, mask, max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=PAD
-        )
+        out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=k)).generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=32, eos_token_id=eos)
         assert out.completion_ids == expected, f"k={k}"
         if drafter_kind == "agreeing":
             assert out.stats.tokens_per_verify > 1.5, out.stats
@@ -74,9 +72,7 @@ def test_drafter_equal_to_policy_accepts_everything():
     policy = tiny_causal_lm("llama", logit_scale=8.0)
     ids, mask = left_padded_prompts(8, 3, 10, 256, seed=1)
     k = 4
-    out = SpeculativeEngine(policy, copy.deepcopy(policy), SpecConfig(elastic=False, num_draft_tokens=k)).generate(
-        ids, mask, max_new_tokens=41, do_sample=False
-    )
+    out = SpeculativeEngine(policy, copy.deepcopy(policy), SpecConfig(elastic=False, num_draft_tokens=k)).generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=41)
     assert out.stats.acceptance_rate == 1.0
     assert out.stats.tokens_per_verify == k + 1
     assert all(len(row) == 41 for row in out.completion_ids)
@@ -90,7 +86,7 @@ def test_plain_decoding_runs_as_many_policy_forwards_as_generate():
     engine = SpeculativeEngine(
         policy, copy.deepcopy(policy), SpecConfig(elastic=False, num_draft_tokens=4, plain_batch_threshold=1)
     )
-    out = engine.generate(ids, mask, max_new_tokens=12, do_sample=False)
+    out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=12)
     assert out.completion_ids == reference_greedy(policy, ids, mask, 12, eos=-1)
     assert out.stats.policy_forwards == 12 and out.stats.drafter_forwards == 0
 
@@ -103,9 +99,7 @@ def test_peft_wrapped_drafter(arch_models):
         copy.deepcopy(arch_models["agreeing"]), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
     )
     ids, mask = left_padded_prompts(16, 2, 12, policy.config.vocab_size, seed=3)
-    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=3)).generate(
-        ids, mask, max_new_tokens=20, do_sample=False, eos_token_id=EOS
-    )
+    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=3)).generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=20, eos_token_id=EOS)
     assert out.completion_ids == reference_greedy(policy, ids, mask, 20)
 
 
@@ -117,10 +111,10 @@ def test_several_eos_ids_and_max_new_tokens_one():
     # Two frequent tokens as eos ids: each row must stop right after its first occurrence of either.
     first = frequent_token(free)
     eos_ids = [first, frequent_token([[t for t in row if t != first] or [first] for row in free])]
-    out = engine.generate(ids, mask, max_new_tokens=24, do_sample=False, eos_token_id=eos_ids)
+    out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=24, eos_token_id=eos_ids)
     assert out.completion_ids == reference_greedy(policy, ids, mask, 24, eos=eos_ids)
     assert any(len(row) < 24 for row in out.completion_ids)
-    one = engine.generate(ids, mask, max_new_tokens=1, do_sample=False)
+    one = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=1)
     assert one.completion_ids == [row[:1] for row in free]
 
 
@@ -146,7 +140,7 @@ def speculative_samples(policy, drafter, prompt: list[int], k: int, settings: di
     """SAMPLES rows of `prompt` decoded speculatively at draft length k (fixed, exact rule), seeded by k."""
     engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=k))
     ids = torch.tensor([prompt]).expand(SAMPLES, -1)
-    return engine.generate(ids, None, max_new_tokens=STEPS + 1, generator=torch.Generator().manual_seed(k), **settings)
+    return engine.generate(ids, SamplingParams(**settings), max_new_tokens=STEPS + 1, seed=k)
 
 
 def first_tokens_joint(completions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,9 +201,7 @@ def test_logprobs_equal_a_full_policy_forward():
     drafter = noised_copy(policy, 0.1)
     ids, mask = left_padded_prompts(8, 3, 9, 256, seed=2)
     params = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.95)
-    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=3)).generate(
-        ids, mask, max_new_tokens=16, generator=torch.Generator().manual_seed(0), eos_token_id=EOS, **params
-    )
+    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=3)).generate(ids, SamplingParams(**params), attention_mask=mask, max_new_tokens=16, seed=0, eos_token_id=EOS)
     for row, (completion, logprobs) in enumerate(zip(out.completion_ids, out.logprobs)):
         prompt = ids[row][mask[row].bool()].tolist()
         full = torch.tensor([prompt + completion])
@@ -225,7 +217,7 @@ def test_seeded_runs_are_reproducible():
     engine = SpeculativeEngine(policy, noised_copy(policy, 0.2), SpecConfig(elastic=False, num_draft_tokens=4))
     ids, mask = left_padded_prompts(16, 2, 10, 256, seed=1)
     runs = [
-        engine.generate(ids, mask, max_new_tokens=24, generator=torch.Generator().manual_seed(123)).completion_ids
+        engine.generate(ids, attention_mask=mask, max_new_tokens=24, seed=123).completion_ids
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
@@ -238,12 +230,8 @@ def test_lossy_rules_accept_more_and_report_policy_logprobs(lossy_config):
     policy = tiny_causal_lm("llama", logit_scale=4.0)
     drafter = noised_copy(policy, 0.3)
     ids, mask = left_padded_prompts(8, 3, 8, 256, seed=3)
-    exact = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(
-        ids, mask, max_new_tokens=24, generator=torch.Generator().manual_seed(0)
-    )
-    lossy = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4, **lossy_config)).generate(
-        ids, mask, max_new_tokens=24, generator=torch.Generator().manual_seed(0)
-    )
+    exact = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(ids, attention_mask=mask, max_new_tokens=24, seed=0)
+    lossy = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4, **lossy_config)).generate(ids, attention_mask=mask, max_new_tokens=24, seed=0)
     assert lossy.stats.acceptance_rate > exact.stats.acceptance_rate
     if lossy_config["acceptance"] == "cascade":  # threshold 0 takes every draft the policy gives p > 0
         assert lossy.stats.acceptance_rate == 1.0
@@ -269,7 +257,7 @@ def test_collected_targets_are_the_policys_topk_at_every_emitted_position():
     ids, mask = left_padded_prompts(12, 2, 10, 256, seed=4)
     config = SpecConfig(elastic=False, num_draft_tokens=3, collect_topk=8)
     engine = SpeculativeEngine(policy, noised_copy(policy, 0.1), config)
-    out = engine.generate(ids, mask, max_new_tokens=20, do_sample=False, eos_token_id=EOS, policy_version=7)
+    out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=20, eos_token_id=EOS, policy_version=7)
     assert sum(t.accepted.sum().item() for t in out.targets) <= out.stats.accepted
     assert any(t.accepted.any() for t in out.targets) and any((t.drafted & ~t.accepted).any() for t in out.targets)
     for row, targets in enumerate(out.targets):
@@ -306,7 +294,7 @@ def test_padded_embeddings_work_with_the_tokenizer_size():
     drafter = tiny_causal_lm("llama", vocab_size=320, seed=2, logit_scale=8.0)
     engine = SpeculativeEngine(policy, drafter, SpecConfig(vocab_size=200))
     ids, mask = left_padded_prompts(16, 2, 8, 200, seed=0)
-    out = engine.generate(ids, mask, max_new_tokens=40, temperature=1.5)
+    out = engine.generate(ids, SamplingParams(temperature=1.5), attention_mask=mask, max_new_tokens=40)
     assert max(t for row in out.completion_ids for t in row) < 200
 
 
@@ -344,12 +332,12 @@ def test_config_errors_reach_the_engine():
 )
 def test_bad_input_raises_clear_errors(engine, ids, mask, max_new, message):
     with pytest.raises(ValueError, match=message):
-        engine.generate(ids, mask, max_new_tokens=max_new)
+        engine.generate(ids, attention_mask=mask, max_new_tokens=max_new)
 
 
 def test_bad_sampling_settings_raise(engine):
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        engine.generate(torch.tensor([[5, 6]]), temperature=0.0)
+        engine.generate(torch.tensor([[5, 6]]), SamplingParams(temperature=0.0))
 
 
 @pytest.mark.parametrize("broken", ["policy", "drafter"])
@@ -363,7 +351,7 @@ def test_nonfinite_logits_raise_a_clear_error(broken, value):
     ids, mask = left_padded_prompts(4, 2, 6, 256, seed=0)
     for do_sample in (True, False):
         with pytest.raises(ValueError, match=f"The {broken} produced NaN or \\+inf logits"):
-            engine.generate(ids, mask, max_new_tokens=8, do_sample=do_sample)
+            engine.generate(ids, SamplingParams(do_sample=do_sample), attention_mask=mask, max_new_tokens=8)
 
 
 def test_the_engine_calls_models_by_the_current_names_without_deprecation_notices():
@@ -383,7 +371,7 @@ def test_the_engine_calls_models_by_the_current_names_without_deprecation_notice
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ids, mask = left_padded_prompts(3, 2, 6, 256, seed=0)
-            SpeculativeEngine(policy, noised_copy(policy, 0.1), SpecConfig(elastic=False)).generate(ids, mask, 6)
+            SpeculativeEngine(policy, noised_copy(policy, 0.1), SpecConfig(elastic=False)).generate(ids, attention_mask=mask, max_new_tokens=6)
     finally:
         library.removeHandler(handler)
     notices = [r.getMessage() for r in records] + [str(w.message) for w in caught]

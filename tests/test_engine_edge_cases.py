@@ -59,9 +59,7 @@ def test_greedy_identity_long_completions_large_k_heavy_padding(long_models, bat
     else:
         assert len(expected[0]) == 512
     engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=k))
-    out = engine.generate(
-        ids, mask, max_new_tokens=512, do_sample=False, eos_token_id=[eos] if eos >= 0 else None, pad_token_id=PAD
-    )
+    out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=512, eos_token_id=[eos] if eos >= 0 else None)
     assert out.completion_ids == expected
     assert out.stats.tokens_per_verify > 1.5, out.stats
 
@@ -89,10 +87,10 @@ def blind_to(model, tokens: list[int]):
 
 def joint_samples(engine, prompt: list[int], samples: int, seed: int, **settings) -> torch.Tensor:
     """Outcome index of the first STEPS tokens of `samples` completions, drawn in chunks."""
-    gen, chunks = torch.Generator().manual_seed(seed), []
+    chunks = []
     for start in range(0, samples, 25_000):
         ids = torch.tensor([prompt]).expand(min(25_000, samples - start), -1)
-        out = engine.generate(ids, None, max_new_tokens=STEPS, generator=gen, **settings)
+        out = engine.generate(ids, SamplingParams(**settings), max_new_tokens=STEPS, seed=seed + start)
         firsts = torch.tensor([row[:STEPS] for row in out.completion_ids])
         chunks.append((firsts * torch.tensor([VOCAB**2, VOCAB, 1])).sum(-1))
     return torch.cat(chunks)
@@ -152,9 +150,7 @@ def test_every_emitted_token_lies_in_the_allowed_set(settings):
     drafter = noised_copy(policy, std=0.6, seed=3)
     ids, mask = padded_prompts(32, min_pad=2, seed=5)
     params = SamplingParams(do_sample=True, **settings)
-    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(
-        ids, mask, max_new_tokens=24, generator=torch.Generator().manual_seed(0), **settings
-    )
+    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(ids, params, attention_mask=mask, max_new_tokens=24, seed=0)
     assert out.stats.accepted > 0 and out.stats.accepted < out.stats.drafted
     outside = 0
     for row, completion in enumerate(out.completion_ids):
@@ -177,14 +173,7 @@ def test_drafter_equal_to_policy_accepts_every_sampled_draft():
     k = 5
     out = SpeculativeEngine(
         policy, copy.deepcopy(policy), SpecConfig(elastic=False, num_draft_tokens=k)
-    ).generate(
-        ids,
-        mask,
-        max_new_tokens=1 + 5 * (k + 1),  # the prefill's token, then five full verifies
-        temperature=0.9,
-        top_p=0.95,
-        generator=torch.Generator().manual_seed(0),
-    )
+    ).generate(ids, SamplingParams(temperature=0.9, top_p=0.95), attention_mask=mask, max_new_tokens=1 + 5 * (k + 1), seed=0)
     assert out.stats.acceptance_rate == 1.0 and out.stats.tokens_per_verify == k + 1
 
 
@@ -195,9 +184,9 @@ def test_tokens_the_drafter_cannot_propose_are_still_emitted():
     free = reference_greedy(policy, ids, mask, 16, eos=[])
     favourite = torch.bincount(torch.tensor(sum(free, [])), minlength=256).topk(3).indices.tolist()
     engine = SpeculativeEngine(policy, blind_to(policy, favourite), SpecConfig(elastic=False, num_draft_tokens=3))
-    sampled = engine.generate(ids, mask, max_new_tokens=16, generator=torch.Generator().manual_seed(0))
+    sampled = engine.generate(ids, attention_mask=mask, max_new_tokens=16, seed=0)
     assert any(t in favourite for row in sampled.completion_ids for t in row)
-    greedy = engine.generate(ids, mask, max_new_tokens=16, do_sample=False)
+    greedy = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=16)
     assert greedy.completion_ids == free
 
 
@@ -241,9 +230,7 @@ def test_low_precision_greedy_is_identical_up_to_near_ties(dtype):
     policy = policy.to(dtype)
     ids, mask = padded_prompts(32, min_pad=4, seed=6)
     expected = reference_greedy(policy, ids, mask, 48, eos=[])
-    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(
-        ids, mask, max_new_tokens=48, do_sample=False
-    )
+    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=48)
     gaps = check_near_ties(policy, ids, mask, expected, out.completion_ids, tolerance=0.05)
     print(f"{dtype}: {len(gaps)} of {len(expected)} rows diverged, largest fp32 logit gap {max(gaps, default=0):.4f}")
     assert len(gaps) <= len(expected) // 4, f"{len(gaps)} of {len(expected)} rows diverged"
@@ -258,8 +245,40 @@ def test_low_precision_greedy_on_gpu(dtype):
     policy = policy.to("cuda", dtype)
     ids, mask = (t.cuda() for t in padded_prompts(64, min_pad=4, seed=6))
     expected = reference_greedy(policy, ids, mask, 128, eos=[])
-    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(
-        ids, mask, max_new_tokens=128, do_sample=False
-    )
+    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=128)
     gaps = check_near_ties(policy, ids, mask, expected, out.completion_ids, tolerance=0.05)
     print(f"{dtype}: {len(gaps)} of {len(expected)} rows diverged, largest fp32 logit gap {max(gaps, default=0):.4f}")
+
+
+def test_token_id_lists_and_the_same_prompts_left_padded_are_the_same_rollout():
+    """The rollout contract takes unpadded token-id lists (what both engines share); a padded tensor is the same."""
+    policy = tiny_causal_lm("llama", logit_scale=4.0)
+    engine = SpeculativeEngine(policy, noised_copy(policy, 0.1), SpecConfig(elastic=False, num_draft_tokens=3))
+    ids, mask = padded_prompts(6, min_pad=3, seed=11)
+    rows = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    sampling = SamplingParams(temperature=0.8, top_p=0.9)
+    padded = engine.generate(ids, sampling, attention_mask=mask, max_new_tokens=12, seed=4)
+    listed = engine.generate(rows, sampling, max_new_tokens=12, seed=4)
+    assert listed.completion_ids == padded.completion_ids  # the padded tensor is wider: sums differ in the last bits
+    assert all(torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5) for a, b in zip(listed.logprobs, padded.logprobs))
+    with pytest.raises(ValueError, match="non-empty token id lists"):
+        engine.generate([rows[0], []], sampling)
+    with pytest.raises(ValueError, match="attention_mask goes with a padded prompt_ids tensor"):
+        engine.generate(rows, sampling, attention_mask=mask)
+
+
+def test_a_repetition_penalty_the_engine_cannot_apply_is_refused_not_ignored():
+    policy = tiny_causal_lm("llama")
+    engine = SpeculativeEngine(policy, noised_copy(policy, 0.1), SpecConfig())
+    with pytest.raises(ValueError, match=r"repetition_penalty=1.2 is not supported.*vLLM"):
+        engine.generate([[3, 4, 5]], SamplingParams(repetition_penalty=1.2), max_new_tokens=4)
+    assert engine.generate([[3, 4, 5]], SamplingParams(repetition_penalty=1.0), max_new_tokens=4).completion_ids
+
+
+def test_the_policy_decodes_in_eval_mode_and_keeps_its_training_mode():
+    """Dropout would make rollouts sample another distribution than the policy's: the engine turns it off."""
+    policy = tiny_causal_lm("llama").train()
+    engine, seen = SpeculativeEngine(policy, noised_copy(policy, 0.1), SpecConfig()), []
+    policy.register_forward_hook(lambda module, args, output: seen.append(module.training))
+    engine.generate([[3, 4, 5]], max_new_tokens=3)
+    assert seen and not any(seen) and policy.training

@@ -9,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adaptive_drafter.sampling import SamplingParams
 from adaptive_drafter import SpecConfig, SpeculativeEngine
 from adaptive_drafter.drafter import noised_copy
 from adaptive_drafter.testing import tiny_causal_lm
@@ -47,7 +48,9 @@ def engine_inputs(draw):
 def test_any_input_works_or_raises_a_clear_value_error(case):
     k, ids, mask, kwargs, seed = case
     try:
-        out = ENGINES[k].generate(ids, mask, generator=torch.Generator().manual_seed(seed), **kwargs)
+        decode = dict(kwargs)
+        sampling = SamplingParams(**{name: decode.pop(name) for name in ("do_sample", "temperature", "top_k", "top_p")})
+        out = ENGINES[k].generate(ids, sampling, attention_mask=mask, seed=seed, **decode)
     except ValueError as error:
         assert str(error)  # a message that says what is wrong
         return

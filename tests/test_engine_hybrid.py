@@ -74,11 +74,11 @@ def test_greedy_with_suffix_drafts_is_token_identical_to_policy_generate(models,
     policy, drafter = models
     ids, mask, eos, expected = greedy_case
     engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=elastic, num_draft_tokens=3, drafting="hybrid"))
-    first = engine.generate(ids, mask, max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
+    first = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=32, eos_token_id=eos)
     assert first.completion_ids == expected
     # A second rollout of the same prompts: the first one's completions are the history source, which drafts them
     # whole (greedy siblings are equal, so within one rollout none goes ahead of another).
-    second = engine.generate(ids, mask, max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
+    second = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=32, eos_token_id=eos)
     assert second.completion_ids == expected
     stats = second.stats
     assert stats.suffix_verifies > 0 and stats.suffix_acceptance_rate == 1.0, stats
@@ -95,7 +95,7 @@ def test_rows_with_suffix_drafts_speculate_when_the_controller_decodes_plainly(m
     engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=True, num_draft_tokens=3, drafting="hybrid"))
     step_sources.attach(engine)
     for _ in range(3):
-        out = engine.generate(ids, mask, max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
+        out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=32, eos_token_id=eos)
         assert out.completion_ids == expected
     assert any(k == 0 and suffix for k, suffix, _ in step_sources), step_sources
     assert out.stats.suffix_verifies > 0 and out.stats.suffix_acceptance_rate > 0.5, out.stats
@@ -111,9 +111,9 @@ def test_the_drafter_cache_stays_exact_when_rows_mix_sources_in_a_step(step_sour
     step_sources.attach(engine)
     ids, mask = grpo_prompts(4, 3, seed=3)
     expected = reference_greedy(policy, ids, mask, 24, eos=-1)
-    engine.generate(ids[:6], mask[:6], max_new_tokens=24, do_sample=False)  # history for the first two prompts only
+    engine.generate(ids[:6], SamplingParams(do_sample=False), attention_mask=mask[:6], max_new_tokens=24)  # history for the first two prompts only
     step_sources.clear()
-    out = engine.generate(ids, mask, max_new_tokens=24, do_sample=False)
+    out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=24)
     assert out.completion_ids == expected
     stats = out.stats
     assert any(suffix and model for _, suffix, model in step_sources), step_sources
@@ -147,9 +147,8 @@ def test_sampled_joint_distribution_with_suffix_drafts_is_the_policys(peaked_mod
     # Fewer candidates per lookup: a faster test; raw frequencies (prior 0): suffix drafts on most steps, more power.
     engine.suffix = SuffixDrafter(SuffixConfig(max_candidates=16, prior=0.0))
     ids = torch.tensor([prompt]).expand(ROWS, -1)
-    generator = torch.Generator().manual_seed(0)
     # The first rollout drafts from siblings that went ahead, the second from the first's completions too.
-    outs = [engine.generate(ids, None, max_new_tokens=STEPS + 3, generator=generator) for _ in range(2)]
+    outs = [engine.generate(ids, max_new_tokens=STEPS + 3, seed=seed) for seed in range(2)]
     empirical = [joint_of_first_tokens(out.completion_ids) for out in outs]
     for joint in empirical:
         tv = 0.5 * float((joint - target).abs().sum())
@@ -164,7 +163,7 @@ def test_sampled_joint_distribution_with_suffix_drafts_is_the_policys(peaked_mod
     assert 0.1 < stats.suffix_acceptance_rate < 0.9, stats
     # ...and a lossy rule over the same drafts (accept any the policy gives p > 0) is caught many times over.
     engine.config.acceptance, engine.config.cascade_threshold = "cascade", 0.0
-    lossy = engine.generate(ids, None, max_new_tokens=STEPS + 3, generator=generator)
+    lossy = engine.generate(ids, max_new_tokens=STEPS + 3, seed=2)
     assert lossy.stats.suffix_verifies > 0.9 * lossy.stats.verify_steps
     assert 0.5 * float((joint_of_first_tokens(lossy.completion_ids) - target).abs().sum()) > 3 * noise_bound(
         target, ROWS
@@ -194,8 +193,8 @@ def test_collected_targets_count_suffix_positions_as_drafted(models):
     ids, mask = grpo_prompts(3, 4, seed=5)
     config = SpecConfig(elastic=False, num_draft_tokens=2, drafting="hybrid", collect_topk=4)
     engine = SpeculativeEngine(policy, drafter, config)
-    engine.generate(ids, mask, max_new_tokens=20, do_sample=False)
-    out = engine.generate(ids, mask, max_new_tokens=20, do_sample=False)
+    engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=20)
+    out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=20)
     stats = out.stats
     assert stats.suffix_verifies > 0
     metrics = stats.metrics()
@@ -227,7 +226,7 @@ def test_suffix_only_drafting_never_runs_the_drafter_model_and_stays_greedy_iden
     calls = []
     drafter.register_forward_hook(lambda *args: calls.append(1))
     for _ in range(2):  # the second call drafts from the first call's completions (history)
-        out = engine.generate(ids, mask, max_new_tokens=20, do_sample=False, eos_token_id=EOS)
+        out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=20, eos_token_id=EOS)
         assert out.completion_ids == expected
     assert not calls and out.stats.drafted == out.stats.suffix_drafted > 0
 
@@ -239,5 +238,5 @@ def test_a_failed_rollout_still_ends_the_suffix_rollout():
     engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=2, drafting="hybrid"))
     ids, mask = grpo_prompts(2, 2, seed=0)
     with pytest.raises(ValueError, match="NaN"):
-        engine.generate(ids, mask, max_new_tokens=8, do_sample=False)
+        engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=8)
     assert engine.suffix._row_uid == []

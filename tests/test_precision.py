@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 
 from adaptive_drafter import SpecConfig, SpeculativeEngine
 from adaptive_drafter.adaptive import AdaptiveDrafter
-from adaptive_drafter.config import DrafterConfig
+from adaptive_drafter.config import DrafterConfig, ServingConfig
 from adaptive_drafter.drafter import adapter_state, build_drafter, load_adapter_state, merged_copy, noised_copy
 from adaptive_drafter.precision import RolloutCopy, cpu_bf16_flags, fast_bf16, resolve_rollout_dtype
 from adaptive_drafter.sampling import SamplingParams
@@ -85,10 +85,10 @@ def test_this_machine_reports_what_auto_decides():
 
 def test_unknown_rollout_dtypes_are_refused_with_the_choices():
     with pytest.raises(ValueError, match="rollout_dtype 'fp16'.*auto, float32, bfloat16"):
-        SpecConfig(rollout_dtype="fp16")
+        ServingConfig(rollout_dtype="fp16")
     with pytest.raises(ValueError, match="auto, float32, bfloat16"):
         resolve_rollout_dtype("half", tiny_causal_lm("llama"))
-    assert SpecConfig().rollout_dtype == "auto"
+    assert ServingConfig().rollout_dtype == "auto"
 
 
 # --- the rollout copy -------------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_a_policy_changed_in_shape_after_the_copy_is_refused_clearly():
 def test_the_drafter_serves_in_the_rollout_precision_and_a_swap_recasts_only_what_changed():
     policy = tiny_causal_lm("llama", logit_scale=4.0)
     drafter = build_drafter(policy, DrafterConfig(drafter_num_layers=1, drafter_lora_r=4))
-    adaptive = AdaptiveDrafter(drafter, SpecConfig())
+    adaptive = AdaptiveDrafter(drafter)
     adaptive.serving_dtype = BF16
     first = adaptive.serving_model()
     assert all(p.dtype == BF16 for p in first.parameters())
@@ -238,9 +238,7 @@ def test_greedy_in_bfloat16_equals_the_copys_generate_except_at_near_ties(arch):
     copy, drafter = bf16_copy(policy), bf16_copy(noised_copy(policy, 0.1, seed=1))
     ids, mask = left_padded_prompts(64, 1, 24, 256, seed=7)
     expected = reference_greedy(copy, ids, mask, max_new_tokens=32, eos=EOS)
-    out = SpeculativeEngine(copy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(
-        ids, mask, max_new_tokens=32, do_sample=False, eos_token_id=EOS
-    )
+    out = SpeculativeEngine(copy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=32, eos_token_id=EOS)
     assert out.stats.accepted > 0
     flipped = [row for row in range(64) if out.completion_ids[row] != expected[row]]
     assert len(flipped) <= 64 // 10, f"{len(flipped)} of 64 rows differ from the copy's generate"
@@ -264,7 +262,7 @@ def test_bfloat16_rollouts_in_grpo_give_finite_losses_and_the_training_forwards_
     trainer = make_trainer(tmp_path, rollout, policy=policy, max_steps=3, learning_rate=1e-3)
     trainer.train()
     inner = rollout.rollout
-    assert inner.rollout_copy.is_copy and inner.rollout_copy.syncs == 2  # after each optimizer step but the last
+    assert inner.backend.rollout_copy.is_copy and inner.backend.rollout_copy.syncs == 2  # after each optimizer step but the last
     assert next(inner.engine.policy.parameters()).dtype == BF16
     assert any("rollouts: policy served in bfloat16" in event for event in inner.events)
     served = inner.adaptive.draft_model()

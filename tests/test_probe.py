@@ -8,7 +8,9 @@ from test_drafter import trained_lora
 from adaptive_drafter.adaptive import AdaptiveDrafter
 from adaptive_drafter.config import DrafterConfig, SpecConfig
 from adaptive_drafter.drafter import build_drafter, load_adapter_state
-from adaptive_drafter.probe import DrafterProbe, plot_run
+from adaptive_drafter.plots import plot_run
+from adaptive_drafter.probe import DrafterProbe
+from adaptive_drafter.report import RolloutRecord
 from adaptive_drafter.sampling import SamplingParams
 from adaptive_drafter.testing import left_padded_prompts, tiny_causal_lm
 
@@ -17,7 +19,7 @@ def setup(every=2):
     policy = tiny_causal_lm("llama", num_layers=3, logit_scale=6.0)
     drafter = build_drafter(policy, DrafterConfig(drafter_num_layers=2, drafter_lora_r=4))
     ids, mask = left_padded_prompts(6, 2, 6, 256, seed=0)
-    return policy, AdaptiveDrafter(drafter, SpecConfig()), DrafterProbe(ids, mask, every=every, max_new_tokens=12)
+    return policy, AdaptiveDrafter(drafter), DrafterProbe(ids, mask, every=every, max_new_tokens=12)
 
 
 def test_the_first_point_measures_the_same_drafter_twice_and_no_drift():
@@ -46,9 +48,9 @@ def test_the_run_plot_is_written(tmp_path):
     policy, adaptive, probe = setup()
     probe.measure(0, policy, adaptive)
     probe.measure(2, policy, adaptive)
-    history = [{"step": 0, "tokens_per_verify": 2.0, "measured_speedup": None}, {"step": 1, "measured_speedup": 1.1}]
+    history = [RolloutRecord(0, 2.0, None), RolloutRecord(1, 1.8, 1.1)]
     rewards = [{"step": 1, "reward": 0.2}, {"step": 2, "reward": 0.4}]
-    path = plot_run(probe, history, tmp_path / "run.png", "test", rewards=rewards)
+    path = plot_run(probe.points, history, tmp_path / "run.png", "test", rewards=rewards)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 

@@ -155,7 +155,7 @@ def test_bench_longtail_finishes_the_same_rows_faster_or_not_and_says_so(tmp_pat
 
 
 def test_lengths_summary_counts_tokens_up_to_the_first_eos():
-    from adaptive_drafter.experiments.bench import lengths_summary
+    from adaptive_drafter.experiments.lengths import lengths_summary
 
     rows = [[5, 6, 2, 7, 2], [2, 9, 9, 9, 9], [5, 5, 5, 5, 5], [1, 2, 3, 4, 9]]  # eos 2 at 2, at 0, never, at 1
     summary = lengths_summary(rows, eos=[2, 3], cap=5)  # 3 is an eos too: the last row stops at its 2 first

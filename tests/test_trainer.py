@@ -9,9 +9,10 @@ import time
 import pytest
 import torch
 
+from adaptive_drafter.sampling import SamplingParams
 from adaptive_drafter import SpecConfig, SpeculativeEngine
 from adaptive_drafter.adaptive import AdaptiveDrafter
-from adaptive_drafter.config import DistillConfig, DrafterConfig
+from adaptive_drafter.config import DistillConfig, DrafterConfig, ServingConfig
 from adaptive_drafter.drafter import adapter_state, build_drafter, load_adapter_state
 from adaptive_drafter.testing import left_padded_prompts, tiny_causal_lm
 from adaptive_drafter.trainer import DrafterTrainer
@@ -24,16 +25,14 @@ def setup(spec: dict | None = None, **distill):
     defaults = {"distill_min_buffer_tokens": 64, "distill_publish_every": 4, "distill_learning_rate": 1e-2}
     config = DistillConfig(**{**defaults, "distill_swap_gate": False, **distill})
     trainer = DrafterTrainer(drafter, config)
-    spec = SpecConfig(elastic=False, num_draft_tokens=3, **(spec or {}))
-    adaptive = AdaptiveDrafter(drafter, spec, trainer=trainer)
+    spec, serving = SpecConfig(elastic=False, num_draft_tokens=3), ServingConfig(**(spec or {}))
+    adaptive = AdaptiveDrafter(drafter, serving, trainer=trainer)
     return policy, drafter, trainer, adaptive, SpeculativeEngine(policy, drafter, spec)
 
 
 def rollout(adaptive, engine, seed=0, batch=16, do_sample=True):
     ids, mask = left_padded_prompts(batch, 2, 8, 256, seed=seed)
-    return adaptive.generate(
-        engine, ids, mask, max_new_tokens=24, do_sample=do_sample, generator=torch.Generator().manual_seed(seed)
-    )
+    return adaptive.generate(engine, ids, SamplingParams(do_sample=do_sample), attention_mask=mask, max_new_tokens=24, seed=seed)
 
 
 def test_distillation_wins_back_acceptance_after_the_policy_moves():
@@ -341,8 +340,9 @@ def test_trainer_needs_lora_weights():
 def test_stale_drafter_alarm_on_low_acceptance_and_on_version_lag(caplog):
     policy = tiny_causal_lm("llama", num_layers=3, logit_scale=6.0)
     random_drafter = build_drafter(policy, DrafterConfig(drafter_kind="model"), model=tiny_causal_lm("llama", seed=9))
-    spec = SpecConfig(elastic=False, num_draft_tokens=3, stale_acceptance=0.2)
-    adaptive, engine = AdaptiveDrafter(random_drafter, spec), SpeculativeEngine(policy, random_drafter, spec)
+    spec = SpecConfig(elastic=False, num_draft_tokens=3)
+    adaptive = AdaptiveDrafter(random_drafter, ServingConfig(stale_acceptance=0.2))
+    engine = SpeculativeEngine(policy, random_drafter, spec)
     with caplog.at_level("WARNING", logger="adaptive_drafter.adaptive"):
         out = rollout(adaptive, engine, do_sample=False)
     assert adaptive.metrics(out.stats)["drafter/stale_alarm"] == 1.0

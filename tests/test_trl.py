@@ -17,9 +17,10 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from adaptive_drafter.config import DistillConfig, DrafterConfig, SpecConfig
+from adaptive_drafter.config import DistillConfig, DrafterConfig, ServingConfig, SpecConfig
 from adaptive_drafter.drafter import AdapterVersion, load_adapter
 from adaptive_drafter.testing import tiny_causal_lm
+from adaptive_drafter.backends import VLLMBackend
 from adaptive_drafter.trl import DRAFTER_DIR, SpeculativeRollout, last_complete_checkpoint
 from adaptive_drafter.sampling import SamplingParams
 from conftest import load_file_module, word_tokenizer
@@ -68,9 +69,10 @@ def make_trainer(tmp_path, rollout, reward=None, policy=None, **overrides) -> GR
 def rollout_under_test(rollout_dtype: str = "auto", **distill):
     distill_config = DistillConfig(**{"distill_min_buffer_tokens": 8, "distill_batch_size": 4, **distill})
     return SpeculativeRollout(
-        SpecConfig(num_draft_tokens=3, elastic=False, rollout_dtype=rollout_dtype),
+        SpecConfig(num_draft_tokens=3, elastic=False),
         DrafterConfig(drafter_num_layers=1, drafter_lora_r=4),
         distill_config,
+        serving_config=ServingConfig(rollout_dtype=rollout_dtype),
     )
 
 
@@ -405,14 +407,15 @@ def test_recipe_records_the_cost_of_freshness_with_the_trainer_held_every_other_
     argv = recipe_argv(tmp_path, tiny_model_dir, "--hold_trainer_every", "1", "--probe_suffix", "true")
     trainer = load_recipe().main([*argv[:3], "5", *argv[4:]])  # --max_steps 5
     record = json.loads((tmp_path / "out" / "adaptive_drafter_run.json").read_text())
-    held = [row["trainer_held"] for row in record["step_times"]]
-    assert [row["step"] for row in record["step_times"]] == [2, 3, 4, 5]  # the first step builds the drafter
+    step_times = record["extra"]["step_times"]
+    held = [row["trainer_held"] for row in step_times]
+    assert [row["step"] for row in step_times] == [2, 3, 4, 5]  # the first step builds the drafter
     assert held == [True, False, True, False]  # held while global_step // 1 is odd, at the start of each step
-    cost = record["cost"]
+    cost = record["extra"]["freshness"]
     assert cost["step_seconds_trainer_running"] > 0 and cost["step_seconds_trainer_held"] > 0
     assert 0 <= cost["trainer_wall_share"] <= 1 and cost["trainer_cpu_seconds"] >= 0
     assert len(record["rewards"]) == trainer.state.global_step and record["probe"]
-    assert not math.isnan(record["probe"][0]["suffix_tokens_per_step"])
+    assert record["probe"][0]["suffix_tokens_per_step"] is not None  # measured (NaN would be written as null)
     assert "cost of freshness" in capsys.readouterr().out
 
 
@@ -428,32 +431,32 @@ def test_a_warm_start_adapter_made_for_another_policy_is_refused_clearly(tmp_pat
 
 
 def test_generation_kwargs_override_the_sampling_settings_and_any_other_key_is_refused(tmp_path):
-    from adaptive_drafter.trl import _sampling_settings
+    from adaptive_drafter.trl import sampling_params
 
     args = grpo_args(tmp_path, top_p=0.9, generation_kwargs={"top_p": 0.8, "min_p": 0.05, "suppress_tokens": None})
-    settings = _sampling_settings(args)
-    assert (settings["top_p"], settings["min_p"], settings["top_k"]) == (0.8, 0.05, 0)
-    assert "repetition_penalty" not in settings  # the HF engine takes no penalty
+    assert sampling_params(args) == SamplingParams(top_p=0.8, min_p=0.05)
     with pytest.raises(ValueError, match=r"logit_bias.*Remove it"):
-        _sampling_settings(grpo_args(tmp_path, generation_kwargs={"logit_bias": {3: 5.0}}))
+        sampling_params(grpo_args(tmp_path, generation_kwargs={"logit_bias": {3: 5.0}}))
     with pytest.raises(ValueError, match=r"\['num_beams'\] are not honoured"):
-        _sampling_settings(grpo_args(tmp_path, generation_kwargs={"num_beams": 2}))
+        sampling_params(grpo_args(tmp_path, generation_kwargs={"num_beams": 2}))
+    penalised = grpo_args(tmp_path, generation_kwargs={"repetition_penalty": 1.3})
+    assert sampling_params(penalised).repetition_penalty == 1.3
+    # The HF backend refuses the penalty it cannot apply; the vLLM backend applies it.
     with pytest.raises(ValueError, match=r"repetition_penalty=1.3 is not supported.*--rollout_backend vllm"):
-        _sampling_settings(grpo_args(tmp_path, generation_kwargs={"repetition_penalty": 1.3}))
-    assert _sampling_settings(grpo_args(tmp_path, repetition_penalty=1.3), repetition_penalty=True)[
-        "repetition_penalty"
-    ] == 1.3  # the vLLM backend applies it
+        SpeculativeRollout().check(penalised)
+    assert SpeculativeRollout(backend=VLLMBackend(method=None)).check(penalised).repetition_penalty == 1.3
 
 
 def test_the_vllm_backend_refuses_min_p_with_speculation_when_training_begins_before_any_rollout(tmp_path):
-    from adaptive_drafter.trl import VLLMRollout
-
-    rollout = VLLMRollout(SpecConfig(num_draft_tokens=3), DrafterConfig(drafter_num_layers=1, drafter_lora_r=4))
+    spec, drafter = SpecConfig(num_draft_tokens=3), DrafterConfig(drafter_num_layers=1, drafter_lora_r=4)
+    rollout = SpeculativeRollout(spec, drafter, backend=VLLMBackend())
     trainer = make_trainer(tmp_path, rollout, min_p=0.1)
     with pytest.raises(ValueError, match=r"min_p=0.1 is not supported by vLLM with speculative decoding.*top_p"):
         trainer.train()
     assert rollout.engine is None and trainer.state.global_step == 0
-    VLLMRollout(method=None).check(grpo_args(tmp_path, min_p=0.1))  # vLLM without speculation honours min_p
+    # vLLM without speculation honours min_p, and so does the HF backend
+    SpeculativeRollout(backend=VLLMBackend(method=None)).check(grpo_args(tmp_path, min_p=0.1))
+    assert SpeculativeRollout().check(grpo_args(tmp_path, min_p=0.1)).min_p == 0.1
 
 
 @pytest.mark.parametrize(
@@ -464,10 +467,10 @@ def test_the_vllm_backend_refuses_min_p_with_speculation_when_training_begins_be
     ],
 )
 def test_the_vllm_backend_refuses_spec_options_it_does_not_implement(spec, message):
-    from adaptive_drafter.trl import VLLMRollout, _vllm_ignored_options
+    from adaptive_drafter.backends import ignored_options
 
     with pytest.raises(ValueError, match=message):
-        VLLMRollout(SpecConfig(**spec))
+        SpeculativeRollout(SpecConfig(**spec), backend=VLLMBackend())
     # The HF engine's speed settings change no output: ignored on vLLM, and said so at start-up.
-    ignored = _vllm_ignored_options(SpecConfig(draft_vocab_size=512, merge_lora=False), "draft_model")
+    ignored = ignored_options(ServingConfig(draft_vocab_size=512, merge_lora=False), "draft_model")
     assert [line.split(" ")[0] for line in ignored] == ["draft_vocab_size=512", "merge_lora=False"]

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from adaptive_drafter.sampling import SamplingParams
 from adaptive_drafter.embedded import cache_path, load_embedded
 from adaptive_drafter.elastic import RolloutSwitch, _Bucket, acceptance_from_tokens, expected_tokens
 from adaptive_drafter.vllm_engine import VLLMEngine
@@ -87,7 +88,7 @@ def plain(policy):
 
 @pytest.fixture(scope="module")
 def spec(policy):
-    """Speculation with a drafter equal to the policy (same checkpoint): what `load_draft` perturbs and restores.
+    """Speculation with a drafter equal to the policy (same checkpoint): what `load_drafter` perturbs and restores.
     Started elastic (vLLM's draft-length schedule on) with the switch removed: every call speculates unless a test
     puts a switch back."""
     engine = VLLMEngine(
@@ -113,20 +114,20 @@ def _weights(model, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
     return [(name, tensor) for name, tensor in model.state_dict().items() if name.startswith(prefix)]
 
 
-GREEDY = {"do_sample": False, "eos_token_id": None}  # fixed lengths: every row runs the full max_new_tokens
+GREEDY = SamplingParams(do_sample=False)  # and no eos: every row runs the full max_new_tokens
 
 
 def test_greedy_speculation_matches_plain_decoding_in_every_row_with_and_without_a_repetition_penalty(
     prompts, plain, spec
 ):
-    reference = plain.generate(prompts, max_new_tokens=32, **GREEDY)
+    reference = plain.generate(prompts, GREEDY, max_new_tokens=32)
     assert [len(row) for row in reference.completion_ids] == [32] * 8
-    out = spec.generate(prompts, max_new_tokens=32, **GREEDY)
+    out = spec.generate(prompts, GREEDY, max_new_tokens=32)
     assert out.completion_ids == reference.completion_ids
     assert out.stats.verify_steps > 0
-    penalised = plain.generate(prompts, max_new_tokens=32, repetition_penalty=1.3, **GREEDY)
+    penalised = plain.generate(prompts, SamplingParams(do_sample=False, repetition_penalty=1.3), max_new_tokens=32)
     assert penalised.completion_ids != reference.completion_ids  # the penalty acts...
-    out = spec.generate(prompts, max_new_tokens=32, repetition_penalty=1.3, **GREEDY)
+    out = spec.generate(prompts, SamplingParams(do_sample=False, repetition_penalty=1.3), max_new_tokens=32)
     assert out.completion_ids == penalised.completion_ids  # ...identically under speculation
     assert out.stats.verify_steps > 0
 
@@ -134,17 +135,17 @@ def test_greedy_speculation_matches_plain_decoding_in_every_row_with_and_without
 def test_elastic_serving_switches_between_plain_and_speculative_in_one_engine_with_identical_outputs(
     prompts, plain, spec
 ):
-    reference = plain.generate(prompts, max_new_tokens=16, **GREEDY).completion_ids
+    reference = plain.generate(prompts, GREEDY, max_new_tokens=16).completion_ids
     spec.switch = switch = RolloutSwitch(k=4)
     spec._warm = True  # the fixture's engine has run before in a full run; not when this test runs alone
     try:
         # Measurements that make speculation slower, then faster, at batch 8.
         switch.buckets[8] = _Bucket(plain=1.0, speculative=10.0, tokens_per_verify=5.0, calls=1)
-        slow = spec.generate(prompts, max_new_tokens=16, **GREEDY)
+        slow = spec.generate(prompts, GREEDY, max_new_tokens=16)
         plain_mode = spec.last_decision
         skipped = spec.llm.collective_rpc(lambda worker: "propose_draft_token_ids" in vars(worker.model_runner))
         switch.buckets[8] = _Bucket(plain=10.0, speculative=1.0, tokens_per_verify=5.0, calls=1)
-        fast = spec.generate(prompts, max_new_tokens=16, **GREEDY)
+        fast = spec.generate(prompts, GREEDY, max_new_tokens=16)
         fast_mode = spec.last_decision
         restored = spec.llm.collective_rpc(lambda worker: "propose_draft_token_ids" in vars(worker.model_runner))
     finally:
@@ -162,8 +163,8 @@ def test_plain_batch_threshold_uses_vllms_draft_length_schedule(prompts, spec):
     spec.plain_batch_threshold, spec._speculating = 5, False
     try:
         spec._serve(speculate=True)  # rewrites the schedule: 4 drafts below 5 running requests, none from 5 on
-        wide = spec.generate(prompts, max_new_tokens=8, **GREEDY)  # 8 rows all the way: never drafts
-        narrow = spec.generate(prompts[:4], max_new_tokens=8, **GREEDY)
+        wide = spec.generate(prompts, GREEDY, max_new_tokens=8)  # 8 rows all the way: never drafts
+        narrow = spec.generate(prompts[:4], GREEDY, max_new_tokens=8)
     finally:
         spec.plain_batch_threshold, spec._speculating = None, False
         spec._serve(speculate=True)
@@ -174,7 +175,7 @@ def test_at_t1_a_drafter_equal_to_the_policy_is_almost_always_accepted_so_vllm_s
     """With argmax drafts (vLLM's default draft_sample_method="greedy") the acceptance at T = 1 would be about the
     policy's mean max p (0.5-0.65 here) however good the drafter; sampled drafts from q = p are always accepted."""
     assert spec.probabilistic_drafts
-    out = spec.generate(prompts, max_new_tokens=16, do_sample=True, temperature=1.0, eos_token_id=None)
+    out = spec.generate(prompts, SamplingParams(do_sample=True, temperature=1.0), max_new_tokens=16, eos_token_id=None)
     assert out.stats.drafted > 0 and out.stats.acceptance_rate > 0.9
 
 
@@ -182,12 +183,12 @@ def test_a_drafter_equal_to_the_policy_is_accepted_a_perturbed_one_is_not_and_re
     policy, prompts, plain, spec
 ):
     rows, length = prompts[:4], 16
-    reference = plain.generate(rows, max_new_tokens=length, **GREEDY).completion_ids
-    equal = spec.generate(rows, max_new_tokens=length, **GREEDY)
-    spec.load_draft(_noised(policy[0], LAYER, std=2.0))
-    perturbed = spec.generate(rows, max_new_tokens=length, **GREEDY)
-    spec.load_draft(_weights(policy[0], LAYER))  # only that layer: the others must have been left alone
-    restored = spec.generate(rows, max_new_tokens=length, **GREEDY)
+    reference = plain.generate(rows, GREEDY, max_new_tokens=length).completion_ids
+    equal = spec.generate(rows, GREEDY, max_new_tokens=length)
+    spec.load_drafter(_noised(policy[0], LAYER, std=2.0))
+    perturbed = spec.generate(rows, GREEDY, max_new_tokens=length)
+    spec.load_drafter(_weights(policy[0], LAYER))  # only that layer: the others must have been left alone
+    restored = spec.generate(rows, GREEDY, max_new_tokens=length)
     assert equal.stats.acceptance_rate > 0.9
     assert perturbed.stats.acceptance_rate < 0.5 * equal.stats.acceptance_rate
     assert restored.stats.acceptance_rate > 0.9
@@ -203,21 +204,21 @@ def test_a_perturbed_policy_synced_in_changes_the_outputs_and_syncing_the_origin
     policy, prompts, plain
 ):
     rows = prompts[:4]
-    before = plain.generate(rows, max_new_tokens=16, **GREEDY).completion_ids
+    before = plain.generate(rows, GREEDY, max_new_tokens=16).completion_ids
     plain.sync_policy(_noised(policy[0], "", std=0.2))
     try:
-        perturbed = plain.generate(rows, max_new_tokens=16, **GREEDY).completion_ids
+        perturbed = plain.generate(rows, GREEDY, max_new_tokens=16).completion_ids
     finally:
         plain.sync_policy(_weights(policy[0]))
-    after = plain.generate(rows, max_new_tokens=16, **GREEDY).completion_ids
+    after = plain.generate(rows, GREEDY, max_new_tokens=16).completion_ids
     assert perturbed != before
     assert after == before
 
 
 def test_the_distillation_targets_under_speculation_equal_the_plain_engines_top_k_logprobs(prompts, plain, spec):
     rows = prompts[:4]
-    reference = plain.generate(rows, max_new_tokens=16, **GREEDY)
-    out = spec.generate(rows, max_new_tokens=16, **GREEDY)
+    reference = plain.generate(rows, GREEDY, max_new_tokens=16)
+    out = spec.generate(rows, GREEDY, max_new_tokens=16)
     assert out.targets is not None and len(out.targets) == len(rows)
     for row, (got, want) in enumerate(zip(out.targets, reference.targets)):
         assert got.prompt_ids == rows[row] and got.completion_ids == out.completion_ids[row]
@@ -236,8 +237,8 @@ def test_the_distillation_targets_under_speculation_equal_the_plain_engines_top_
 
 
 def test_sampled_completions_logprobs_are_the_sampled_tokens_entries_of_the_sampling_distribution(prompts, plain):
-    out = plain.generate(prompts[:4], max_new_tokens=16, do_sample=True, temperature=0.7, top_k=20, generator_seed=3)
-    again = plain.generate(prompts[:4], max_new_tokens=16, do_sample=True, temperature=0.7, top_k=20, generator_seed=3)
+    out = plain.generate(prompts[:4], SamplingParams(do_sample=True, temperature=0.7, top_k=20), max_new_tokens=16, seed=3)
+    again = plain.generate(prompts[:4], SamplingParams(do_sample=True, temperature=0.7, top_k=20), max_new_tokens=16, seed=3)
     assert out.completion_ids == again.completion_ids  # seeded rows are reproducible
     for row, targets in enumerate(out.targets):
         for t, token in enumerate(out.completion_ids[row]):
@@ -262,24 +263,24 @@ def test_sampled_speculation_draws_from_the_policys_distribution(policy, prompts
     likeliest pairs, the rest pooled)."""
     prompt, batch, batches = prompts[0], 80, 3
     rows = batch * batches
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "eos_token_id": None}
-    first = plain.generate([prompt], max_new_tokens=1, **sampling).targets[0]
+    sampling = SamplingParams(temperature=temperature, top_p=top_p)
+    first = plain.generate([prompt], sampling, max_new_tokens=1).targets[0]
     exact = {}
     for a, log_a in zip(first.topk_ids[0, :3].tolist(), first.topk_logprobs[0, :3].float().tolist()):
-        second = plain.generate([prompt + [a]], max_new_tokens=1, **sampling).targets[0]
+        second = plain.generate([prompt + [a]], sampling, max_new_tokens=1).targets[0]
         for b, log_b in zip(second.topk_ids[0, :3].tolist(), second.topk_logprobs[0, :3].float().tolist()):
             exact[(a, b)] = math.exp(log_a + log_b)
     exact["other"] = 1.0 - sum(exact.values())
 
-    spec.load_draft(_noised(policy[0], "model.layers.", std=0.3))
+    spec.load_drafter(_noised(policy[0], "model.layers.", std=0.3))
     try:
         # Two tokens: the first comes from the prefill, the second from the first verification.
         outs = [
-            spec.generate([prompt] * batch, max_new_tokens=2, generator_seed=i * batch, **sampling)
+            spec.generate([prompt] * batch, sampling, max_new_tokens=2, seed=i * batch)
             for i in range(batches)
         ]
     finally:
-        spec.load_draft(_weights(policy[0], "model.layers."))
+        spec.load_drafter(_weights(policy[0], "model.layers."))
     accepted, drafted = sum(o.stats.accepted for o in outs), sum(o.stats.drafted for o in outs)
     assert 0 < accepted < drafted  # both acceptance and rejection (recovered tokens) happened
     assert all(math.isfinite(v) for o in outs for row in o.logprobs for v in row)
@@ -303,7 +304,7 @@ def test_top_k_with_sampled_speculation_is_refused_on_a_cpu(prompts, spec):
     if not current_platform.is_cpu():
         pytest.skip("the top-k crash concerns vLLM's CPU build only")
     with pytest.raises(ValueError, match="top_k=0"):
-        spec.generate(prompts[:1], max_new_tokens=2, do_sample=True, top_k=3)
+        spec.generate(prompts[:1], SamplingParams(do_sample=True, top_k=3), max_new_tokens=2)
 
 
 def test_sampled_speculation_is_refused_when_the_cpu_repair_is_off_and_the_bug_is_present(prompts, spec):
@@ -315,17 +316,17 @@ def test_sampled_speculation_is_refused_when_the_cpu_repair_is_off_and_the_bug_i
     spec.repair_cpu_sampling = False
     try:
         with pytest.raises(ValueError, match=r"do_sample=False.*method=None.*SpeculativeEngine"):
-            spec.generate(prompts[:1], max_new_tokens=2, do_sample=True)
+            spec.generate(prompts[:1], SamplingParams(do_sample=True), max_new_tokens=2)
     finally:
         spec.repair_cpu_sampling = True
-    out = spec.generate(prompts[:1], max_new_tokens=4, do_sample=True, generator_seed=0)  # repaired again on the fly
+    out = spec.generate(prompts[:1], SamplingParams(do_sample=True), max_new_tokens=4, seed=0)  # repaired again on the fly
     assert all(math.isfinite(v) for v in out.logprobs[0])
 
 
 def test_eos_ends_a_completion_and_is_kept(prompts, plain, policy):
     eos = policy[1].eos_token_id
-    free = plain.generate(prompts, max_new_tokens=32, **GREEDY).completion_ids
-    out = plain.generate(prompts, max_new_tokens=32, do_sample=False, eos_token_id=eos).completion_ids
+    free = plain.generate(prompts, GREEDY, max_new_tokens=32).completion_ids
+    out = plain.generate(prompts, SamplingParams(do_sample=False), max_new_tokens=32, eos_token_id=eos).completion_ids
     for full, cut in zip(free, out):
         end = full.index(eos) + 1 if eos in full else len(full)
         assert cut == full[:end]
@@ -338,30 +339,30 @@ def test_invalid_settings_are_refused(policy, plain):
     with pytest.raises(ValueError, match="method"):
         VLLMEngine(policy[2], method="eagle")
     with pytest.raises(ValueError, match="temperature"):
-        plain.generate([[1, 2]], do_sample=True, temperature=0.0)
+        plain.generate([[1, 2]], SamplingParams(do_sample=True, temperature=0.0))
     with pytest.raises(ValueError, match="non-empty"):
         plain.generate([[]])
-    with pytest.raises(ValueError, match="load_draft"):
-        plain.load_draft([])
+    with pytest.raises(ValueError, match="load_drafter"):
+        plain.load_drafter([])
 
 
 def test_min_p_with_speculation_is_refused_before_vllm_runs_and_works_without(prompts, plain, spec):
     with pytest.raises(ValueError, match=r"min_p=0.1 is not supported by vLLM with speculative decoding.*top_p"):
-        spec.generate(prompts[:1], max_new_tokens=2, do_sample=True, min_p=0.1)
-    out = plain.generate(prompts[:1], max_new_tokens=2, do_sample=True, min_p=0.1)
+        spec.generate(prompts[:1], SamplingParams(do_sample=True, min_p=0.1), max_new_tokens=2)
+    out = plain.generate(prompts[:1], SamplingParams(do_sample=True, min_p=0.1), max_new_tokens=2)
     assert len(out.completion_ids[0]) == 2
 
 
 # Last in the file: closing a vLLM engine tears down vLLM's process-wide distributed state, which the other engines of
 # this module also use (see VLLMEngine.close).
 def test_ngram_speculation_is_greedy_identical_to_plain_decoding(policy, prompts, plain):
-    reference = plain.generate(prompts, max_new_tokens=32, **GREEDY).completion_ids
+    reference = plain.generate(prompts, GREEDY, max_new_tokens=32).completion_ids
     engine = VLLMEngine(policy[2], method="ngram", num_draft_tokens=4, max_model_len=512)
     try:
-        out = engine.generate(prompts, max_new_tokens=32, **GREEDY)
+        out = engine.generate(prompts, GREEDY, max_new_tokens=32)
         # Sampled: the CPU repair must register although the ngram proposer has loaded llvmlite (numba), after which
-        # vLLM's own register_kernels raises (see _register_expand_fallback).
-        sampled = engine.generate(prompts, max_new_tokens=16, do_sample=True, generator_seed=0)
+        # vLLM's own register_kernels raises (see vllm_support.register_expand_fallback).
+        sampled = engine.generate(prompts, SamplingParams(do_sample=True), max_new_tokens=16, seed=0)
     finally:
         engine.close()
     assert out.completion_ids == reference

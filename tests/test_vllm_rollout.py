@@ -29,7 +29,7 @@ def test_the_recipe_trains_with_vllm_rollouts_serving_the_adaptive_drafter_elast
     trainer = load_file_module(RECIPE).main(argv)
     assert trainer.state.global_step == 3
     rollout = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "rollout")).rollout
-    assert type(rollout).__name__ == "VLLMRollout" and rollout._synced_step == 2  # synced after each step
+    assert type(rollout.backend).__name__ == "VLLMBackend" and rollout.backend._synced_step == 2  # synced each step
     assert rollout.totals.drafted > 0 and rollout.totals.verify_steps > 0  # vLLM speculated with the drafter
     assert rollout.adaptive.trainer.buffer.num_tokens > 0  # vLLM's top-K logprobs reached the distiller
     assert any("vLLM engine started (draft_model speculation, k=4, elastic" in event for event in rollout.events)

@@ -1,6 +1,7 @@
 """Benchmark helpers shared by `scripts/bench_*.py`: the benchmark setups (policy, drafter, prompts), the timed runners
 (plain `generate`, the speculative engine, Hugging Face assisted generation), cost and acceptance fits, the memory
-report, plots, presets and the JSON record of a run.
+report (`experiments.memory`), completion lengths (`experiments.lengths`), presets and the JSON record of a run
+(`experiments.cli`); plots are in `adaptive_drafter.plots`.
 
 Two setups:
 
@@ -17,16 +18,9 @@ never drafts).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import datetime
-import json
-import os
-import platform
-import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,17 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
-from peft import PeftModel
 from transformers import DynamicCache
 
-from ..config import DistillConfig, DrafterConfig, SpecConfig
-from ..drafter import ReducedVocabDrafter, build_drafter, frequent_tokens, load_adapter, merged_copy, truncated_drafter
+from ..config import DrafterConfig, SpecConfig
+from ..drafter import ReducedVocabDrafter, build_drafter, frequent_tokens, load_adapter, truncated_drafter
 from ..elastic import expected_tokens
 from ..engine import SpeculativeEngine
 from ..kv import cache_kwargs
-from ..metrics import SpecStats, machine_info
-from ..targets import DistillBuffer
+from ..sampling import SamplingParams
+from ..metrics import SpecStats
 from ..testing import dampen_layers, left_padded_prompts, tiny_causal_lm
 
 TINY = {"arch": "llama", "vocab_size": 512, "hidden_size": 256, "num_layers": 12, "logit_scale": 8.0}
@@ -310,10 +302,16 @@ class RunOptions:
 
     @property
     def sampling(self) -> dict[str, Any]:
-        """Sampling settings shared by all decoders (top-k/top-p explicitly off, as in the engine's defaults)."""
+        """Sampling settings shared by all decoders as `generate` keywords (top-k/top-p explicitly off, as in the
+        engine's defaults)."""
         if self.do_sample:
             return {"do_sample": True, "temperature": self.temperature, "top_k": 0, "top_p": 1.0}
         return {"do_sample": False}
+
+    @property
+    def params(self) -> SamplingParams:
+        """The same settings as the engines take them."""
+        return SamplingParams(**self.sampling)
 
 
 def count_until_eos(rows: list[list[int]], eos: int | list[int]) -> list[list[int]]:
@@ -327,53 +325,6 @@ def completion_length(row: list[int], eos: int | list[int]) -> int | None:
     length cap)."""
     stops = {eos} if isinstance(eos, int) else set(eos)
     return next((i for i, t in enumerate(row) if t in stops), None)
-
-
-def lengths_summary(rows: list[list[int]], eos: int | list[int], cap: int) -> dict[str, Any]:
-    """The distribution of completion lengths: tokens up to the first eos per row (rows without one count as `cap`,
-    the max_new_tokens they ran to): count, median, p90, mean, max, and the shares of rows >= 64, >= 256 tokens and
-    at the cap."""
-    found = [completion_length(row, eos) for row in rows]
-    lengths = sorted(cap if n is None else n for n in found)
-    if not lengths:
-        raise ValueError("lengths_summary needs at least one row")
-    p90 = lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))]  # nearest-rank: the value 90% of rows are below
-    return {
-        "rows": len(lengths),
-        "cap": cap,
-        "median": statistics.median(lengths),
-        "p90": p90,
-        "mean": statistics.fmean(lengths),
-        "min": lengths[0],
-        "max": lengths[-1],
-        "share_ge_64": sum(n >= 64 for n in lengths) / len(lengths),
-        "share_ge_256": sum(n >= 256 for n in lengths) / len(lengths),
-        "share_at_cap": sum(n is None for n in found) / len(lengths),
-        "lengths": [cap if n is None else n for n in found],
-    }
-
-
-def sample_completions(
-    setup: Setup, rows: int, options: RunOptions, max_new: int, chunk: int
-) -> tuple[list[list[int]], float]:
-    """`rows` plain `generate` completions of `setup`'s prompts (seed `options.seed`; a grouped setup repeats each
-    prompt), `chunk` rows per call (each call seeded `options.seed + i`). Returns (the completions' full new tokens,
-    eos and padding included, seconds)."""
-    ids, mask = prompts_on(setup, rows, options)
-    out, seconds = [], 0.0
-    for i, start in enumerate(range(0, rows, chunk)):
-        sub_ids, sub_mask = ids[start : start + chunk], mask[start : start + chunk]
-        width = int(sub_mask.sum(1).max())  # drop the columns every row of the chunk pads
-        sub_ids, sub_mask = sub_ids[:, -width:], sub_mask[:, -width:]
-        torch.manual_seed(options.seed + i)
-        begin = time.perf_counter()
-        new = setup.policy.generate(
-            input_ids=sub_ids, attention_mask=sub_mask, max_new_tokens=max_new, eos_token_id=setup.eos_token_id,
-            pad_token_id=setup.pad_token_id, **options.sampling,
-        )  # fmt: skip
-        seconds += time.perf_counter() - begin
-        out.extend(new[:, width:].tolist())
-    return out, seconds
 
 
 def synchronize(device: torch.device) -> None:
@@ -433,18 +384,16 @@ def run_spec_output(
 ):
     """`run_spec` returning the whole `SpecOutput` (with the policy's top-`collect_topk` targets when > 0; top-1 costs
     a max over the verify logits the engine has anyway) and the seconds."""
-    generator = torch.Generator(device=ids.device).manual_seed(options.seed if seed is None else seed)
     synchronize(ids.device)
     start = time.perf_counter()
     out = engine.generate(
         ids,
-        mask,
+        options.params,
+        attention_mask=mask,
         max_new_tokens=max_new,
         eos_token_id=setup.eos_token_id,
-        pad_token_id=setup.pad_token_id,
-        generator=generator,
+        seed=options.seed if seed is None else seed,
         collect_topk=collect_topk,
-        **options.sampling,
     )
     synchronize(ids.device)
     return out, time.perf_counter() - start
@@ -529,212 +478,3 @@ def calibrate_draft_vocab(setup: Setup, engines: list[SpeculativeEngine], option
 
 
 # ---------------------------------------------------------------------------------------------------------- memory
-
-
-def memory_report(
-    setup: Setup,
-    batch: int,
-    tokens: int,
-    options: RunOptions,
-    served_drafter: Any = None,
-    rollout_copy_bytes: int = 0,
-) -> dict[str, Any]:
-    """What speculation adds to plain decoding, in MiB: the drafter's weights (`truncated_drafter` copies them: nothing
-    is shared with the policy; tied tensors are counted once), its KV cache at `batch` rows of `tokens` slots (the
-    policy's for scale; the verify adds k slots per row to it), and the distillation buffer's top-K targets (bytes per
-    token measured on a short rollout, times the buffer's default capacity). Peak memory: on CUDA per phase (plain,
-    then speculative, peak reset between them); on CPU only the process's peak RSS, which phases cannot be told apart
-    in (the first phase to reach it sets it for the rest of the process).
-
-    Rollouts in another precision than training (`adaptive_drafter.precision`): `setup.policy` is the rollout copy,
-    `rollout_copy_bytes` its size (memory added beside the training policy), and `served_drafter` the drafter's serving
-    copy in that precision (added beside the drafter, which trains in its own); KV caches are in the served dtype."""
-
-    def kv_bytes(model: Any) -> int:
-        config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
-        return per_token * batch * tokens * next(model.parameters()).element_size()
-
-    def weight_bytes(model: Any, shared_with: Any = None) -> int:
-        shared = {id(p) for p in shared_with.parameters()} if shared_with is not None else set()
-        return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in shared)  # tied: once
-
-    # The engine drafts with a copy whose LoRA is merged (SpecConfig.merge_lora): its adapted layers are extra. In
-    # another precision the serving copy is a whole cast copy instead.
-    merged = merged_copy(setup.drafter) if isinstance(setup.drafter, PeftModel) and served_drafter is None else None
-
-    mib, distill = 2**20, DistillConfig()
-    report = {
-        "batch": batch,
-        "tokens": tokens,
-        "policy_weights_mib": weight_bytes(setup.policy) / mib,
-        "drafter_weights_mib": weight_bytes(setup.drafter) / mib,
-        "merged_drafter_mib": weight_bytes(merged, shared_with=setup.drafter) / mib if merged is not None else 0.0,
-        "policy_kv_mib": kv_bytes(setup.policy) / mib,
-        "drafter_kv_mib": kv_bytes(served_drafter if served_drafter is not None else setup.drafter) / mib,
-        "rollout_copy_mib": rollout_copy_bytes / mib,
-        "drafter_serving_copy_mib": weight_bytes(served_drafter) / mib if served_drafter is not None else 0.0,
-        "policy_dtype": str(next(setup.policy.parameters()).dtype).removeprefix("torch."),
-        "distill_topk": distill.distill_topk,
-        "distill_bytes_per_token": target_bytes_per_token(setup, distill.distill_topk, options),
-        "distill_buffer_tokens": distill.distill_buffer_tokens,
-    }
-    report["distill_buffer_mib"] = report["distill_bytes_per_token"] * distill.distill_buffer_tokens / mib
-    if options.device.startswith("cuda"):
-        report.update(cuda_peaks(setup, batch, options))
-    else:
-        report["process_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return report
-
-
-def target_bytes_per_token(setup: Setup, topk: int, options: RunOptions) -> float:
-    """Bytes one completion token's distillation targets take in the buffer (top-K ids and logprobs, the drafted and
-    accepted flags), measured on the targets the engine collects in a short rollout."""
-    engine = SpeculativeEngine(
-        setup.policy, setup.drafter, SpecConfig(num_draft_tokens=options.k, elastic=False, collect_topk=topk)
-    )
-    ids, mask = prompts_on(setup, 2, options)
-    out = engine.generate(ids, mask, max_new_tokens=8, eos_token_id=setup.eos_token_id,
-                          pad_token_id=setup.pad_token_id, **options.sampling)  # fmt: skip
-    buffer = DistillBuffer(max_tokens=10**9)
-    buffer.add_many(out.targets)
-    tensors = [t for row in out.targets for t in (row.topk_ids, row.topk_logprobs, row.drafted, row.accepted)]
-    return sum(t.numel() * t.element_size() for t in tensors) / max(1, buffer.num_tokens)
-
-
-def cuda_peaks(setup: Setup, batch: int, options: RunOptions) -> dict[str, float]:
-    """Peak allocated CUDA memory of one plain and one speculative rollout at `batch`, reset between them (MiB)."""
-    ids, mask = prompts_on(setup, batch, options)
-    engine = SpeculativeEngine(setup.policy, setup.drafter, SpecConfig(num_draft_tokens=options.k, elastic=False))
-    max_new, peaks = options.max_new_tokens, {}
-    for name, run in (("plain", lambda: run_plain(setup, ids, mask, options, max_new)),
-                      ("spec", lambda: run_spec(engine, setup, ids, mask, options, max_new))):  # fmt: skip
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        run()
-        peaks[f"cuda_peak_{name}_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    return peaks
-
-
-def format_memory(memory: dict[str, Any]) -> str:
-    """The memory report as a small table: what speculation adds, beside the policy's own for scale."""
-    row = lambda name, spec, plain: f"  {name:<44}{spec:>14}{plain:>14}"
-    buffer = f"distillation buffer ({memory['distill_buffer_tokens']} tok x {memory['distill_bytes_per_token']:.0f} B)"
-    lines = [
-        f"memory in MiB, batch {memory['batch']} x {memory['tokens']} slots",
-        row("", "spec adds", "policy"),
-        row("weights", f"{memory['drafter_weights_mib']:.1f}", f"{memory['policy_weights_mib']:.1f}"),
-        row("merged copy of the LoRA-adapted layers", f"{memory.get('merged_drafter_mib', 0.0):.1f}", "-"),
-        row("KV cache at the end of the rollout", f"{memory['drafter_kv_mib']:.1f}", f"{memory['policy_kv_mib']:.1f}"),
-    ]
-    if memory.get("rollout_copy_mib"):  # rollouts in another precision than training
-        lines += [
-            row(f"rollout copy of the policy ({memory['policy_dtype']})", "-", f"{memory['rollout_copy_mib']:.1f}"),
-            row(f"drafter serving copy ({memory['policy_dtype']})", f"{memory['drafter_serving_copy_mib']:.1f}", "-"),
-        ]
-    lines += [
-        row(buffer, f"{memory['distill_buffer_mib']:.1f}", "-"),
-    ]
-    if "cuda_peak_plain_mib" in memory:
-        lines.append(row("CUDA peak allocated: spec run / plain run", f"{memory['cuda_peak_spec_mib']:.1f}",
-                         f"{memory['cuda_peak_plain_mib']:.1f}"))  # fmt: skip
-    else:
-        lines.append(
-            row("process peak RSS (phases not separable on CPU)", "-", f"{memory['process_peak_rss_mib']:.0f}")
-        )
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------- plots, records, CLI
-
-
-def plot_speedup(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Speed-up over plain decoding vs batch size: fixed k, elastic, predicted (where known), HF assisted, and the
-    break-even line."""
-    plt = pyplot()
-    batches = [r["batch"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(batches, [r["ratio"] for r in rows], "o-", label="speculative, fixed k")
-    ax.plot(batches, [r["elastic_ratio"] for r in rows], "s-", label="elastic")
-    predicted = [(r["batch"], r["predicted"]) for r in rows if r.get("predicted") is not None]
-    if predicted:
-        ax.plot(*zip(*predicted), "x--", label="predicted S (measured α, c, v_k)")
-    assisted = [(r["batch"], r["assisted_ratio"]) for r in rows if "assisted_ratio" in r]
-    if assisted:
-        ax.plot(*zip(*assisted), "^", label="HF assisted generation")
-    ax.axhline(1.0, color="gray", lw=1, ls=":")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("tokens/s relative to plain decoding")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
-
-
-def pyplot() -> Any:
-    """matplotlib's pyplot on the file-only Agg backend (benchmarks run headless); imported lazily, as it is slow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    """Lay out, save as PNG (creating the folder) and close `fig`."""
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    pyplot().close(fig)
-
-
-def machine_line(machine: dict[str, Any], device: str = "cpu") -> str:
-    """`machine_info` in one line for the console."""
-    return (
-        f"machine: {machine['platform']} | {machine['cpu_count']} CPU cores | torch threads {machine['torch_threads']}"
-        f" | load avg {machine.get('load_avg_1min', '?')} | torch {machine['torch']} | transformers "
-        f"{machine['transformers']} | device {device}" + (f" ({machine['cuda']})" if device != "cpu" else "")
-    )
-
-
-def write_json(path: Path, args: Any, meta: dict[str, Any], **results: Any) -> None:
-    """Write `results` to `path` beside the run's metadata: date, command line, arguments (`args`: a Namespace or a
-    dict) and `meta` (the machine, the model, ...)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arguments = args if isinstance(args, dict) else vars(args)
-    meta = dict(
-        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        command=" ".join(sys.argv),
-        args={k: (str(v) if isinstance(v, Path) else v) for k, v in arguments.items()},
-        **meta,
-    )
-    path.write_text(json.dumps(dict(meta=meta, **results), indent=2) + "\n")
-    print(f"wrote {path}")
-
-
-def parse_with_preset(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse `argv` with `--preset PATH` added: a YAML mapping of flag names (underscores: `max_new_tokens: 32`) to
-    values, which become the parser's defaults, so flags given on the command line override them. Unknown keys are an
-    error (a typo would otherwise silently run the wrong benchmark)."""
-    parser.add_argument("--preset", type=Path, default=None, help="YAML of flag defaults (configs/bench/*.yaml)")
-    known, _ = parser.parse_known_args(argv)
-    if known.preset is not None:
-        import yaml
-
-        preset = yaml.safe_load(known.preset.read_text()) or {}
-        if not isinstance(preset, dict):
-            parser.error(f"--preset {known.preset}: expected a mapping of flag names to values")
-        dests = {action.dest for action in parser._actions} - {"help", "preset"}
-        unknown = sorted(set(preset) - dests)
-        if unknown:
-            parser.error(
-                f"--preset {known.preset}: unknown keys {', '.join(unknown)} (flags: {', '.join(sorted(dests))})"
-            )
-        for action in parser._actions:  # argparse checks choices on the command line only, not on defaults
-            if action.choices is not None and action.dest in preset and preset[action.dest] not in action.choices:
-                parser.error(f"--preset {known.preset}: {action.dest} must be one of {', '.join(action.choices)}")
-        # argparse converts string defaults with the flag's `type` (paths, numbers); lists become comma-separated.
-        parser.set_defaults(**{k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in preset.items()})
-    return parser.parse_args(argv)

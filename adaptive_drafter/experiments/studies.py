@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from .bench import pyplot, save_figure
 from ..engine import SpeculativeEngine
 from ..testing import dampen_layers, left_padded_prompts, tiny_causal_lm
 
@@ -348,27 +347,6 @@ def write_csv(rows: list[dict[str, float]], path: Path) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
-def plot(rows: list[dict[str, float]], path: Path, title: str) -> None:
-    """Acceptance of both drafters against the policy step, the drift KL on a second y-axis."""
-    steps = [r["step"] for r in rows]
-    fig, ax = pyplot().subplots(figsize=(9, 5.2))
-    ax.plot(steps, [r["adaptive_acceptance"] for r in rows], "o-", color="tab:blue", label="adaptive drafter")
-    ax.plot(steps, [r["frozen_acceptance"] for r in rows], "s-", color="tab:orange", label="drafter frozen at step 0")
-    ax.set_xlabel("policy update (step)")
-    ax.set_ylabel("acceptance rate (fresh prompts)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax2 = ax.twinx()
-    ax2.plot(steps, [r["kl_to_step0"] for r in rows], "^--", color="tab:green", label="KL(policy ‖ step-0 policy)")
-    ax2.set_ylabel("drift KL(π_t ‖ π_0), nats/token", color="tab:green")
-    ax2.tick_params(axis="y", labelcolor="tab:green")
-    ax2.set_ylim(bottom=0)
-    lines = ax.get_lines() + ax2.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], loc="center right")
-    ax.set_title(title, fontsize=9)
-    save_figure(fig, path)
 
 
 def print_summary(rows: list[dict[str, float]], summary: dict[str, Any]) -> None:
