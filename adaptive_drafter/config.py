@@ -148,7 +148,9 @@ class ServingConfig:
 
     def __post_init__(self) -> None:
         if self.draft_vocab_size < 0:
-            raise ValueError(f"ServingConfig.draft_vocab_size must be >= 0 (0: all tokens), got {self.draft_vocab_size}.")
+            raise ValueError(
+                f"ServingConfig.draft_vocab_size must be >= 0 (0: all tokens), got {self.draft_vocab_size}."
+            )
         if self.rollout_dtype not in ROLLOUT_DTYPES:
             raise ValueError(
                 f"Unknown ServingConfig.rollout_dtype {self.rollout_dtype!r}: choose one of {', '.join(ROLLOUT_DTYPES)} "

@@ -27,7 +27,7 @@ from .drafter import check_compatible
 from .drafts import Drafts, ModelDrafts, SuffixDrafts, Verified
 from .eagle import EagleDrafts, eagle_head, feature_layer
 from .elastic import ElasticController
-from .kv import KVSlots, forward, max_positions, sliding_window, synchronize
+from .kv import KVSlots, forward, max_positions, prompt_batch, sliding_window, synchronize
 from .metrics import SpecStats
 from .outputs import PolicyTargets, SpecOutput
 from .plan import StepPlan, StepPlanner
@@ -37,30 +37,6 @@ from .suffix import SuffixConfig, SuffixDrafter
 __all__ = ["SpeculativeEngine", "StepHook"]
 
 StepHook = Callable[[StepPlan, Verified], None]
-
-
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _batch(
-    prompt_ids: Sequence[Sequence[int]] | torch.Tensor, attention_mask: torch.Tensor | None, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts as a left-padded batch and its attention mask, on `device`."""
-    if isinstance(prompt_ids, torch.Tensor):
-        return prompt_ids, attention_mask if attention_mask is not None else torch.ones_like(prompt_ids)
-    if attention_mask is not None:
-        raise ValueError("attention_mask goes with a padded prompt_ids tensor; token-id lists need none.")
-    rows = [list(map(int, row)) for row in prompt_ids]
-    if not rows or any(len(row) == 0 for row in rows):
-        raise ValueError("prompt_ids must be a non-empty list of non-empty token id lists.")
-    width = max(map(len, rows))
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _max_draft(config: SpecConfig) -> int:
@@ -153,7 +129,7 @@ class SpeculativeEngine:
                 "have to be applied identically to drafts and verification). Use 1.0, or the vLLM engine, which "
                 "applies it."
             )
-        input_ids, attention_mask = _batch(prompt_ids, attention_mask, _device(self.policy))
+        input_ids, attention_mask = prompt_batch(prompt_ids, attention_mask, next(self.policy.parameters()).device)
         self._validate(input_ids, attention_mask, max_new_tokens)
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         topk = self.collect_topk if collect_topk is None else collect_topk

@@ -9,6 +9,7 @@ are cropped, and caches are compacted when holes pile up.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -111,3 +112,23 @@ def max_positions(model: Any) -> int | None:
 
 def sliding_window(model: Any) -> int | None:
     return getattr(model.config, "sliding_window", None)
+
+
+def prompt_batch(
+    prompt_ids: Sequence[Sequence[int]] | torch.Tensor, attention_mask: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts (token-id lists, or a left-padded tensor and its mask) as a left-padded batch and its mask on `device`."""
+    if isinstance(prompt_ids, torch.Tensor):
+        return prompt_ids, attention_mask if attention_mask is not None else torch.ones_like(prompt_ids)
+    if attention_mask is not None:
+        raise ValueError("attention_mask goes with a padded prompt_ids tensor; token-id lists need none.")
+    rows = [list(map(int, row)) for row in prompt_ids]
+    if not rows or any(len(row) == 0 for row in rows):
+        raise ValueError("prompt_ids must be a non-empty list of non-empty token id lists.")
+    width = max(map(len, rows))
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)

@@ -29,7 +29,9 @@ class TaskArguments:
 
     dataset_name: str = field(
         default="arithmetic",
-        metadata={"help": "An embedded task ('arithmetic': short answers; 'reasoning': long completions) or a dataset."},
+        metadata={
+            "help": "An embedded task ('arithmetic': short answers; 'reasoning': long completions) or a dataset."
+        },
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of dataset_name to train on."})
     num_examples: int = field(default=512, metadata={"help": "Embedded tasks: how many problems to generate."})
@@ -217,7 +219,8 @@ def config_for_this_transformers(argv: list[str]) -> list[str]:
 
 def in_repo_if_relative(path: str | None, root: Path) -> str | None:
     """A relative path that does not exist from here but does inside the repository at `root` (the shipped warm-start
-    adapter, `drafters/...`, named by the default YAML) is taken from there: the recipe may be launched from anywhere."""
+    adapter, `drafters/...`, named by the default YAML) is taken from there: the recipe may be launched from anywhere.
+    """
     if path is None or Path(path).is_absolute() or Path(path).exists():
         return path
     in_repo = root / path
@@ -234,5 +237,3 @@ def resume_point(args: GRPOConfig) -> str | None:
         raise ValueError(f"--resume_from_checkpoint last: no complete checkpoint under {args.output_dir}.")
     print(f"resuming from {checkpoint}")
     return str(checkpoint)
-
-

@@ -292,7 +292,9 @@ class SpeculativeRollout:
             probe=list(self.probe.points) if self.probe is not None else [],
             rollout_precision=self.backend.describe(),
             adapter_version=adaptive.adapter_version.adapter_version if adaptive and adaptive.adapter_version else 0,
-            drafter=DrafterState.of(adaptive.trainer) if adaptive is not None and adaptive.trainer is not None else None,
+            drafter=(
+                DrafterState.of(adaptive.trainer) if adaptive is not None and adaptive.trainer is not None else None
+            ),
             rewards=rewards,
             processes=trainer.accelerator.num_processes,
             output_dir=str(trainer.args.output_dir),
@@ -308,7 +310,6 @@ class SpeculativeRollout:
         if self.adaptive is not None:
             self.adaptive.stop()
         self.backend.close()
-
 
 
 def _eos(trainer: Any) -> Any:

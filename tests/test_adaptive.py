@@ -33,10 +33,11 @@ def test_reduced_draft_vocabulary_is_lossless_and_follows_frequent_tokens():
     drafter, config = noised_copy(policy, 0.05), SpecConfig(elastic=False, num_draft_tokens=4)
     adaptive = AdaptiveDrafter(drafter, ServingConfig(draft_vocab_size=8))
     engine = SpeculativeEngine(policy, drafter, config)
-    first = adaptive.generate(engine, ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=24)  # no counts yet: all tokens
+    greedy = SamplingParams(do_sample=False)
+    first = adaptive.generate(engine, ids, greedy, attention_mask=mask, max_new_tokens=24)  # no counts yet: all tokens
     assert first.completion_ids == expected and adaptive.draft_vocab_coverage is None
     assert torch.equal(adaptive.token_counts, emitted)
-    second = adaptive.generate(engine, ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=24)  # the 8 most frequent
+    second = adaptive.generate(engine, ids, greedy, attention_mask=mask, max_new_tokens=24)  # the 8 most frequent
     assert second.completion_ids == expected
     covered = emitted.topk(8).values.sum() / emitted.sum()
     assert adaptive.draft_vocab_coverage == pytest.approx(float(covered)) and covered < 1

@@ -38,7 +38,13 @@ def test_greedy_identity_on_the_embedded_model(embedded):
         policy, truncated_drafter(policy, 4), SpecConfig(num_draft_tokens=4, elastic=False), tokenizer=tokenizer
     )
     eos = tokenizer.eos_token_id
-    out = engine.generate(batch.input_ids, SamplingParams(do_sample=False), attention_mask=batch.attention_mask, max_new_tokens=24, eos_token_id=eos)
+    out = engine.generate(
+        batch.input_ids,
+        SamplingParams(do_sample=False),
+        attention_mask=batch.attention_mask,
+        max_new_tokens=24,
+        eos_token_id=eos,
+    )
     with torch.no_grad():
         ref = policy.generate(**batch, max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=eos)
     expected = [row[: row.index(eos) + 1] if eos in row else row for row in ref[:, batch.input_ids.shape[1] :].tolist()]

@@ -60,7 +60,9 @@ def test_greedy_is_token_identical_to_policy_generate(arch_models, drafter_kind)
     expected = reference_greedy(policy, ids, mask, max_new_tokens=32, eos=eos)
     assert len({len(row) for row in expected}) > 4, "rows should finish at many different lengths"
     for k in (1, 2, 4, 8):
-        out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=k)).generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=32, eos_token_id=eos)
+        out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=k)).generate(
+            ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=32, eos_token_id=eos
+        )
         assert out.completion_ids == expected, f"k={k}"
         if drafter_kind == "agreeing":
             assert out.stats.tokens_per_verify > 1.5, out.stats
@@ -72,7 +74,9 @@ def test_drafter_equal_to_policy_accepts_everything():
     policy = tiny_causal_lm("llama", logit_scale=8.0)
     ids, mask = left_padded_prompts(8, 3, 10, 256, seed=1)
     k = 4
-    out = SpeculativeEngine(policy, copy.deepcopy(policy), SpecConfig(elastic=False, num_draft_tokens=k)).generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=41)
+    out = SpeculativeEngine(policy, copy.deepcopy(policy), SpecConfig(elastic=False, num_draft_tokens=k)).generate(
+        ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=41
+    )
     assert out.stats.acceptance_rate == 1.0
     assert out.stats.tokens_per_verify == k + 1
     assert all(len(row) == 41 for row in out.completion_ids)
@@ -99,7 +103,9 @@ def test_peft_wrapped_drafter(arch_models):
         copy.deepcopy(arch_models["agreeing"]), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
     )
     ids, mask = left_padded_prompts(16, 2, 12, policy.config.vocab_size, seed=3)
-    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=3)).generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=20, eos_token_id=EOS)
+    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=3)).generate(
+        ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=20, eos_token_id=EOS
+    )
     assert out.completion_ids == reference_greedy(policy, ids, mask, 20)
 
 
@@ -111,7 +117,9 @@ def test_several_eos_ids_and_max_new_tokens_one():
     # Two frequent tokens as eos ids: each row must stop right after its first occurrence of either.
     first = frequent_token(free)
     eos_ids = [first, frequent_token([[t for t in row if t != first] or [first] for row in free])]
-    out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=24, eos_token_id=eos_ids)
+    out = engine.generate(
+        ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=24, eos_token_id=eos_ids
+    )
     assert out.completion_ids == reference_greedy(policy, ids, mask, 24, eos=eos_ids)
     assert any(len(row) < 24 for row in out.completion_ids)
     one = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=1)
@@ -201,7 +209,9 @@ def test_logprobs_equal_a_full_policy_forward():
     drafter = noised_copy(policy, 0.1)
     ids, mask = left_padded_prompts(8, 3, 9, 256, seed=2)
     params = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.95)
-    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=3)).generate(ids, SamplingParams(**params), attention_mask=mask, max_new_tokens=16, seed=0, eos_token_id=EOS)
+    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=3)).generate(
+        ids, SamplingParams(**params), attention_mask=mask, max_new_tokens=16, seed=0, eos_token_id=EOS
+    )
     for row, (completion, logprobs) in enumerate(zip(out.completion_ids, out.logprobs)):
         prompt = ids[row][mask[row].bool()].tolist()
         full = torch.tensor([prompt + completion])
@@ -216,10 +226,7 @@ def test_seeded_runs_are_reproducible():
     policy = tiny_causal_lm("llama", logit_scale=4.0)
     engine = SpeculativeEngine(policy, noised_copy(policy, 0.2), SpecConfig(elastic=False, num_draft_tokens=4))
     ids, mask = left_padded_prompts(16, 2, 10, 256, seed=1)
-    runs = [
-        engine.generate(ids, attention_mask=mask, max_new_tokens=24, seed=123).completion_ids
-        for _ in range(2)
-    ]
+    runs = [engine.generate(ids, attention_mask=mask, max_new_tokens=24, seed=123).completion_ids for _ in range(2)]
     assert runs[0] == runs[1]
 
 
@@ -230,8 +237,12 @@ def test_lossy_rules_accept_more_and_report_policy_logprobs(lossy_config):
     policy = tiny_causal_lm("llama", logit_scale=4.0)
     drafter = noised_copy(policy, 0.3)
     ids, mask = left_padded_prompts(8, 3, 8, 256, seed=3)
-    exact = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(ids, attention_mask=mask, max_new_tokens=24, seed=0)
-    lossy = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4, **lossy_config)).generate(ids, attention_mask=mask, max_new_tokens=24, seed=0)
+    exact = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(
+        ids, attention_mask=mask, max_new_tokens=24, seed=0
+    )
+    lossy = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4, **lossy_config)).generate(
+        ids, attention_mask=mask, max_new_tokens=24, seed=0
+    )
     assert lossy.stats.acceptance_rate > exact.stats.acceptance_rate
     if lossy_config["acceptance"] == "cascade":  # threshold 0 takes every draft the policy gives p > 0
         assert lossy.stats.acceptance_rate == 1.0
@@ -257,7 +268,9 @@ def test_collected_targets_are_the_policys_topk_at_every_emitted_position():
     ids, mask = left_padded_prompts(12, 2, 10, 256, seed=4)
     config = SpecConfig(elastic=False, num_draft_tokens=3, collect_topk=8)
     engine = SpeculativeEngine(policy, noised_copy(policy, 0.1), config)
-    out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=20, eos_token_id=EOS, policy_version=7)
+    out = engine.generate(
+        ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=20, eos_token_id=EOS, policy_version=7
+    )
     assert sum(t.accepted.sum().item() for t in out.targets) <= out.stats.accepted
     assert any(t.accepted.any() for t in out.targets) and any((t.drafted & ~t.accepted).any() for t in out.targets)
     for row, targets in enumerate(out.targets):
@@ -371,7 +384,9 @@ def test_the_engine_calls_models_by_the_current_names_without_deprecation_notice
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ids, mask = left_padded_prompts(3, 2, 6, 256, seed=0)
-            SpeculativeEngine(policy, noised_copy(policy, 0.1), SpecConfig(elastic=False)).generate(ids, attention_mask=mask, max_new_tokens=6)
+            SpeculativeEngine(policy, noised_copy(policy, 0.1), SpecConfig(elastic=False)).generate(
+                ids, attention_mask=mask, max_new_tokens=6
+            )
     finally:
         library.removeHandler(handler)
     notices = [r.getMessage() for r in records] + [str(w.message) for w in caught]

@@ -59,7 +59,10 @@ def test_greedy_identity_long_completions_large_k_heavy_padding(long_models, bat
     else:
         assert len(expected[0]) == 512
     engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=k))
-    out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=512, eos_token_id=[eos] if eos >= 0 else None)
+    out = engine.generate(
+        ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=512,
+        eos_token_id=[eos] if eos >= 0 else None,
+    )  # fmt: skip
     assert out.completion_ids == expected
     assert out.stats.tokens_per_verify > 1.5, out.stats
 
@@ -150,7 +153,9 @@ def test_every_emitted_token_lies_in_the_allowed_set(settings):
     drafter = noised_copy(policy, std=0.6, seed=3)
     ids, mask = padded_prompts(32, min_pad=2, seed=5)
     params = SamplingParams(do_sample=True, **settings)
-    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(ids, params, attention_mask=mask, max_new_tokens=24, seed=0)
+    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(
+        ids, params, attention_mask=mask, max_new_tokens=24, seed=0
+    )
     assert out.stats.accepted > 0 and out.stats.accepted < out.stats.drafted
     outside = 0
     for row, completion in enumerate(out.completion_ids):
@@ -173,7 +178,9 @@ def test_drafter_equal_to_policy_accepts_every_sampled_draft():
     k = 5
     out = SpeculativeEngine(
         policy, copy.deepcopy(policy), SpecConfig(elastic=False, num_draft_tokens=k)
-    ).generate(ids, SamplingParams(temperature=0.9, top_p=0.95), attention_mask=mask, max_new_tokens=1 + 5 * (k + 1), seed=0)
+    ).generate(
+        ids, SamplingParams(temperature=0.9, top_p=0.95), attention_mask=mask, max_new_tokens=1 + 5 * (k + 1), seed=0
+    )
     assert out.stats.acceptance_rate == 1.0 and out.stats.tokens_per_verify == k + 1
 
 
@@ -230,7 +237,9 @@ def test_low_precision_greedy_is_identical_up_to_near_ties(dtype):
     policy = policy.to(dtype)
     ids, mask = padded_prompts(32, min_pad=4, seed=6)
     expected = reference_greedy(policy, ids, mask, 48, eos=[])
-    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=48)
+    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(
+        ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=48
+    )
     gaps = check_near_ties(policy, ids, mask, expected, out.completion_ids, tolerance=0.05)
     print(f"{dtype}: {len(gaps)} of {len(expected)} rows diverged, largest fp32 logit gap {max(gaps, default=0):.4f}")
     assert len(gaps) <= len(expected) // 4, f"{len(gaps)} of {len(expected)} rows diverged"
@@ -245,7 +254,9 @@ def test_low_precision_greedy_on_gpu(dtype):
     policy = policy.to("cuda", dtype)
     ids, mask = (t.cuda() for t in padded_prompts(64, min_pad=4, seed=6))
     expected = reference_greedy(policy, ids, mask, 128, eos=[])
-    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=128)
+    out = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(
+        ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=128
+    )
     gaps = check_near_ties(policy, ids, mask, expected, out.completion_ids, tolerance=0.05)
     print(f"{dtype}: {len(gaps)} of {len(expected)} rows diverged, largest fp32 logit gap {max(gaps, default=0):.4f}")
 
@@ -260,7 +271,8 @@ def test_token_id_lists_and_the_same_prompts_left_padded_are_the_same_rollout():
     padded = engine.generate(ids, sampling, attention_mask=mask, max_new_tokens=12, seed=4)
     listed = engine.generate(rows, sampling, max_new_tokens=12, seed=4)
     assert listed.completion_ids == padded.completion_ids  # the padded tensor is wider: sums differ in the last bits
-    assert all(torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5) for a, b in zip(listed.logprobs, padded.logprobs))
+    for a, b in zip(listed.logprobs, padded.logprobs):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
     with pytest.raises(ValueError, match="non-empty token id lists"):
         engine.generate([rows[0], []], sampling)
     with pytest.raises(ValueError, match="attention_mask goes with a padded prompt_ids tensor"):

@@ -74,11 +74,15 @@ def test_greedy_with_suffix_drafts_is_token_identical_to_policy_generate(models,
     policy, drafter = models
     ids, mask, eos, expected = greedy_case
     engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=elastic, num_draft_tokens=3, drafting="hybrid"))
-    first = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=32, eos_token_id=eos)
+    first = engine.generate(
+        ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=32, eos_token_id=eos
+    )
     assert first.completion_ids == expected
     # A second rollout of the same prompts: the first one's completions are the history source, which drafts them
     # whole (greedy siblings are equal, so within one rollout none goes ahead of another).
-    second = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=32, eos_token_id=eos)
+    second = engine.generate(
+        ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=32, eos_token_id=eos
+    )
     assert second.completion_ids == expected
     stats = second.stats
     assert stats.suffix_verifies > 0 and stats.suffix_acceptance_rate == 1.0, stats
@@ -95,7 +99,9 @@ def test_rows_with_suffix_drafts_speculate_when_the_controller_decodes_plainly(m
     engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=True, num_draft_tokens=3, drafting="hybrid"))
     step_sources.attach(engine)
     for _ in range(3):
-        out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=32, eos_token_id=eos)
+        out = engine.generate(
+            ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=32, eos_token_id=eos
+        )
         assert out.completion_ids == expected
     assert any(k == 0 and suffix for k, suffix, _ in step_sources), step_sources
     assert out.stats.suffix_verifies > 0 and out.stats.suffix_acceptance_rate > 0.5, out.stats
@@ -111,7 +117,8 @@ def test_the_drafter_cache_stays_exact_when_rows_mix_sources_in_a_step(step_sour
     step_sources.attach(engine)
     ids, mask = grpo_prompts(4, 3, seed=3)
     expected = reference_greedy(policy, ids, mask, 24, eos=-1)
-    engine.generate(ids[:6], SamplingParams(do_sample=False), attention_mask=mask[:6], max_new_tokens=24)  # history for the first two prompts only
+    # history for the first two prompts only
+    engine.generate(ids[:6], SamplingParams(do_sample=False), attention_mask=mask[:6], max_new_tokens=24)
     step_sources.clear()
     out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=24)
     assert out.completion_ids == expected
@@ -226,7 +233,9 @@ def test_suffix_only_drafting_never_runs_the_drafter_model_and_stays_greedy_iden
     calls = []
     drafter.register_forward_hook(lambda *args: calls.append(1))
     for _ in range(2):  # the second call drafts from the first call's completions (history)
-        out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=20, eos_token_id=EOS)
+        out = engine.generate(
+            ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=20, eos_token_id=EOS
+        )
         assert out.completion_ids == expected
     assert not calls and out.stats.drafted == out.stats.suffix_drafted > 0
 

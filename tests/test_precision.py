@@ -238,7 +238,9 @@ def test_greedy_in_bfloat16_equals_the_copys_generate_except_at_near_ties(arch):
     copy, drafter = bf16_copy(policy), bf16_copy(noised_copy(policy, 0.1, seed=1))
     ids, mask = left_padded_prompts(64, 1, 24, 256, seed=7)
     expected = reference_greedy(copy, ids, mask, max_new_tokens=32, eos=EOS)
-    out = SpeculativeEngine(copy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=32, eos_token_id=EOS)
+    out = SpeculativeEngine(copy, drafter, SpecConfig(elastic=False, num_draft_tokens=4)).generate(
+        ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=32, eos_token_id=EOS
+    )
     assert out.stats.accepted > 0
     flipped = [row for row in range(64) if out.completion_ids[row] != expected[row]]
     assert len(flipped) <= 64 // 10, f"{len(flipped)} of 64 rows differ from the copy's generate"
@@ -262,7 +264,9 @@ def test_bfloat16_rollouts_in_grpo_give_finite_losses_and_the_training_forwards_
     trainer = make_trainer(tmp_path, rollout, policy=policy, max_steps=3, learning_rate=1e-3)
     trainer.train()
     inner = rollout.rollout
-    assert inner.backend.rollout_copy.is_copy and inner.backend.rollout_copy.syncs == 2  # after each optimizer step but the last
+    assert (
+        inner.backend.rollout_copy.is_copy and inner.backend.rollout_copy.syncs == 2
+    )  # after each optimizer step but the last
     assert next(inner.engine.policy.parameters()).dtype == BF16
     assert any("rollouts: policy served in bfloat16" in event for event in inner.events)
     served = inner.adaptive.draft_model()

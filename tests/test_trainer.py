@@ -32,7 +32,9 @@ def setup(spec: dict | None = None, **distill):
 
 def rollout(adaptive, engine, seed=0, batch=16, do_sample=True):
     ids, mask = left_padded_prompts(batch, 2, 8, 256, seed=seed)
-    return adaptive.generate(engine, ids, SamplingParams(do_sample=do_sample), attention_mask=mask, max_new_tokens=24, seed=seed)
+    return adaptive.generate(
+        engine, ids, SamplingParams(do_sample=do_sample), attention_mask=mask, max_new_tokens=24, seed=seed
+    )
 
 
 def test_distillation_wins_back_acceptance_after_the_policy_moves():

@@ -237,8 +237,12 @@ def test_the_distillation_targets_under_speculation_equal_the_plain_engines_top_
 
 
 def test_sampled_completions_logprobs_are_the_sampled_tokens_entries_of_the_sampling_distribution(prompts, plain):
-    out = plain.generate(prompts[:4], SamplingParams(do_sample=True, temperature=0.7, top_k=20), max_new_tokens=16, seed=3)
-    again = plain.generate(prompts[:4], SamplingParams(do_sample=True, temperature=0.7, top_k=20), max_new_tokens=16, seed=3)
+    out = plain.generate(
+        prompts[:4], SamplingParams(do_sample=True, temperature=0.7, top_k=20), max_new_tokens=16, seed=3
+    )
+    again = plain.generate(
+        prompts[:4], SamplingParams(do_sample=True, temperature=0.7, top_k=20), max_new_tokens=16, seed=3
+    )
     assert out.completion_ids == again.completion_ids  # seeded rows are reproducible
     for row, targets in enumerate(out.targets):
         for t, token in enumerate(out.completion_ids[row]):
@@ -275,10 +279,7 @@ def test_sampled_speculation_draws_from_the_policys_distribution(policy, prompts
     spec.load_drafter(_noised(policy[0], "model.layers.", std=0.3))
     try:
         # Two tokens: the first comes from the prefill, the second from the first verification.
-        outs = [
-            spec.generate([prompt] * batch, sampling, max_new_tokens=2, seed=i * batch)
-            for i in range(batches)
-        ]
+        outs = [spec.generate([prompt] * batch, sampling, max_new_tokens=2, seed=i * batch) for i in range(batches)]
     finally:
         spec.load_drafter(_weights(policy[0], "model.layers."))
     accepted, drafted = sum(o.stats.accepted for o in outs), sum(o.stats.drafted for o in outs)
@@ -319,7 +320,9 @@ def test_sampled_speculation_is_refused_when_the_cpu_repair_is_off_and_the_bug_i
             spec.generate(prompts[:1], SamplingParams(do_sample=True), max_new_tokens=2)
     finally:
         spec.repair_cpu_sampling = True
-    out = spec.generate(prompts[:1], SamplingParams(do_sample=True), max_new_tokens=4, seed=0)  # repaired again on the fly
+    out = spec.generate(
+        prompts[:1], SamplingParams(do_sample=True), max_new_tokens=4, seed=0
+    )  # repaired again on the fly
     assert all(math.isfinite(v) for v in out.logprobs[0])
 
 
