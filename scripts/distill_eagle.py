@@ -10,7 +10,9 @@ by default, `--collect-drafter`: lossless, so the data is the policy's either wa
 verify pass yields the policy's top-K targets and the outputs of the `--capture-layers` at every position for free
 (`engine.collect_features`); arithmetic and reasoning prompts alternate at T = 1. `--cache FILE` keeps the collected
 rows (training and held-out) so that every training variant reuses the same data; the head reads the
-`--feature-layers` among them (the last layer: EAGLE-1; a low, a middle and the last: EAGLE-3's fused features). The head trains in float32 (bf16 autocast) with the unrolled loss (`--depth` draft steps fed back) and is
+`--feature-layers` among them (the last layer: EAGLE-1; a low, a middle and the last: EAGLE-3's fused features).
+The best recipe measured on this CPU (docs/benchmarks.md, 2026-12-06): `--depth 3 --loss mix --mix fkl=0.5,tv=0.5
+--lr 3e-3`; the defaults are the first measurement's. The head trains in float32 (bf16 autocast) with the unrolled loss (`--depth` draft steps fed back) and is
 served in bfloat16. Reported: expected acceptance α = Σ min(p, q) per draft depth (teacher-forced, held out), and the
 engine's accepted tokens per verify at k = `--k`, T = 1 and greedy, for the head and for the truncated drafter.
 """
