@@ -10,10 +10,11 @@ copied: the head adds fc and one layer, ~3.9M parameters on SmolLM2-135M). Draft
 the k-th draft's feature is the head's g from the draft before it (EAGLE's feature recurrence), so it is trained
 unrolled on its own outputs (`EagleHead.unroll`, EAGLE-3's training-time test).
 
-The features are free: the engine's verify pass computes them at every position it keeps (a forward hook on the last
-decoder layer, `feature_layer`), and `EagleDrafts` keeps the head's own KV cache in step with them: after each verify,
-the head's cached draft slots (computed from its own approximate features) become holes and the true (feature, next
-token) pairs of every kept position are queued for its next catch-up forward. Lossless like every source: drafts are
+The features are free: the engine's verify pass computes them at every position it keeps (forward hooks on the last
+decoder layer, or on several whose outputs are concatenated for EAGLE-3's fused features: `feature_layers`), and
+`EagleDrafts` keeps the head's own KV cache in step with them: after each verify, the head's cached draft slots
+(computed from its own approximate features) become holes and the true (feature, next token) pairs of every kept
+position are queued for its next catch-up forward. Lossless like every source: drafts are
 sampled from q (greedy: its argmax) and verified by the policy under the acceptance rule.
 
 Supported policies: Llama-style decoder layers (`self_attn.{q,k,v,o}_proj`, `input_layernorm`,
@@ -66,14 +67,36 @@ def feature_layer(policy: Any) -> nn.Module:
     return _decoder(policy).layers[-1]
 
 
+def layer_ids(policy: Any, layers: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """`layers` (decoder layer indices, negative from the end) as sorted distinct non-negative indices: the order in
+    which the policy's forward runs them, so the order of the captured features."""
+    count = len(_decoder(policy).layers)
+    ids = sorted({i % count for i in layers if -count <= i < count})
+    if not ids or len(ids) != len(layers):
+        raise ValueError(f"feature layers {tuple(layers)} must be distinct indices into the policy's {count} layers.")
+    return tuple(ids)
+
+
+def feature_layers(policy: Any, layers: tuple[int, ...] | list[int] = (-1,)) -> list[nn.Module]:
+    """The decoder layers whose outputs (concatenated in layer order) are the features: by default the last one;
+    EAGLE-3 fuses a low, a middle and a high layer's."""
+    decoder = _decoder(policy)
+    return [decoder.layers[i] for i in layer_ids(policy, layers)]
+
+
 class EagleHead(nn.Module):
     """fc over [policy feature, next token's embedding] → one decoder layer → the policy's final norm and LM head.
+
+    `feature_layers` picks the policy layers whose outputs are the feature: the last one (EAGLE-1), or several fused
+    by `fc` (EAGLE-3's low/mid/high: fc reads [f_low, f_mid, f_high, embedding], (n + 1)·H → H). A fed-back feature
+    (the head's own output g, drafting from the second draft on) takes the last layer's slot, the other slots zero;
+    `fc` starts as the identity on the last slot, so a fused head starts as the last-layer head.
 
     Trainable: `fc` and `layer`. The policy's embedding, final norm, LM head and rotary embedding are used, not owned
     (`bind` points the head at another copy of the policy, e.g. the rollout copy in another precision).
     """
 
-    def __init__(self, policy: Any) -> None:
+    def __init__(self, policy: Any, feature_layers: tuple[int, ...] | list[int] = (-1,)) -> None:
         super().__init__()
         decoder, config = _decoder(policy), policy.config
         layer = decoder.layers[-1]
@@ -89,10 +112,14 @@ class EagleHead(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
-        self.fc = nn.Linear(2 * hidden, hidden)
-        with torch.no_grad():  # start as "the policy's last layer applied again": the feature half is the identity
-            self.fc.weight[:, :hidden].copy_(torch.eye(hidden))
-            self.fc.weight[:, hidden:].mul_(0.1)
+        self.feature_layers = layer_ids(policy, feature_layers)
+        self.slots = len(self.feature_layers)
+        self.feature_size = self.slots * hidden
+        self.fc = nn.Linear(self.feature_size + hidden, hidden)
+        with torch.no_grad():  # start as "the top feature layer's successor applied again": identity on its slot
+            self.fc.weight[:, : self.feature_size].zero_()
+            self.fc.weight[:, self.feature_size - hidden : self.feature_size].copy_(torch.eye(hidden))
+            self.fc.weight[:, self.feature_size :].mul_(0.1)
             self.fc.bias.zero_()
         self.layer = copy.deepcopy(layer)
         dtype = next(layer.parameters()).dtype
@@ -119,6 +146,8 @@ class EagleHead(nn.Module):
 
     def _inputs(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         embed = self._shared[0]
+        if features.shape[-1] != self.feature_size:  # a fed-back g: in the top layer's slot, the others zero
+            features = F.pad(features, (self.feature_size - features.shape[-1], 0))
         return self.fc(torch.cat([features.to(self.dtype), embed(tokens).to(self.dtype)], -1))
 
     def _layer(
@@ -230,8 +259,7 @@ class EagleDrafts:
     def begin(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
         batch, device = input_ids.shape[0], input_ids.device
         self.cache = HeadCache.empty(batch, device)
-        hidden = self.head.config.hidden_size
-        self.features = torch.zeros(batch, 0, hidden, dtype=self.head.dtype, device=device)
+        self.features = torch.zeros(batch, 0, self.head.feature_size, dtype=self.head.dtype, device=device)
         self.tokens = input_ids[:, :0]
         self.valid = mask[:, :0].bool()
 
@@ -292,7 +320,8 @@ def save_head(head: EagleHead, directory: str | os.PathLike[str], **metadata: An
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in head.state_dict().items()}
     save_file(state, path / (HEAD_FILE + ".tmp"))
     os.replace(path / (HEAD_FILE + ".tmp"), path / HEAD_FILE)
-    shape = {"hidden_size": head.config.hidden_size, "vocab_size": head.config.vocab_size}
+    shape = {"hidden_size": head.config.hidden_size, "vocab_size": head.config.vocab_size,
+             "feature_layers": list(head.feature_layers)}  # fmt: skip
     (path / HEAD_META).write_text(json.dumps({"kind": "eagle", **shape, **metadata}, indent=1))
     return path
 
@@ -303,7 +332,9 @@ def load_head(policy: Any, directory: str | os.PathLike[str]) -> EagleHead:
     path = Path(directory) / HEAD_FILE
     if not path.is_file():
         raise FileNotFoundError(f"No EAGLE head at {path}: point to a directory written by save_head.")
-    head = EagleHead(policy)
+    meta_path = Path(directory) / HEAD_META
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    head = EagleHead(policy, tuple(meta.get("feature_layers", (-1,))))
     state = load_file(path)
     own = head.state_dict()
     wrong = sorted(n for n in set(own) | set(state) if n not in own or n not in state or own[n].shape != state[n].shape)

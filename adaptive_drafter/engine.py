@@ -25,7 +25,7 @@ from . import acceptance
 from .config import SpecConfig
 from .drafter import check_compatible
 from .drafts import Drafts, ModelDrafts, SuffixDrafts, Verified
-from .eagle import EagleDrafts, eagle_head, feature_layer
+from .eagle import EagleDrafts, eagle_head, feature_layers
 from .elastic import ElasticController
 from .kv import KVSlots, forward, max_positions, prompt_batch, sliding_window, synchronize
 from .metrics import SpecStats
@@ -82,6 +82,9 @@ class SpeculativeEngine:
         # drafter does not read them (a feature-reading drafter being trained beside another one); with an `eagle`
         # drafter they are kept whenever targets are.
         self.collect_features = False
+        # The policy layers whose outputs (concatenated in layer order) are captured without an eagle drafter, whose
+        # own `feature_layers` decide otherwise: the last one by default.
+        self.feature_layers: tuple[int, ...] = (-1,)
 
     def drafter_changed(self) -> None:
         """The draft model's weights changed (a new adapter): the acceptance measured so far describes the old one."""
@@ -233,7 +236,7 @@ class _Rollout:
                 compact_threshold=self.config.compact_threshold,
                 max_slots=self.max_slots[1],
             )
-        self.features: list[torch.Tensor] = []  # the policy's last-layer output of its latest forward, when needed
+        self.features: list[torch.Tensor] = []  # the feature layers' outputs in the policy's latest forward, if needed
         need_q = params.do_sample and self.config.acceptance in ("exact", "lenient")
         self.suffix = SuffixDrafts(engine.suffix, self.vocab_size if need_q else None) if engine.suffix else None
         self.sources: list[Any] = [self.model] + ([self.suffix] if self.suffix is not None else [])
@@ -248,9 +251,11 @@ class _Rollout:
         self.pol = KVSlots.empty(batch, device)
         for source in self.sources:
             source.begin(input_ids, mask)
-        capture = None
+        capture = []
         if self.engine.collect_features or any(getattr(source, "needs_features", False) for source in self.sources):
-            capture = feature_layer(self.policy).register_forward_hook(self._capture)
+            eagle = isinstance(self.model, EagleDrafts)
+            layers = self.model.head.feature_layers if eagle else self.engine.feature_layers
+            capture = [m.register_forward_hook(self._capture) for m in feature_layers(self.policy, layers)]
         try:
             # The prefill is the first plain step: the policy reads the whole prompt and emits each row's first token.
             none = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -270,8 +275,8 @@ class _Rollout:
                 for hook in self.engine.step_hooks:
                     hook(plan, step)
         finally:
-            if capture is not None:
-                capture.remove()
+            for hook in capture:
+                hook.remove()
             for source in self.sources:
                 source.end()
         return SpecOutput(self.completions, self.logprobs, self.stats, self._policy_targets(input_ids, mask))
@@ -331,7 +336,7 @@ class _Rollout:
         position = torch.arange(width + 1, device=n.device)[None]
         drafted, accepted = position < drafts.lengths[:, None], position < n[:, None]
         emitted, done = self._record(rows, tokens, n + 1, log_p, drafted, accepted)  # the step's one sync
-        features = self.features[0] if self.features else None
+        features = torch.cat(self.features, -1) if len(self.features) > 1 else (self.features or [None])[0]
         if features is not None and self.topk:  # the features the policy read, for feature-reading drafters' training
             for i, row in enumerate(rows):
                 read = features[i][valid[i]] if width == 0 else features[i, : len(emitted[i])]

@@ -5,9 +5,14 @@ against the truncated drafter with its shipped adapter, side by side on the same
     OMP_NUM_THREADS=1 python scripts/distill_eagle.py --collect-minutes 8 --train-minutes 16 \\
         --json docs/results/eagle_distill_embedded_cpu.json --out drafters/smollm2-135m-eagle
 
-Rollouts run in bfloat16 through the speculative engine, whose verify pass yields the policy's top-K targets and its
-last-layer features at every position for free (`engine.collect_features`); arithmetic and reasoning prompts alternate
-at T = 1. The head trains in float32 (bf16 autocast) with the unrolled loss (`--depth` draft steps fed back) and is
+Rollouts run in bfloat16 through the speculative engine (drafting with the truncated drafter and its shipped adapter
+by default, `--collect-drafter`: lossless, so the data is the policy's either way, and faster to collect), whose
+verify pass yields the policy's top-K targets and the outputs of the `--capture-layers` at every position for free
+(`engine.collect_features`); arithmetic and reasoning prompts alternate at T = 1. `--cache FILE` keeps the collected
+rows (training and held-out) so that every training variant reuses the same data; the head reads the
+`--feature-layers` among them (the last layer: EAGLE-1; a low, a middle and the last: EAGLE-3's fused features).
+The best recipe measured on this CPU (docs/benchmarks.md, 2026-12-06): `--depth 3 --loss mix --mix fkl=0.5,tv=0.5
+--lr 3e-3`; the defaults are the first measurement's. The head trains in float32 (bf16 autocast) with the unrolled loss (`--depth` draft steps fed back) and is
 served in bfloat16. Reported: expected acceptance α = Σ min(p, q) per draft depth (teacher-forced, held out), and the
 engine's accepted tokens per verify at k = `--k`, T = 1 and greedy, for the head and for the truncated drafter.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import platform
@@ -30,7 +36,7 @@ from adaptive_drafter.sampling import SamplingParams
 from adaptive_drafter import SpecConfig, SpeculativeEngine
 from adaptive_drafter.config import DrafterConfig
 from adaptive_drafter.drafter import build_drafter, load_adapter, merged_copy
-from adaptive_drafter.eagle import EagleHead, save_head
+from adaptive_drafter.eagle import EagleHead, layer_ids, save_head
 from adaptive_drafter.eagle_distill import acceptance_by_depth, collate_features, eagle_loss
 from adaptive_drafter.embedded import load_embedded
 from adaptive_drafter.tasks import chat_batch, load_task
@@ -68,7 +74,15 @@ def main() -> None:
     parser.add_argument("--rollout-batch", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
     parser.add_argument("--depth", type=int, default=3, help="draft steps unrolled in training (training-time test)")
+    parser.add_argument("--decay", type=float, default=0.8, help="draft step d's loss weighted decay^(d-1)")
+    parser.add_argument("--loss", default="fkl", help="fkl, tv, ... or mix (with --mix)")
+    parser.add_argument("--mix", default=None, help="mix weights, e.g. fkl=0.5,tv=0.5")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--feature-layers", default="-1", help="policy layers the head reads, e.g. 1,14,-1")
+    parser.add_argument("--capture-layers", default="1,14,26,-1", help="policy layers collected (a superset)")
+    parser.add_argument("--collect-drafter", choices=("truncated", "eagle"), default="truncated")
+    parser.add_argument("--cache", type=Path, default=None, help="collected rows: loaded if present, else saved")
+    parser.add_argument("--engine", choices=("both", "head", "none"), default="both", help="engine measurements")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--eval-prompts", type=int, default=24, help="held-out prompts per task")
     parser.add_argument("--adapter", default="drafters/smollm2-135m-arithmetic", help="the truncated drafter's")
@@ -77,25 +91,56 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     torch.manual_seed(0)
+    torch.set_num_threads(1)
 
     policy, tokenizer = load_embedded()
     policy.requires_grad_(False)
     serving = copy.deepcopy(policy).to(torch.bfloat16).eval()  # rollouts in the precision this CPU is fast at
-    head = EagleHead(policy)  # trains in float32
-    serving_head = EagleHead(serving)
-    engine = SpeculativeEngine(serving, serving_head, SpecConfig(num_draft_tokens=args.k))
-    engine.collect_features = True
+    ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
+    head_layers = layer_ids(policy, ints(args.feature_layers))
+    head = EagleHead(policy, head_layers)  # trains in float32
+    serving_head = EagleHead(serving, head_layers)
 
-    train, tasks, seed = [], list(MAX_NEW), 0
-    with tqdm(desc="collect", unit="rows") as bar:
-        while time.time() - started < args.collect_minutes * 60:
-            out = rollout(engine, tokenizer, tasks[seed % 2], args.rollout_batch, 1000 + seed)
-            train += out.targets
-            seed += 1
-            bar.update(len(out.targets))
-    collect_seconds = time.time() - started
-    held_out = [t for task in tasks for t in rollout(engine, tokenizer, task, args.eval_prompts, 900_000 + len(task)).targets]
+    def truncated_serving():
+        truncated = build_drafter(policy, DrafterConfig())
+        version = load_adapter(truncated, args.adapter)
+        return merged_copy(truncated).to(torch.bfloat16).eval(), version
+
+    if args.cache is not None and args.cache.is_file():
+        data = torch.load(args.cache, weights_only=False)
+        print(f"loaded {len(data['train'])} + {len(data['held_out'])} rows from {args.cache}")
+    else:
+        # An eagle head collecting captures the layers it reads (the engine's rule).
+        captured = layer_ids(policy, ints(args.capture_layers)) if args.collect_drafter == "truncated" else head_layers
+        if not set(head_layers) <= set(captured):
+            raise SystemExit(f"--feature-layers {head_layers} must be among --capture-layers {captured}")
+        collector = truncated_serving()[0] if args.collect_drafter == "truncated" else serving_head
+        engine = SpeculativeEngine(serving, collector, SpecConfig(num_draft_tokens=args.k))
+        engine.collect_features, engine.feature_layers = True, captured
+        train, tasks, seed = [], list(MAX_NEW), 0
+        with tqdm(desc="collect", unit="rows") as bar:
+            while time.time() - started < args.collect_minutes * 60:
+                out = rollout(engine, tokenizer, tasks[seed % 2], args.rollout_batch, 1000 + seed)
+                train += out.targets
+                seed += 1
+                bar.update(len(out.targets))
+        collect_seconds = time.time() - started
+        held_out = [
+            t for task in tasks for t in rollout(engine, tokenizer, task, args.eval_prompts, 900_000 + len(task)).targets
+        ]
+        data = {"train": train, "held_out": held_out, "captured": captured,
+                "collect_minutes": collect_seconds / 60, "collect_drafter": args.collect_drafter}  # fmt: skip
+        if args.cache is not None:
+            torch.save(data, args.cache)
+    hidden = policy.config.hidden_size
+    columns = torch.cat([torch.arange(hidden) + hidden * data["captured"].index(i) for i in head_layers])
+
+    def sliced(rows):
+        return [dataclasses.replace(t, features=t.features[:, columns].contiguous()) for t in rows]
+
+    train, held_out = sliced(data["train"]), sliced(data["held_out"])
     tokens = sum(t.num_tokens for t in train)
+    mix = {k: float(v) for k, v in (kv.split("=") for kv in args.mix.split(","))} if args.mix else None
 
     def alpha() -> list[float]:
         return acceptance_by_depth(head, held_out, depth=args.k, pad_id=tokenizer.pad_token_id)
@@ -112,7 +157,7 @@ def main() -> None:
                 group["lr"] = args.lr * warmup * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
             batch, features = collate_features(rng.sample(train, args.batch_size), tokenizer.pad_token_id)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss, _ = eagle_loss(head, batch, features, depth=args.depth)
+                loss, _ = eagle_loss(head, batch, features, args.depth, args.decay, args.loss, mix)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -128,23 +173,26 @@ def main() -> None:
     curve.append({"minutes": train_seconds / 60, "steps": steps, "alpha": alpha(), "loss": sum(losses[-50:]) / 50})
 
     serving_head.load_state_dict({name: tensor.to(torch.bfloat16) for name, tensor in head.state_dict().items()})
-    truncated = build_drafter(policy, DrafterConfig())
-    version = load_adapter(truncated, args.adapter)
-    truncated_serving = merged_copy(truncated).to(torch.bfloat16).eval()
+    drafters = [("eagle", serving_head)] if args.engine != "none" else []
+    version = None
+    if args.engine == "both":
+        truncated, version = truncated_serving()
+        drafters.append(("truncated", truncated))
     measured = {
         name: {
             "T=1": tokens_per_verify(serving, drafter, tokenizer, args.k, args.eval_prompts, True),
             "greedy": tokens_per_verify(serving, drafter, tokenizer, args.k, args.eval_prompts, False),
         }
-        for name, drafter in (("eagle", serving_head), ("truncated", truncated_serving))
+        for name, drafter in drafters
     }
     result = {
         "command": "python scripts/distill_eagle.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "data": {"train_rows": len(train), "train_completion_tokens": tokens, "collect_minutes": collect_seconds / 60,
-                 "held_out_rows": len(held_out)},
-        "training": {"steps": steps, "minutes": train_seconds / 60, "depth": args.depth, "lr": args.lr},
+        "data": {"train_rows": len(train), "train_completion_tokens": tokens, "collect_minutes": data["collect_minutes"],
+                 "held_out_rows": len(held_out), "collect_drafter": data["collect_drafter"], "cache": str(args.cache)},
+        "training": {"steps": steps, "minutes": train_seconds / 60, "depth": args.depth, "decay": args.decay,
+                     "loss": args.loss, "mix": mix, "lr": args.lr, "feature_layers": list(head_layers)},
         "alpha_by_depth_held_out": curve[-1]["alpha"],
         "curve": curve,
         "engine": measured,

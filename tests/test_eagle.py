@@ -8,28 +8,44 @@ import torch
 from test_engine import PAD, STEPS, VOCAB, assert_within_noise, exact_joint, first_tokens_joint, reference_greedy
 
 from adaptive_drafter import SpecConfig, SpeculativeEngine
-from adaptive_drafter.eagle import EagleHead, feature_layer
+from adaptive_drafter.eagle import EagleHead, feature_layers
 from adaptive_drafter.sampling import SamplingParams
 from adaptive_drafter.testing import left_padded_prompts, tiny_causal_lm
 
 
-def features_of(policy, sequence: list[int]) -> torch.Tensor:
-    """The policy's last-layer output (pre-norm) at every position of `sequence`, from scratch."""
+def features_of(policy, sequence: list[int], layers: tuple[int, ...] = (-1,)) -> torch.Tensor:
+    """The outputs (pre-norm) of the policy's `layers`, concatenated in layer order, at every position of `sequence`,
+    from scratch."""
     seen = []
-    hook = feature_layer(policy).register_forward_hook(lambda m, i, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: seen.append(o[0] if isinstance(o, tuple) else o))
+        for m in feature_layers(policy, layers)
+    ]
     try:
         with torch.no_grad():
             policy(input_ids=torch.tensor([sequence]))
     finally:
-        hook.remove()
-    return seen[0][0]
+        for hook in hooks:
+            hook.remove()
+    return torch.cat([s[0] for s in seen], -1)
+
+
+def perturbed(head: EagleHead, scale: float, seed: int = 0) -> EagleHead:
+    """`head` with random weights of `scale` added on its fused (non-top) feature slots, so that they matter."""
+    generator = torch.Generator().manual_seed(seed)
+    top = head.feature_size - head.config.hidden_size
+    with torch.no_grad():
+        noise = torch.randn(head.fc.weight[:, :top].shape, generator=generator, dtype=torch.float64)
+        head.fc.weight[:, :top] += scale * noise.to(head.dtype)
+    return head
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_greedy_with_the_head_is_token_identical_to_policy_generate(arch, k):
+@pytest.mark.parametrize("layers", [(-1,), (0, 1)], ids=["last", "fused"])
+def test_greedy_with_the_head_is_token_identical_to_policy_generate(arch, k, layers):
     policy = tiny_causal_lm(arch, logit_scale=8.0)
-    head = EagleHead(policy)
+    head = perturbed(EagleHead(policy, layers), 0.05)
     ids, mask = left_padded_prompts(6, 2, 12, 256, seed=3)
     engine = SpeculativeEngine(policy, head, SpecConfig(elastic=False, num_draft_tokens=k))
     out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=24, eos_token_id=7)
@@ -37,17 +53,21 @@ def test_greedy_with_the_head_is_token_identical_to_policy_generate(arch, k):
     assert 0 < out.stats.drafted <= out.stats.verify_steps * k  # (k shrinks near max_new_tokens)
 
 
-def test_every_draft_is_the_head_over_the_policys_true_features():
+@pytest.mark.parametrize("layers", [(-1,), (0, 1)], ids=["last", "fused"])
+def test_every_draft_is_the_head_over_the_policys_true_features(layers):
     """The head's incremental cache (catch-up on verified pairs, fed-back draft slots turned into holes, compaction,
-    finished rows leaving) gives exactly what the head computes from scratch over the policy's features: the first
-    draft of every step is argmax q over the true pair before it, the second (where the first was accepted) the
-    fed-back chain of `unroll`'s second pass."""
-    policy = tiny_causal_lm("llama", num_layers=1, logit_scale=8.0).double()
-    head = EagleHead(policy)
+    finished rows leaving) gives exactly what the head computes from scratch over the policy's features (the last
+    layer's, or two layers' fused): the first draft of every step is argmax q over the true pair before it, the second
+    (where the first was accepted) the fed-back chain of `unroll`'s second pass."""
+    policy = tiny_causal_lm("llama", num_layers=len(layers), logit_scale=8.0).double()
+    head = EagleHead(policy, layers)
     hidden = policy.config.hidden_size
-    with torch.no_grad():  # the head reads only the next token's embedding: with the policy's one layer it is the
-        head.fc.weight.zero_()  # policy minus its first token, agreeing often enough for second drafts to be checked
-        head.fc.weight[:, hidden:].copy_(torch.eye(hidden))
+    with torch.no_grad():  # the head reads mostly the next token's embedding: with the policy's last layer it is
+        head.fc.weight.zero_()  # close to the policy minus its first token, agreeing often enough for second drafts
+        head.fc.weight[:, head.feature_size :].copy_(torch.eye(hidden))  # to be checked; features weigh a little
+    perturbed(head, 0.02)  # (fused only: the low slot)
+    with torch.no_grad():
+        head.fc.weight[:, head.feature_size - hidden : head.feature_size] += 0.02 * torch.eye(hidden, dtype=head.dtype)
     ids, mask = left_padded_prompts(5, 8, 16, 256, seed=11)
     engine = SpeculativeEngine(policy, head, SpecConfig(elastic=False, num_draft_tokens=2))
     drafts: list[tuple[int, int, int, int, int]] = []  # (row, completion position, depth, draft, accepted)
@@ -66,7 +86,7 @@ def test_every_draft_is_the_head_over_the_policys_true_features():
     for row, completion in enumerate(out.completion_ids):
         prompt = ids[row][mask[row].bool()].tolist()
         sequence = prompt + completion
-        features = features_of(policy, sequence)
+        features = features_of(policy, sequence, layers)
         nxt = torch.tensor([sequence[1:] + [0]])
         with torch.no_grad():
             passes = [head.logits(g[0]).argmax(-1) for g in head.unroll(features[None], nxt, 2)]
@@ -81,9 +101,10 @@ def test_every_draft_is_the_head_over_the_policys_true_features():
     assert out.completion_ids == reference_greedy(policy, ids, mask, 20, eos=5)
 
 
-def test_sampled_joint_distribution_with_the_head_is_the_policys():
+@pytest.mark.parametrize("layers", [(-1,), (0, 1)], ids=["last", "fused"])
+def test_sampled_joint_distribution_with_the_head_is_the_policys(layers):
     policy = tiny_causal_lm("llama", vocab_size=VOCAB, hidden_size=16, logit_scale=3.0, seed=0).double()
-    head = EagleHead(policy)
+    head = perturbed(EagleHead(policy, layers), 0.05)
     prompt = [3, 1, 4, 5]
     rows = 4000
     target = exact_joint(policy, prompt, SamplingParams(do_sample=True))
@@ -111,23 +132,26 @@ def rollout_targets(engine, seed: int, rows: int = 24):
     return out
 
 
-def test_the_verify_pass_collects_the_policys_features_at_every_position_it_read():
-    policy = tiny_causal_lm("llama", logit_scale=4.0)
-    engine = SpeculativeEngine(policy, EagleHead(policy), SpecConfig(elastic=False, num_draft_tokens=3))
+@pytest.mark.parametrize("layers", [(-1,), (0, 2), (0, 1, 2)], ids=["last", "two", "three"])
+def test_the_verify_pass_collects_the_policys_features_at_every_position_it_read(layers):
+    """The head's feature layers' outputs, concatenated in layer order (EAGLE-3's low/mid/high for three)."""
+    policy = tiny_causal_lm("llama", num_layers=3, logit_scale=4.0)
+    engine = SpeculativeEngine(policy, EagleHead(policy, layers), SpecConfig(elastic=False, num_draft_tokens=3))
     out = rollout_targets(engine, seed=1, rows=6)
     for targets in out.targets:
         sequence = targets.prompt_ids + targets.completion_ids
-        expected = features_of(policy, sequence)[:-1]  # the last token is never read
+        expected = features_of(policy, sequence, layers)[:-1]  # the last token is never read
         assert targets.features.shape == expected.shape and targets.features.dtype == torch.bfloat16
         torch.testing.assert_close(targets.features.float(), expected, atol=0.05, rtol=0.02)
 
 
-def test_training_the_head_on_collected_features_raises_its_acceptance_at_every_depth():
+@pytest.mark.parametrize("layers", [(-1,), (0, 1)], ids=["last", "fused"])
+def test_training_the_head_on_collected_features_raises_its_acceptance_at_every_depth(layers):
     from adaptive_drafter.eagle_distill import acceptance_by_depth, collate_features, eagle_loss
 
     torch.manual_seed(0)
     policy = tiny_causal_lm("llama", logit_scale=8.0)
-    head = EagleHead(policy)
+    head = EagleHead(policy, layers)
     engine = SpeculativeEngine(policy, head, SpecConfig(elastic=False, num_draft_tokens=3))
     train = [t for seed in range(4) for t in rollout_targets(engine, seed=10 + seed).targets]
     held_out = rollout_targets(engine, seed=99).targets
@@ -193,6 +217,45 @@ def test_a_saved_head_loads_back_and_one_for_another_policy_is_refused(tmp_path)
     save_head(head, tmp_path / "head", made_by="test")
     loaded = load_head(policy, tmp_path / "head")
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), loaded.state_dict().values()))
+    fused = EagleHead(policy, (0, 1))  # the feature layers travel with the head
+    save_head(fused, tmp_path / "fused")
+    assert load_head(policy, tmp_path / "fused").feature_layers == (0, 1)
     other = tiny_causal_lm("llama", hidden_size=48, logit_scale=8.0)
     with pytest.raises(ValueError, match="made for another policy"):
         load_head(other, tmp_path / "head")
+
+
+def test_without_an_eagle_drafter_the_engine_collects_the_layers_it_is_told():
+    """`engine.feature_layers` with `collect_features`: data for heads over any of those layers, whatever drafts."""
+    policy = tiny_causal_lm("llama", num_layers=3, logit_scale=4.0)
+    drafter = tiny_causal_lm("llama", num_layers=1, logit_scale=4.0, seed=5)
+    engine = SpeculativeEngine(policy, drafter, SpecConfig(elastic=False, num_draft_tokens=2))
+    engine.collect_features, engine.feature_layers = True, (2, 0)
+    for targets in rollout_targets(engine, seed=2, rows=4).targets:
+        expected = features_of(policy, targets.prompt_ids + targets.completion_ids, (0, 2))[:-1]
+        torch.testing.assert_close(targets.features.float(), expected, atol=0.05, rtol=0.02)
+
+
+def test_a_fused_head_starts_as_the_head_over_the_last_layer():
+    """fc starts as the identity on the top layer's slot and zero on the others: a fused head's first outputs, and
+    its fed-back ones, are the last-layer head's, so fusing can only be learnt on top of it."""
+    torch.manual_seed(0)
+    policy = tiny_causal_lm("llama", num_layers=3, logit_scale=4.0).double()
+    last = EagleHead(policy).double()
+    fused = EagleHead(policy, (0, 1, -1)).double()
+    hidden = policy.config.hidden_size
+    with torch.no_grad():  # the same random start elsewhere
+        fused.layer.load_state_dict(last.layer.state_dict())
+        fused.fc.weight[:, -hidden:].copy_(last.fc.weight[:, -hidden:])
+    assert fused.fc.weight.shape == (hidden, 4 * hidden) and fused.feature_layers == (0, 1, 2)
+    features = torch.randn(2, 7, 3 * hidden, dtype=torch.float64)
+    tokens = torch.randint(0, 256, (2, 7))
+    for a, b in zip(fused.unroll(features, tokens, 3), last.unroll(features[..., -hidden:], tokens, 3)):
+        torch.testing.assert_close(a, b)
+
+
+def test_feature_layers_that_repeat_or_fall_outside_the_policy_are_refused():
+    policy = tiny_causal_lm("llama", num_layers=3)
+    for layers in [(1, 1), (3,), (-4,), ()]:
+        with pytest.raises(ValueError, match="distinct indices"):
+            EagleHead(policy, layers)
