@@ -92,20 +92,23 @@ def plot_run(
     fig, axes = plt.subplots(2, 3 if rewards else 2, figsize=(15 if rewards else 11, 7), constrained_layout=True)
     steps = [p.step for p in points]
     with_suffix = any(not math.isnan(p.suffix_tokens_per_step) for p in points)
-    ax = axes[0][0]
-    ax.plot(steps, [p.adaptive_acceptance for p in points], "o-", label="adaptive (served adapter)")
-    ax.plot(steps, [p.frozen_acceptance for p in points], "s--", label="frozen (starting adapter)")
-    if with_suffix:
-        ax.plot(steps, [p.suffix_acceptance for p in points], "^:", label="suffix (siblings)")
-    ax.set(title="acceptance on held-out prompts", xlabel="policy step", ylabel="accepted / drafted")
-    ax.legend()
-    ax = axes[0][1]
-    ax.plot(steps, [p.adaptive_tokens_per_verify for p in points], "o-", label="adaptive")
-    ax.plot(steps, [p.frozen_tokens_per_verify for p in points], "s--", label="frozen")
-    if with_suffix:
-        ax.plot(steps, [p.suffix_tokens_per_step for p in points], "^:", label="suffix (siblings), per step")
-    ax.set(title="tokens per verify (held-out)", xlabel="policy step", ylabel="tokens")
-    ax.legend()
+    panels = (  # (axis, title, y label, [(field, style, label)]): the drafters side by side on the held-out prompts
+        (axes[0][0], "acceptance on held-out prompts", "accepted / drafted", [
+            ("adaptive_acceptance", "o-", "adaptive (served adapter)"),
+            ("frozen_acceptance", "s--", "frozen (starting adapter)"),
+            ("suffix_acceptance", "^:", "suffix (siblings)"),
+        ]),
+        (axes[0][1], "tokens per verify (held-out)", "tokens", [
+            ("adaptive_tokens_per_verify", "o-", "adaptive"),
+            ("frozen_tokens_per_verify", "s--", "frozen"),
+            ("suffix_tokens_per_step", "^:", "suffix (siblings), per step"),
+        ]),
+    )  # fmt: skip
+    for ax, title, ylabel, curves in panels:
+        for name, style, label in curves[: 3 if with_suffix else 2]:
+            ax.plot(steps, [getattr(p, name) for p in points], style, label=label)
+        ax.set(title=title, xlabel="policy step", ylabel=ylabel)
+        ax.legend()
     ax = axes[1][0]
     timed = [(h.step, h.measured_speedup) for h in history if h.measured_speedup is not None]
     if timed:

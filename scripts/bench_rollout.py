@@ -305,7 +305,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype",
         choices=("float32", "bfloat16", "auto"),
         default="float32",
-        help="precision of the rollouts (SpecConfig.rollout_dtype): policy copy and drafter; plain generate runs in it "
+        help="precision of the rollouts (ServingConfig.rollout_dtype): policy copy and drafter; plain generate runs in it "
         "too (default float32, the documented runs before it; auto: bfloat16 where the hardware is fast at it)",
     )
     parser.add_argument(

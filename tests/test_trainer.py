@@ -371,8 +371,9 @@ def test_effort_idles_while_the_policy_holds_and_trains_again_once_it_moves(capl
     caplog.set_level("INFO", logger="adaptive_drafter.trainer")
     rollout(adaptive, engine, seed=0)
     with trainer:
-        wait_for(lambda: not trainer.effort.training)
-        assert trainer.metrics()["drafter/effort"] == 0.0 and "idles: plateau" in caplog.text
+        # The trainer thread flips to idle, then logs why (same locked section): wait for both.
+        wait_for(lambda: not trainer.effort.training and "idles: plateau" in caplog.text)
+        assert trainer.metrics()["drafter/effort"] == 0.0
         steps = trainer.steps
         for seed in (1, 2, 3):  # fresh rollouts of a policy that does not move: checked, and still idle
             rollout(adaptive, engine, seed=seed)
