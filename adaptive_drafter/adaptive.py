@@ -97,6 +97,8 @@ class AdaptiveDrafter:
         # Serving in another precision than the drafter trains in (`serving_dtype`, the rollouts' precision): the cast
         # copy being served, keyed like `_merged`, and the casts of the drafter's unchanging weights it reuses.
         self._serving_dtype: torch.dtype | None = None
+        # The policy as rollouts compute it (`serving_policy`): an eagle head's serving copy reads its modules.
+        self._serving_policy: Any = None
         self._cast: tuple[Any, Any] | None = None
         self._cast_cache: CastCache | None = None
         self._exported: tuple[Any, ...] | None = None  # LoRA fingerprint last handed out by `serving_weights`
@@ -149,6 +151,17 @@ class AdaptiveDrafter:
         if dtype != self._serving_dtype:
             self._serving_dtype, self._cast, self._cast_cache = dtype, None, None
 
+    @property
+    def serving_policy(self) -> Any:
+        """The policy module rollouts are decoded with (the rollout copy in `serving_dtype`, set by the backend that
+        owns it); None: the policy the drafter was built from. An eagle head's serving copy reads this policy's
+        embedding, final norm and LM head, in the rollouts' precision; the head the trainer trains keeps its own."""
+        return self._serving_policy
+
+    @serving_policy.setter
+    def serving_policy(self, policy: Any) -> None:
+        self._serving_policy = policy
+
     def serving_model(self) -> Any:
         """The drafter as it serves: its merged copy (`ServingConfig.merge_lora`), rebuilt whenever a LoRA weight was
         written (a swap, or a user's load), else the peft model itself; in `serving_dtype` when that differs from the
@@ -183,6 +196,9 @@ class AdaptiveDrafter:
         """What the Hugging Face engine drafts with this rollout: the serving model, whole or with its head cut to the
         reduced draft vocabulary (`set_draft_vocab`, else `ServingConfig.draft_vocab_size`'s most frequent tokens)."""
         drafter = self.serving_model()
+        head = eagle_head(drafter)
+        if head is not None and self._serving_policy is not None and head is not eagle_head(self.drafter):
+            head.bind(self._serving_policy)
         ids = self.draft_vocab
         if ids is None and self.config.draft_vocab_size:
             ids = frequent_tokens(self.token_counts, self.config.draft_vocab_size)

@@ -74,6 +74,7 @@ class HFBackend:
         serving = self.rollout_copy.model if self.rollout_copy.is_copy else policy
         if adaptive is not None:
             adaptive.serving_dtype = self.rollout_copy.dtype
+            adaptive.serving_policy = serving
         if self.engine is None:
             self.engine = SpeculativeEngine(serving, adaptive.drafter if adaptive else None, spec, tokenizer=tokenizer)
         self.engine.policy = serving  # the unwrapped module can differ between calls (DeepSpeed, FSDP)

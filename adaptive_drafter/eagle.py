@@ -55,6 +55,14 @@ def _decoder(policy: Any) -> Any:
     return decoder
 
 
+class _Shared(tuple):
+    """The policy's modules a head uses but does not own. Copies of the head (merged, cast) share them: copying them
+    would duplicate the policy's embedding and LM head in every serving copy."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Shared:
+        return self
+
+
 def eagle_head(model: Any) -> EagleHead | None:
     """The `EagleHead` inside `model` (itself, or under a peft wrapper whose LoRA layers are injected in it), or None."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -131,8 +139,8 @@ class EagleHead(nn.Module):
         """Use `policy`'s embedding, final norm, LM head and rotary embedding (kept out of the head's parameters)."""
         decoder = _decoder(policy)
         model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-        object.__setattr__(self, "_shared", (decoder.embed_tokens, decoder.norm, model.get_output_embeddings(),
-                                             decoder.rotary_emb))  # fmt: skip
+        object.__setattr__(self, "_shared", _Shared((decoder.embed_tokens, decoder.norm, model.get_output_embeddings(),
+                                                     decoder.rotary_emb)))  # fmt: skip
         return self
 
     @property

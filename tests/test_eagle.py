@@ -259,3 +259,32 @@ def test_feature_layers_that_repeat_or_fall_outside_the_policy_are_refused():
     for layers in [(1, 1), (3,), (-4,), ()]:
         with pytest.raises(ValueError, match="distinct indices"):
             EagleHead(policy, layers)
+
+
+def test_serving_copies_of_the_head_share_the_policys_modules_and_read_the_rollout_copy():
+    """A served head (merged, or cast to the rollouts' precision) never copies the policy's embedding and LM head, and
+    reads those of the policy as rollouts compute it; the head the trainer trains keeps the training policy's."""
+    from adaptive_drafter.adaptive import AdaptiveDrafter
+    from adaptive_drafter.config import DrafterConfig
+    from adaptive_drafter.drafter import build_drafter
+    from adaptive_drafter.eagle import eagle_head
+    from adaptive_drafter.precision import RolloutCopy, resolve_rollout_dtype
+
+    policy = tiny_causal_lm("llama", num_layers=3, logit_scale=8.0)
+    drafter = build_drafter(policy, DrafterConfig(drafter_kind="eagle", drafter_lora_r=8))
+    trained, adaptive = eagle_head(drafter), AdaptiveDrafter(drafter)
+    merged = eagle_head(adaptive.draft_model())
+    assert merged is not trained and merged.layer is not trained.layer
+    assert all(a is b for a, b in zip(merged._shared, trained._shared))  # shared, not copied
+
+    rollout = RolloutCopy.build(policy, resolve_rollout_dtype("bfloat16", policy)).model
+    adaptive.serving_dtype, adaptive.serving_policy = torch.bfloat16, rollout
+    served = eagle_head(adaptive.draft_model())
+    assert served.dtype == torch.bfloat16 and served._shared[2] is rollout.get_output_embeddings()
+    assert trained._shared[2] is policy.get_output_embeddings() and trained.dtype == torch.float32
+    engine = SpeculativeEngine(rollout, drafter, SpecConfig(elastic=False, num_draft_tokens=3))
+    ids, mask = left_padded_prompts(8, 2, 8, 256, seed=3)
+    out = adaptive.generate(engine, ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=16)
+    expected = reference_greedy(rollout, ids, mask, 16, eos=[])
+    assert out.stats.drafted > 0
+    assert sum(a == b for a, b in zip(out.completion_ids, expected)) >= 7  # bf16 near-ties may flip a row
