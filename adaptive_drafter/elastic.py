@@ -9,6 +9,10 @@ compute-bound (verifying k+1 tokens costs ~k+1 decode steps, speculation loses),
 (verifying costs ~1 step, speculation wins). v_k is measured for each k tried and interpolated between them, with
 no shape assumed. Nothing is hard-coded per device.
 
+Acceptance is also counted per draft depth: a drafter that chains on its own outputs (the EAGLE-style head) is accepted
+less at each depth, so the expected tokens of k drafts are 1 + Σ_{j≤k} Π_{d≤j} α_d, with each α_d shrunk towards the
+pooled α while its depth has few trials (with no per-depth counts, every α_d is the pooled α and the formula above).
+
 While plain, the controller probes now and then, drafting the k that would pay if α were at the optimistic end of
 what its acceptance counts allow, so a drafter that got better is noticed and one known to be poor costs nothing.
 """
@@ -18,8 +22,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .metrics import speedup_estimate
-
 
 def expected_tokens(alpha: float, k: int) -> float:
     """Expected tokens one verify of k drafts emits: accepted drafts plus the correction/bonus."""
@@ -28,9 +30,21 @@ def expected_tokens(alpha: float, k: int) -> float:
     return k + 1.0 if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
-def best_k(alpha: float, cost_ratio: float, verify_costs: list[float]) -> int:
-    """The k in 0..len(verify_costs)-1 with the largest S(α, k, c, v_k); `verify_costs[0]` is a plain step's cost (1)."""
-    speedups = [expected_tokens(alpha, k) / (k * cost_ratio + v) for k, v in enumerate(verify_costs)]
+def expected_tokens_by_depth(alphas: list[float], k: int) -> float:
+    """Expected tokens one verify of k drafts emits when the draft at depth d is accepted with probability `alphas[d-1]`
+    (given those before it were)."""
+    total, reach = 1.0, 1.0
+    for alpha in alphas[:k]:
+        reach *= alpha
+        total += reach
+    return total
+
+
+def best_k(alpha: float | list[float], cost_ratio: float, verify_costs: list[float]) -> int:
+    """The k in 0..len(verify_costs)-1 with the largest S(α, k, c, v_k); `verify_costs[0]` is a plain step's cost (1).
+    `alpha`: one acceptance probability for every depth, or one per depth (at least len(verify_costs) - 1)."""
+    alphas = alpha if isinstance(alpha, list) else [alpha] * (len(verify_costs) - 1)
+    speedups = [expected_tokens_by_depth(alphas, k) / (k * cost_ratio + v) for k, v in enumerate(verify_costs)]
     return max(range(len(speedups)), key=speedups.__getitem__)
 
 
@@ -75,6 +89,9 @@ class ElasticController:
     min_speedup: float = 1.05  # speculate only when S beats plain by this much: nearer, the estimates' noise decides
     accepted: float = 0.0
     rejected: float = 0.0
+    # Per draft depth d (index d - 1): drafts accepted there, and rows that reached it (decayed like the pooled counts).
+    depth_accepted: list[float] = field(default_factory=list)
+    depth_trials: list[float] = field(default_factory=list)
     costs: dict[int, _Costs] = field(default_factory=dict)
     steps: int = 0
     observed_at: int = 0  # the step of the last speculative outcome
@@ -93,6 +110,21 @@ class ElasticController:
         rejection): accepted / (accepted + rejections), with a prior worth a few drafts."""
         prior = 4.0
         return (self.accepted + prior * self.alpha_prior) / (self.accepted + self.rejected + prior)
+
+    def alphas(self, k: int) -> list[float]:
+        """Acceptance probability at draft depths 1..k: each depth's counts, shrunk towards the pooled `alpha` with a
+        prior worth a few drafts (depths never reached, or no per-depth counts: the pooled alpha)."""
+        pooled, prior = self.alpha, 4.0
+        out = []
+        for d in range(k):
+            trials = self.depth_trials[d] if d < len(self.depth_trials) else 0.0
+            accepted = self.depth_accepted[d] if d < len(self.depth_accepted) else 0.0
+            out.append((accepted + prior * pooled) / (trials + prior))
+        return out
+
+    def expected_tokens(self, k: int) -> float:
+        """Expected tokens a verify of k model drafts emits, from the per-depth acceptance estimates."""
+        return expected_tokens_by_depth(self.alphas(k), k)
 
     @property
     def alpha_optimistic(self) -> float:
@@ -122,8 +154,8 @@ class ElasticController:
             return 0  # measure (or re-measure) a plain step
         c = costs.draft / costs.plain
         verify = interpolate({n: seconds / costs.plain for n, seconds in costs.verify.items()}, k_max)
-        k = best_k(self.alpha, c, verify)
-        if k and speedup_estimate(self.alpha, k, c, verify[k]) < self.min_speedup:
+        k = best_k(self.alphas(k_max), c, verify)
+        if k and self.expected_tokens(k) / (k * c + verify[k]) < self.min_speedup:
             k = 0
         if k:
             self.probe_interval = self.explore_every  # speculation pays: probing again soon is cheap insurance
@@ -144,6 +176,8 @@ class ElasticController:
         drafts' worth and let the next steps re-measure (costs are unchanged)."""
         self.accepted *= keep
         self.rejected *= keep
+        self.depth_accepted = [n * keep for n in self.depth_accepted]
+        self.depth_trials = [n * keep for n in self.depth_trials]
         self.probe_interval, self.next_probe = self.explore_every, self.steps + 1  # probe the new adapter next step
 
     def measure_plain_now(self, batch: int) -> bool:
@@ -181,11 +215,19 @@ class ElasticController:
             costs.draft = _ema(costs.draft, draft_seconds / k, self.smoothing)
         costs.verify[width] = _ema(costs.verify.get(width), verify_seconds, self.smoothing)
 
-    def observe_acceptance(self, accepted: int, rejections: int) -> None:
+    def observe_acceptance(self, accepted: int, rejections: int, by_depth: list[tuple[int, int]] | None = None) -> None:
         """The model drafter's verify outcomes of one step: `accepted` drafts in total, `rejections` rows stopped at a
-        rejected draft (only rows that verified the model drafter's drafts: α describes the drafter)."""
+        rejected draft (only rows that verified the model drafter's drafts: α describes the drafter); `by_depth`, per
+        depth d = 1..k, (drafts accepted at d, rows whose drafts reached d)."""
         self.accepted = self.memory * self.accepted + accepted
         self.rejected = self.memory * self.rejected + rejections
+        if by_depth:
+            size = max(len(by_depth), len(self.depth_trials))
+            old_accepted = self.depth_accepted + [0.0] * (size - len(self.depth_accepted))
+            old_trials = self.depth_trials + [0.0] * (size - len(self.depth_trials))
+            new = list(by_depth) + [(0, 0)] * (size - len(by_depth))
+            self.depth_accepted = [self.memory * a + n for a, (n, _) in zip(old_accepted, new)]
+            self.depth_trials = [self.memory * t + n for t, (_, n) in zip(old_trials, new)]
         self.observed_at = self.steps
 
     def verify_cost(self, batch: int, width: int) -> float | None:

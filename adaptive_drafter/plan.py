@@ -14,7 +14,7 @@ import torch
 
 from .config import SpecConfig
 from .drafts import SuffixDrafts, Verified
-from .elastic import ElasticController, expected_tokens
+from .elastic import ElasticController
 from .suffix import SuffixDraft
 
 
@@ -34,7 +34,9 @@ class StepPlanner:
     def __init__(self, config: SpecConfig, controller: ElasticController) -> None:
         self.config, self.controller = config, controller
 
-    def plan(self, remaining: list[int], rows: list[int], suffix: SuffixDrafts | None, device: torch.device) -> StepPlan:
+    def plan(
+        self, remaining: list[int], rows: list[int], suffix: SuffixDrafts | None, device: torch.device
+    ) -> StepPlan:
         """The plan for active rows with `remaining[i]` tokens still to emit (original indices `rows`)."""
         batch = len(remaining)
         k = self._model_k(batch, min(self.config.num_draft_tokens, max(remaining) - 1))
@@ -59,7 +61,8 @@ class StepPlanner:
             self.controller.observe_costs(batch, plan.k, drafter, step.width, seconds - draft_seconds)
         if plan.k:
             accepted = step.accepted[plan.model_rows]
-            self.controller.observe_acceptance(int(accepted.sum()), int((accepted < plan.k).sum()))
+            by_depth = [(int((accepted >= d).sum()), int((accepted >= d - 1).sum())) for d in range(1, plan.k + 1)]
+            self.controller.observe_acceptance(int(accepted.sum()), int((accepted < plan.k).sum()), by_depth)
 
     def _model_k(self, batch: int, limit: int) -> int:
         if self.config.drafting == "suffix":  # the drafter model never drafts; plain steps are still timed now and then
@@ -78,9 +81,10 @@ class StepPlanner:
         k drafts, or with k = 0 a plain decode inside the verify); None when no row takes a suffix draft.
 
         With k > 0 a row takes its suffix draft when the draft's expected accepted length is at least the model
-        drafter's at k, expected_tokens(α, k) - 1 with the controller's α. With k = 0 (plain chosen) the rows whose
-        suffix draft expects >= 1 accepted token still speculate, unless the controller is measuring a plain step, the
-        batch is at `plain_batch_threshold`, or the verify does not pay: the batch's mean expected tokens per row,
+        drafter's at k (the controller's expected tokens of k drafts, from per-depth α, minus 1). With k = 0 (plain
+        chosen) the rows whose suffix draft expects >= 1 accepted token still speculate, unless the controller is
+        measuring a plain step, the batch is at `plain_batch_threshold`, or the verify does not pay: the batch's mean
+        expected tokens per row,
         (1 + expected accepted) for those rows and 1 for the others, over v_K (the controller's interpolated cost of a
         verify of the longest of those drafts, K, relative to a plain step) below the controller's `min_speedup`
         (unmeasured v_K: speculate, the measurement follows). A suffix draft costs no drafter forward (c ~ 0)."""
@@ -90,7 +94,7 @@ class StepPlanner:
         limits = [min(self.config.suffix_max_draft, left - 1) for left in remaining]
         drafts = suffix.candidates(rows, limits)
         expected = [0.0 if d is None else d.expected_accepted() for d in drafts]
-        bar = expected_tokens(self.controller.alpha, k) - 1 if k else 1.0
+        bar = self.controller.expected_tokens(k) - 1 if k else 1.0
         chosen = [d if d is not None and e >= bar else None for d, e in zip(drafts, expected)]
         if not any(d is not None for d in chosen):
             return None

@@ -215,3 +215,26 @@ def test_probes_of_a_drafter_that_never_pays_back_off_and_a_new_adapter_is_probe
     assert not any(speculated[-900:])
     controller.forget_acceptance()  # a new adapter: the next step probes it
     assert controller.choose(1, 4) > 0
+
+
+def test_a_drafter_whose_acceptance_decays_with_depth_gets_the_shorter_draft_that_pays():
+    """An EAGLE-style head chains on its own outputs: its first draft is accepted far more often than its later ones.
+    The pooled acceptance (0.5 here) would draft 2 tokens; per-depth counts (1.0, then 0.0) say one is all that pays."""
+    pooled, by_depth = ElasticController(num_draft_tokens=4), ElasticController(num_draft_tokens=4)
+    for controller in (pooled, by_depth):
+        measured(controller, batch=1, plain=0.010, draft=0.0005, verify_per_token=0.001, k=4)
+        controller.observe_speculation(1, 1, 0.0005, 0.011, accepted=0, rejections=0)
+    for _ in range(50):  # every row accepts its first draft and rejects its second, at k = 2
+        pooled.observe_acceptance(accepted=8, rejections=8)
+        by_depth.observe_acceptance(accepted=8, rejections=8, by_depth=[(8, 8), (0, 8)])
+    assert pooled.alpha == by_depth.alpha == pytest.approx(0.5, abs=0.01)
+    assert pooled.alphas(2) == [pytest.approx(0.5, abs=0.01)] * 2  # no per-depth counts: the pooled alpha
+    assert by_depth.alphas(3) == [
+        pytest.approx(1.0, abs=0.02),
+        pytest.approx(0.0, abs=0.02),
+        pytest.approx(0.5, abs=0.01),
+    ]
+    assert by_depth.expected_tokens(4) == pytest.approx(2.0, abs=0.05)
+    assert pooled.choose(batch=1, limit=4) == 2 and by_depth.choose(batch=1, limit=4) == 1
+    by_depth.forget_acceptance()  # a new adapter: its depths are re-measured too
+    assert by_depth.depth_trials[0] == pytest.approx(0.1 * sum(8 * 0.99**i for i in range(50)))
