@@ -21,7 +21,7 @@ import torch
 
 from .adaptive import AdaptiveDrafter
 from .config import ServingConfig, SpecConfig
-from .engine import SpeculativeEngine
+from .engine import SpeculativeEngine, check_sampling
 from .outputs import RolloutEngine
 from .precision import RolloutCopy, resolve_rollout_dtype
 from .sampling import SamplingParams
@@ -51,12 +51,7 @@ class HFBackend:
 
     def check(self, spec: SpecConfig, sampling: SamplingParams) -> None:
         """Refuse what the engine cannot honour, before any rollout."""
-        if sampling.repetition_penalty != 1.0:
-            raise ValueError(
-                f"repetition_penalty={sampling.repetition_penalty} is not supported by the speculative engine yet "
-                "(it would have to be applied identically to drafts and verification). Set repetition_penalty=1.0, "
-                "or use the vLLM backend (--rollout_backend vllm), which applies it."
-            )
+        check_sampling(sampling)
 
     def prepare(
         self, policy: Any, tokenizer: Any, adaptive: AdaptiveDrafter | None, spec: SpecConfig, serving: ServingConfig,

@@ -39,6 +39,17 @@ __all__ = ["SpeculativeEngine", "StepHook"]
 StepHook = Callable[[StepPlan, Verified], None]
 
 
+def check_sampling(sampling: SamplingParams) -> None:
+    """Refuse the sampling settings the engine cannot honour (every `generate` checks; a rollout backend checks before
+    its first rollout)."""
+    if sampling.repetition_penalty != 1.0:
+        raise ValueError(
+            f"repetition_penalty={sampling.repetition_penalty} is not supported by the speculative engine (it would "
+            "have to be applied identically to drafts and verification). Use 1.0, or the vLLM engine "
+            "(--rollout_backend vllm), which applies it."
+        )
+
+
 def _max_draft(config: SpecConfig) -> int:
     """The most drafts a row verifies in one step."""
     return max(config.num_draft_tokens, config.suffix_max_draft if config.drafting != "model" else 0)
@@ -126,12 +137,7 @@ class SpeculativeEngine:
         `SpecOutput.targets`, stamped with `policy_version`. The policy decodes in eval mode (dropout off).
         """
         params = sampling if sampling is not None else SamplingParams()
-        if params.repetition_penalty != 1.0:
-            raise ValueError(
-                f"repetition_penalty={params.repetition_penalty} is not supported by the speculative engine (it would "
-                "have to be applied identically to drafts and verification). Use 1.0, or the vLLM engine, which "
-                "applies it."
-            )
+        check_sampling(params)
         input_ids, attention_mask = prompt_batch(prompt_ids, attention_mask, next(self.policy.parameters()).device)
         self._validate(input_ids, attention_mask, max_new_tokens)
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
