@@ -36,7 +36,7 @@ from .drafter import (
     merged_copy,
     save_adapter,
 )
-from .eagle import eagle_head
+from .eagle import eagle_head, is_head_directory
 from .metrics import SpecStats
 from .outputs import PolicyTargets, RolloutEngine, SpecOutput
 from .precision import CastCache
@@ -80,8 +80,9 @@ class AdaptiveDrafter:
         self.is_eagle = eagle_head(drafter) is not None
         if self.is_eagle and self.config.draft_vocab_size:
             raise ValueError(
-                "A reduced draft vocabulary (ServingConfig.draft_vocab_size) is not implemented for the eagle drafter kind "
-                "yet: set draft_vocab_size=0, or use drafter_kind='truncated'."
+                "An eagle head drafts over its own draft vocabulary, fixed when it is distilled (scripts/distill_eagle.py "
+                "--draft-vocab N) and loaded with it, not over ServingConfig.draft_vocab_size's frequent tokens: set "
+                "draft_vocab_size=0 with drafter_kind='eagle'."
             )
         self.policy_version = 0
         self.adapter_version: AdapterVersion | None = None  # the adapter being served (None: the initial weights)
@@ -362,8 +363,18 @@ class AdaptiveDrafter:
 
     def warm_start(self, directory: str | os.PathLike[str]) -> AdapterVersion:
         """Start from an adapter distilled elsewhere (`scripts/distill_drafter.py`): its weights only, this run numbers
-        its own versions from 0. Returns the version it was saved with."""
+        its own versions from 0. Returns the version it was saved with (0 for an EAGLE head from
+        `scripts/distill_eagle.py`, which `build_drafter` already made the drafter's base)."""
         with self._lock:
+            if self.is_eagle and is_head_directory(directory):
+                # A head is the drafter's base, not an adapter: build_drafter must have built the drafter from it.
+                if getattr(eagle_head(self.drafter), "loaded_from", None) != str(Path(directory).resolve()):
+                    raise ValueError(
+                        f"{directory} holds an EAGLE head, the base the LoRA adapts, so it is loaded when the drafter "
+                        "is built: build_drafter(policy, DrafterConfig(drafter_kind='eagle', "
+                        f"drafter_adapter_path='{directory}'))."
+                    )
+                return AdapterVersion(0, 0)
             try:
                 version = load_adapter(self.drafter, directory)
             except (RuntimeError, ValueError) as exc:  # shapes (another policy) or names (another DrafterConfig)

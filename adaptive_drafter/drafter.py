@@ -140,9 +140,11 @@ def build_drafter(
     """
     config = config if config is not None else DrafterConfig()
     if config.drafter_kind == "eagle":
-        from .eagle import EagleHead  # the head's module imports the decoding rooms, which import this one
+        from .eagle import EagleHead, is_head_directory, load_head  # (imports the decoding rooms, which import this)
 
-        head = EagleHead(policy).eval()
+        # A warm head (scripts/distill_eagle.py) is the base the LoRA adapts: its layer, fusion and draft vocabulary.
+        warm = config.drafter_adapter_path
+        head = (load_head(policy, warm) if warm is not None and is_head_directory(warm) else EagleHead(policy)).eval()
         lora = LoraConfig(
             r=config.drafter_lora_r,
             lora_alpha=config.drafter_lora_alpha,

@@ -10,6 +10,14 @@ copied: the head adds fc and one layer, ~3.9M parameters on SmolLM2-135M). Draft
 the k-th draft's feature is the head's g from the draft before it (EAGLE's feature recurrence), so it is trained
 unrolled on its own outputs (`EagleHead.unroll`, EAGLE-3's training-time test).
 
+A draft vocabulary (`draft_ids`, EAGLE-3's reduced vocabulary, fixed when the head is made and saved with it) restricts
+q to the N tokens most frequent in the head's training data: the LM head's matmul over the policy's whole vocabulary,
+most of a draft step's and a training step's cost (28M of 33M multiply-adds per token on SmolLM2's 49k tokens), shrinks
+to N rows. Lossless still: a token outside it is emitted from the residual whenever the policy wants it.
+
+The policy's modules are read with their weights detached: the head's loss never writes a gradient into the policy,
+which may be training in the same process.
+
 The features are free: the engine's verify pass computes them at every position it keeps (forward hooks on the last
 decoder layer, or on several whose outputs are concatenated for EAGLE-3's fused features: `feature_layers`), and
 `EagleDrafts` keeps the head's own KV cache in step with them: after each verify, the head's cached draft slots
@@ -33,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from safetensors.torch import load_file, save_file
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -101,10 +110,17 @@ class EagleHead(nn.Module):
     `fc` starts as the identity on the last slot, so a fused head starts as the last-layer head.
 
     Trainable: `fc` and `layer`. The policy's embedding, final norm, LM head and rotary embedding are used, not owned
-    (`bind` points the head at another copy of the policy, e.g. the rollout copy in another precision).
+    (`bind` points the head at another copy of the policy, e.g. the rollout copy in another precision), and never
+    trained. `draft_ids` (token ids, None: the whole vocabulary) is the head's draft vocabulary: `logits` are over
+    those tokens only, `full_logits` over the policy's vocabulary with q = 0 outside them.
     """
 
-    def __init__(self, policy: Any, feature_layers: tuple[int, ...] | list[int] = (-1,)) -> None:
+    def __init__(
+        self,
+        policy: Any,
+        feature_layers: tuple[int, ...] | list[int] = (-1,),
+        draft_ids: torch.Tensor | list[int] | None = None,
+    ) -> None:
         super().__init__()
         decoder, config = _decoder(policy), policy.config
         layer = decoder.layers[-1]
@@ -130,6 +146,12 @@ class EagleHead(nn.Module):
             self.fc.weight[:, self.feature_size :].mul_(0.1)
             self.fc.bias.zero_()
         self.layer = copy.deepcopy(layer)
+        if draft_ids is not None:
+            ids = torch.as_tensor(draft_ids, dtype=torch.long).unique()  # sorted: the draft index order
+            if len(ids) == 0 or ids.min() < 0 or ids.max() >= config.vocab_size:
+                raise ValueError(f"draft_ids must be a non-empty set of token ids in [0, {config.vocab_size}).")
+            draft_ids = ids.to(self.fc.weight.device)
+        self.register_buffer("draft_ids", draft_ids)  # saved with the head: it was trained over these tokens
         dtype = next(layer.parameters()).dtype
         self.to(dtype)
         self.requires_grad_(True)
@@ -141,22 +163,54 @@ class EagleHead(nn.Module):
         model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
         object.__setattr__(self, "_shared", _Shared((decoder.embed_tokens, decoder.norm, model.get_output_embeddings(),
                                                      decoder.rotary_emb)))  # fmt: skip
+        object.__setattr__(self, "_head_rows", None)  # (the LM head's weight, its version, its draft-vocabulary rows)
         return self
 
     @property
     def dtype(self) -> torch.dtype:
         return self.fc.weight.dtype
 
+    @property
+    def draft_vocab_size(self) -> int | None:
+        """The size of the head's draft vocabulary, None when it drafts over the policy's whole vocabulary."""
+        return None if self.draft_ids is None else len(self.draft_ids)
+
+    def _rows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's weight and bias over the draft vocabulary, detached; the slice is cached until the policy's
+        head is written (an optimizer step, a rollout-copy sync), so a draft step does not copy N rows each time."""
+        head = self._shared[2]
+        weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
+        if self.draft_ids is None:
+            return weight, bias
+        key = (weight.data_ptr(), head.weight._version)
+        if self._head_rows is None or self._head_rows[0] != key:
+            ids = self.draft_ids.to(weight.device)
+            rows = (weight[ids], None if bias is None else bias[ids])
+            object.__setattr__(self, "_head_rows", (key, rows))
+        return self._head_rows[1]
+
     def logits(self, g: torch.Tensor) -> torch.Tensor:
-        """Logits over the policy's vocabulary from head outputs `g [..., H]`."""
-        _, norm, head, _ = self._shared
-        return head(norm(g.to(head.weight.dtype)))
+        """Logits over the head's draft vocabulary (`draft_ids`; the policy's whole vocabulary without one) from head
+        outputs `g [..., H]`."""
+        norm = self._shared[1]
+        weight, bias = self._rows()
+        x = functional_call(norm, {n: p.detach() for n, p in norm.named_parameters()}, (g.to(weight.dtype),))
+        return F.linear(x, weight, bias)
+
+    def full_logits(self, g: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Logits over the first `vocab_size` token ids, -inf (q = 0) outside the draft vocabulary."""
+        logits = self.logits(g)
+        if self.draft_ids is None:
+            return logits[..., :vocab_size]
+        full = logits.new_full((*logits.shape[:-1], vocab_size), -torch.inf)
+        return full.index_copy_(-1, self.draft_ids.to(logits.device), logits)
 
     def _inputs(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         embed = self._shared[0]
         if features.shape[-1] != self.feature_size:  # a fed-back g: in the top layer's slot, the others zero
             features = F.pad(features, (self.feature_size - features.shape[-1], 0))
-        return self.fc(torch.cat([features.to(self.dtype), embed(tokens).to(self.dtype)], -1))
+        embedded = functional_call(embed, {n: p.detach() for n, p in embed.named_parameters()}, (tokens,))
+        return self.fc(torch.cat([features.to(self.dtype), embedded.to(self.dtype)], -1))
 
     def _layer(
         self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor | None, values: torch.Tensor | None,
@@ -279,7 +333,7 @@ class EagleDrafts:
         self.features, self.tokens, self.valid = self.features[:, :0], self.tokens[:, :0], self.valid[:, :0]
         drafts, dists = [], []
         for i in range(k):
-            token, q, bad = draw(self.head.logits(g[:, -1])[:, : self.vocab_size], self.params, self.generator)
+            token, q, bad = draw(self.head.full_logits(g[:, -1], self.vocab_size), self.params, self.generator)
             self.nonfinite = self.nonfinite | bad
             drafts.append(token)
             if q is not None:
@@ -329,9 +383,14 @@ def save_head(head: EagleHead, directory: str | os.PathLike[str], **metadata: An
     save_file(state, path / (HEAD_FILE + ".tmp"))
     os.replace(path / (HEAD_FILE + ".tmp"), path / HEAD_FILE)
     shape = {"hidden_size": head.config.hidden_size, "vocab_size": head.config.vocab_size,
-             "feature_layers": list(head.feature_layers)}  # fmt: skip
+             "feature_layers": list(head.feature_layers), "draft_vocab_size": head.draft_vocab_size}  # fmt: skip
     (path / HEAD_META).write_text(json.dumps({"kind": "eagle", **shape, **metadata}, indent=1))
     return path
+
+
+def is_head_directory(directory: str | os.PathLike[str]) -> bool:
+    """Whether `directory` holds a head written by `save_head` (rather than a LoRA adapter)."""
+    return (Path(directory) / HEAD_FILE).is_file()
 
 
 def load_head(policy: Any, directory: str | os.PathLike[str]) -> EagleHead:
@@ -342,8 +401,8 @@ def load_head(policy: Any, directory: str | os.PathLike[str]) -> EagleHead:
         raise FileNotFoundError(f"No EAGLE head at {path}: point to a directory written by save_head.")
     meta_path = Path(directory) / HEAD_META
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    head = EagleHead(policy, tuple(meta.get("feature_layers", (-1,))))
     state = load_file(path)
+    head = EagleHead(policy, tuple(meta.get("feature_layers", (-1,))), state.get("draft_ids"))
     own = head.state_dict()
     wrong = sorted(n for n in set(own) | set(state) if n not in own or n not in state or own[n].shape != state[n].shape)
     if wrong:
@@ -351,5 +410,6 @@ def load_head(policy: Any, directory: str | os.PathLike[str]) -> EagleHead:
             f"The EAGLE head at {directory} was made for another policy ({len(wrong)} weights differ, e.g. "
             f"{wrong[0]}). Distill a head for this policy (scripts/distill_eagle.py) or start from a fresh one."
         )
-    head.load_state_dict({name: tensor.to(head.dtype) for name, tensor in state.items()})
+    head.load_state_dict({n: t if n == "draft_ids" else t.to(head.dtype) for n, t in state.items()})
+    head.loaded_from = str(Path(directory).resolve())  # what a warm start checks it was built from
     return head

@@ -5,9 +5,15 @@ The head's output at position s predicts x_{s+2}, whose target is the policy's d
 the drafter's `DistillBatch` shifted by one. The loss is unrolled over `depth` draft steps with the head's own outputs
 fed back (EAGLE-3's training-time test), step d weighted `decay`^(d-1): a head trained on true features alone decays
 fast along its own chain (the calibration in ../shared/MEASURED.md: α 0.49 / 0.35 / 0.23 / 0.16 by depth).
+
+A head with a draft vocabulary (`EagleHead.draft_ids`) is trained over it: each target is the policy's distribution
+conditioned on the tokens the head can propose (the top-K ids outside its vocabulary dropped, the rest renormalised,
+the "other" bucket keeping the policy's mass on unlisted ids), which is what its acceptance Σ min(p, q) can gain from.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -47,6 +53,40 @@ def shifted(batch: DistillBatch) -> DistillBatch:
     )
 
 
+# A draft vocabulary's stand-in for the ids outside it: a logit low enough that q there is 0 in float32 and bf16, finite
+# so that 0 · log q stays 0 in the losses.
+_OUTSIDE_LOGIT = -1e4
+
+
+def in_draft_vocab(head: EagleHead, batch: DistillBatch) -> DistillBatch:
+    """`batch` with its targets over the head's draft vocabulary: ids as draft indices, ids outside it at index N (a
+    column `head_logits` appends) with probability 0, the rest renormalised by the mass they keep. Unchanged for a head
+    over the whole vocabulary."""
+    if head.draft_ids is None:
+        return batch
+    size = head.draft_vocab_size
+    lookup = torch.full((head.config.vocab_size,), size, dtype=torch.long, device=batch.topk_ids.device)
+    lookup[head.draft_ids.to(lookup.device)] = torch.arange(size, device=lookup.device)
+    ids = lookup[batch.topk_ids.long()]
+    outside = ids == size
+    logprobs = batch.topk_logprobs.float()
+    dropped = logprobs.masked_fill(~outside, -math.inf).logsumexp(-1, keepdim=True)
+    # p / (1 − dropped): the policy given that it does not pick a listed id outside the vocabulary
+    scale = torch.log1p(-dropped.exp().clamp_max(1 - 1e-6))
+    logprobs = torch.where(outside, -math.inf, logprobs - scale)
+    return DistillBatch(batch.input_ids, batch.attention_mask, ids, logprobs, batch.loss_mask, batch.rejected,
+                        batch.policy_versions)  # fmt: skip
+
+
+def head_logits(head: EagleHead, g: torch.Tensor) -> torch.Tensor:
+    """The head's logits at outputs `g [..., H]` as `in_draft_vocab`'s targets index them: over the draft vocabulary
+    plus the column of ids outside it, or over the whole vocabulary."""
+    logits = head.logits(g)
+    if head.draft_ids is None:
+        return logits
+    return torch.cat([logits, logits.new_full((*logits.shape[:-1], 1), _OUTSIDE_LOGIT)], -1)
+
+
 def eagle_loss(
     head: EagleHead,
     batch: DistillBatch,
@@ -55,26 +95,24 @@ def eagle_loss(
     decay: float = 0.8,
     kind: str = "fkl",
     mix_weights: dict[str, float] | None = None,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The unrolled distillation loss, and per depth the head's logits at the target positions `[N, V]` (detach them
-    for metrics)."""
+) -> tuple[torch.Tensor, list[torch.Tensor], DistillBatch]:
+    """The unrolled distillation loss, per depth the head's logits at the target positions `[N, V']` (detach them
+    for metrics), and the batch of targets they align with (shifted by one, over the head's draft vocabulary)."""
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}.")
-    target = shifted(batch)
+    target = in_draft_vocab(head, shifted(batch))
     mask = target.loss_mask.bool()
     outputs = head.unroll(features[:, :-1], batch.input_ids[:, 1:], depth)
     loss, logits = 0.0, []
     for d, g in enumerate(outputs):
-        step_logits = head.logits(g[mask])
+        step_logits = head_logits(head, g[mask])
         logits.append(step_logits)
         loss = loss + decay**d * distill_loss(step_logits, target, kind, mix_weights)
-    return loss / sum(decay**d for d in range(depth)), logits
+    return loss / sum(decay**d for d in range(depth)), logits, target
 
 
 @torch.no_grad()
-def acceptance_by_depth(
-    head: EagleHead, rows: list[PolicyTargets], depth: int = 4, pad_id: int = 0
-) -> list[float]:
+def acceptance_by_depth(head: EagleHead, rows: list[PolicyTargets], depth: int = 4, pad_id: int = 0) -> list[float]:
     """Expected acceptance of sampled drafts at each draft depth on `rows` (teacher-forced on their tokens):
     mean over target positions of Σ_top-K min(p, q_d), a lower bound of 1 − TV(p, q_d) (exact when K covers p)."""
     batch, features = collate_features(rows, pad_id)
@@ -82,7 +120,8 @@ def acceptance_by_depth(
     ids, logprobs, _, _ = target.at_targets()
     p = logprobs[0].float().exp()
     out = []
+    vocab = head.config.vocab_size
     for g in head.unroll(features[:, :-1].to(head.dtype), batch.input_ids[:, 1:], depth):
-        q = head.logits(g[target.loss_mask.bool()]).float().softmax(-1)
+        q = head.full_logits(g[target.loss_mask.bool()], vocab).float().softmax(-1)
         out.append(float(torch.minimum(p, q.gather(-1, ids[0])).sum(-1).mean()))
     return out

@@ -36,7 +36,7 @@ from .config import DistillConfig
 from .distill import distill_loss, fkl_loss, tv_loss
 from .effort import DistillEffort
 from .eagle import eagle_head
-from .eagle_distill import eagle_loss, require_features, shifted
+from .eagle_distill import eagle_loss, require_features
 from .targets import DistillBatch, DistillBuffer
 from .drafter import AdapterVersion, adapter_state, decoder_and_head, load_adapter_state, logits_are_head_over_decoder
 
@@ -208,11 +208,11 @@ class DrafterTrainer:
         those of the first draft step)."""
         if self._eagle:
             config = self.config
-            loss, logits = eagle_loss(
+            loss, logits, targets = eagle_loss(
                 eagle_head(model), batch, require_features(batch), depth=config.distill_eagle_depth,
                 kind=config.distill_loss, mix_weights=config.mix(),
             )  # fmt: skip
-            return loss, logits[0], shifted(batch)
+            return loss, logits[0], targets
         if self._head_at_targets:
             decoder, head = decoder_and_head(model)
             hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state

@@ -276,8 +276,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--dampen", type=float, default=0.05, help="tiny: scale of the layers the drafter lacks")
     parser.add_argument(
-        "--adapter", type=Path, default=None, help="a distilled LoRA adapter (distill_drafter.py --out)"
-    )
+        "--drafter-kind", choices=("truncated", "eagle"), default="truncated",
+        help="the drafter model: the policy's first layers (truncated) or an EAGLE-style head over its features",
+    )  # fmt: skip
+    parser.add_argument(
+        "--adapter", type=Path, default=None,
+        help="a distilled LoRA adapter (distill_drafter.py --out) or, --drafter-kind eagle, head (distill_eagle.py)",
+    )  # fmt: skip
     parser.add_argument("--lora-r", type=int, default=32, help="LoRA rank the adapter was trained with (default 32)")
     parser.add_argument(
         "--task",
@@ -328,6 +333,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("batch sizes, --repeats and --max-new-tokens must be positive")
     if args.group < 1 or args.history < 0:
         parser.error("--group must be positive and --history non-negative")
+    if args.drafter_kind == "eagle":
+        args.no_assisted = True  # HF's assisted generation needs a causal LM as its assistant, not a head
+    if args.drafter_kind == "eagle" and args.draft_vocab:
+        parser.error(
+            "--drafter-kind eagle drafts over the head's own draft vocabulary (distill_eagle.py --draft-vocab)"
+        )
     if args.drafter != "model" and not suffix_supported():
         parser.error(f"--drafter {args.drafter} needs SpecConfig.drafting (hybrid drafting), which this "
                      "adaptive_drafter's engine lacks")  # fmt: skip
@@ -349,7 +360,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rollout = RolloutCopy.build(setup.policy, precision)  # the policy as rollouts compute it, as the recipe serves it
     adaptive = AdaptiveDrafter(setup.drafter)
     adaptive.serving_dtype = precision.dtype
-    served = adaptive.serving_model()  # LoRA merged, in the rollouts' precision, as the recipe serves it
+    adaptive.serving_policy = rollout.model  # (an eagle head's serving copy reads the rollout copy's modules)
+    served = adaptive.draft_model()  # LoRA merged, in the rollouts' precision, as the recipe serves it
     fp32 = setup if args.fp32_baseline and rollout.is_copy else None
     trained_drafter = setup.drafter  # the drafter in its training precision (the memory report counts both)
     setup = dataclasses.replace(setup, policy=rollout.model, drafter=served if rollout.is_copy else setup.drafter)

@@ -57,6 +57,15 @@ def rollout(engine, tokenizer, task, count, seed, do_sample=True, topk=32):
     )  # fmt: skip
 
 
+def draft_vocabulary(rows, size: int, vocab_size: int) -> torch.Tensor:
+    """The `size` tokens with the most policy probability over the rows' top-K targets (EAGLE-3 counts the sampled
+    tokens; the targets also rank the tokens the policy considers and did not sample)."""
+    mass = torch.zeros(vocab_size)
+    for row in rows:
+        mass.index_add_(0, row.topk_ids.flatten().long(), row.topk_logprobs.flatten().float().exp())
+    return mass.topk(size).indices.sort().values
+
+
 def tokens_per_verify(serving_policy, drafter, tokenizer, k: int, prompt_count: int, do_sample: bool) -> dict:
     """The engine's accepted tokens per verify and acceptance per drafted token on the held-out prompts (both tasks)."""
     engine = SpeculativeEngine(serving_policy, drafter, SpecConfig(num_draft_tokens=k, elastic=False))
@@ -79,6 +88,9 @@ def main() -> None:
     parser.add_argument("--mix", default=None, help="mix weights, e.g. fkl=0.5,tv=0.5")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--feature-layers", default="-1", help="policy layers the head reads, e.g. 1,14,-1")
+    parser.add_argument(
+        "--draft-vocab", type=int, default=0, help="draft over the N most probable tokens of the training rows (0: all)"
+    )
     parser.add_argument("--capture-layers", default="1,14,26,-1", help="policy layers collected (a superset)")
     parser.add_argument("--collect-drafter", choices=("truncated", "eagle"), default="truncated")
     parser.add_argument("--cache", type=Path, default=None, help="collected rows: loaded if present, else saved")
@@ -98,8 +110,6 @@ def main() -> None:
     serving = copy.deepcopy(policy).to(torch.bfloat16).eval()  # rollouts in the precision this CPU is fast at
     ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
     head_layers = layer_ids(policy, ints(args.feature_layers))
-    head = EagleHead(policy, head_layers)  # trains in float32
-    serving_head = EagleHead(serving, head_layers)
 
     def truncated_serving():
         truncated = build_drafter(policy, DrafterConfig())
@@ -114,7 +124,7 @@ def main() -> None:
         captured = layer_ids(policy, ints(args.capture_layers)) if args.collect_drafter == "truncated" else head_layers
         if not set(head_layers) <= set(captured):
             raise SystemExit(f"--feature-layers {head_layers} must be among --capture-layers {captured}")
-        collector = truncated_serving()[0] if args.collect_drafter == "truncated" else serving_head
+        collector = truncated_serving()[0] if args.collect_drafter == "truncated" else EagleHead(serving, head_layers)
         engine = SpeculativeEngine(serving, collector, SpecConfig(num_draft_tokens=args.k))
         engine.collect_features, engine.feature_layers = True, captured
         train, tasks, seed = [], list(MAX_NEW), 0
@@ -140,6 +150,15 @@ def main() -> None:
 
     train, held_out = sliced(data["train"]), sliced(data["held_out"])
     tokens = sum(t.num_tokens for t in train)
+    draft_ids = draft_vocabulary(train, args.draft_vocab, policy.config.vocab_size) if args.draft_vocab else None
+    head = EagleHead(policy, head_layers, draft_ids)  # trains in float32
+    serving_head = EagleHead(serving, head_layers, draft_ids)
+    coverage = None
+    if draft_ids is not None:
+        inside = torch.zeros(policy.config.vocab_size, dtype=torch.bool)
+        inside[draft_ids] = True
+        coverage = float(inside[torch.cat([torch.as_tensor(t.completion_ids) for t in held_out])].float().mean())
+        print(f"draft vocabulary: {len(draft_ids)} tokens, {coverage:.3f} of the held-out completion tokens")
     mix = {k: float(v) for k, v in (kv.split("=") for kv in args.mix.split(","))} if args.mix else None
 
     def alpha() -> list[float]:
@@ -157,7 +176,7 @@ def main() -> None:
                 group["lr"] = args.lr * warmup * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
             batch, features = collate_features(rng.sample(train, args.batch_size), tokenizer.pad_token_id)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss, _ = eagle_loss(head, batch, features, args.depth, args.decay, args.loss, mix)
+                loss, _, _ = eagle_loss(head, batch, features, args.depth, args.decay, args.loss, mix)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -172,7 +191,7 @@ def main() -> None:
                 bar.set_postfix(alpha1=f"{curve[-1]['alpha'][0]:.3f}")
     curve.append({"minutes": train_seconds / 60, "steps": steps, "alpha": alpha(), "loss": sum(losses[-50:]) / 50})
 
-    serving_head.load_state_dict({name: tensor.to(torch.bfloat16) for name, tensor in head.state_dict().items()})
+    serving_head.load_state_dict({n: t if n == "draft_ids" else t.to(torch.bfloat16) for n, t in head.state_dict().items()})
     drafters = [("eagle", serving_head)] if args.engine != "none" else []
     version = None
     if args.engine == "both":
@@ -190,7 +209,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "data": {"train_rows": len(train), "train_completion_tokens": tokens, "collect_minutes": data["collect_minutes"],
-                 "held_out_rows": len(held_out), "collect_drafter": data["collect_drafter"], "cache": str(args.cache)},
+                 "held_out_rows": len(held_out), "collect_drafter": data["collect_drafter"], "cache": str(args.cache),
+                 "draft_vocab": args.draft_vocab, "held_out_tokens_in_draft_vocab": coverage},
         "training": {"steps": steps, "minutes": train_seconds / 60, "depth": args.depth, "decay": args.decay,
                      "loss": args.loss, "mix": mix, "lr": args.lr, "feature_layers": list(head_layers)},
         "alpha_by_depth_held_out": curve[-1]["alpha"],

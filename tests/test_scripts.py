@@ -51,6 +51,21 @@ def test_bench_rollout_with_an_adapter_a_draft_vocabulary_and_a_plot(tmp_path, c
     assert result["meta"]["memory"]["drafter_weights_mib"] > 0
 
 
+def test_bench_rollout_drafts_with_a_saved_eagle_head_and_times_its_draft_step(tmp_path):
+    from adaptive_drafter.eagle import EagleHead, save_head
+
+    bench = load_script("bench_rollout")
+    policy = tiny_causal_lm(seed=0, **bench.TINY)
+    head = save_head(EagleHead(policy, draft_ids=list(range(0, 512, 4))), tmp_path / "head")
+    out = tmp_path / "bench.json"
+    bench.main(["--batch-sizes", "1,2", "--max-new-tokens", "8", "--repeats", "1", "--drafter-kind", "eagle",
+                "--adapter", str(head), "--json", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert all(r["identical_rows"] == 1.0 and 0 < r["c"] < 1 and r["stats"]["drafted"] > 0 for r in rows)
+    with pytest.raises(SystemExit):  # the head drafts over its own draft vocabulary
+        bench.parse_args(["--drafter-kind", "eagle", "--draft-vocab", "64"])
+
+
 @pytest.mark.skipif(not HYBRID, reason="the engine has no hybrid drafting yet (SpecConfig.drafting)")
 @pytest.mark.parametrize("drafter", ["hybrid", "suffix"])
 def test_bench_rollout_with_suffix_drafts_on_grpo_groups_writes_per_source_stats(tmp_path, capsys, drafter):

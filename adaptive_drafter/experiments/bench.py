@@ -32,6 +32,7 @@ from transformers import DynamicCache
 
 from ..config import DrafterConfig, SpecConfig
 from ..drafter import ReducedVocabDrafter, build_drafter, frequent_tokens, load_adapter, truncated_drafter
+from ..eagle import EagleHead, HeadCache, eagle_head, load_head
 from ..elastic import expected_tokens
 from ..engine import SpeculativeEngine
 from ..kv import cache_kwargs
@@ -93,14 +94,18 @@ class SetupOptions:
 
     drafter_layers: int = 2
     dampen: float = 0.05  # tiny: scale of the layers the drafter lacks
-    adapter: Path | None = None  # a distilled LoRA adapter (scripts/distill_drafter.py --out)
+    adapter: Path | None = None  # a distilled LoRA adapter (distill_drafter.py --out) or eagle head (distill_eagle.py)
     lora_r: int = 32  # the rank that adapter was trained with
+    drafter_kind: str = "truncated"  # or "eagle": a head over the policy's features (DrafterConfig.drafter_kind)
     task: str = "questions"  # embedded: "questions" or an embedded task of `adaptive_drafter.tasks`
     seed: int = 0
 
 
 def make_drafter(policy: Any, options: SetupOptions) -> Any:
-    """The policy's first `drafter_layers` layers: untrained, or with the LoRA adapter saved at `adapter` loaded."""
+    """The policy's first `drafter_layers` layers: untrained, or with the LoRA adapter saved at `adapter` loaded; with
+    `drafter_kind="eagle"` an EAGLE-style head: untrained, or the head saved at `adapter`."""
+    if getattr(options, "drafter_kind", "truncated") == "eagle":
+        return EagleHead(policy) if options.adapter is None else load_head(policy, options.adapter)
     if options.adapter is None:
         return truncated_drafter(policy, options.drafter_layers)
     config = DrafterConfig(
@@ -146,13 +151,15 @@ def embedded_setup(options: SetupOptions) -> Setup:
         return chat_batch(tokenizer, [[{"role": "user", "content": q}] for q in questions])
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    head = eagle_head(drafter)
     trained = (
-        f"LoRA adapter {options.adapter}" if options.adapter else "UNTRAINED: expect low acceptance and a slow-down"
-    )
-    description = (
-        f"{EMBEDDED_MODEL_NAME} ({policy.config.num_hidden_layers} layers) on {task} prompts; drafter = its "
-        f"first {options.drafter_layers} layers + LM head, {trained}"
-    )
+        f"{'head' if head else 'LoRA adapter'} {options.adapter}" if options.adapter
+        else "UNTRAINED: expect low acceptance and a slow-down"
+    )  # fmt: skip
+    kind = f"first {options.drafter_layers} layers + LM head" if head is None else (
+        f"an EAGLE-style head ({head.draft_vocab_size or 'all'} draft tokens)")  # fmt: skip
+    layers = policy.config.num_hidden_layers
+    description = f"{EMBEDDED_MODEL_NAME} ({layers} layers) on {task} prompts; drafter = {kind}, {trained}"
     return Setup(policy, drafter, make_prompts, tokenizer.eos_token_id, pad, description)
 
 
@@ -449,9 +456,32 @@ def step_costs(setup: Setup, engine: SpeculativeEngine, ids: torch.Tensor, mask:
     drafts: reduced vocabulary included) / one policy decode step, v_k = a policy forward of k + 1 tokens / one step."""
     repeats = 5
     decode = forward_seconds(setup.policy, ids, mask, 1, 1, repeats)
-    draft = forward_seconds(engine.drafter, ids, mask, 1, 1, repeats)
+    head = eagle_head(engine.drafter)
+    draft = (
+        forward_seconds(engine.drafter, ids, mask, 1, 1, repeats) if head is None
+        else head_step_seconds(head, ids.shape[0], ids.shape[1], engine.vocab_size, repeats)
+    )  # fmt: skip
     verify = forward_seconds(setup.policy, ids, mask, k + 1, 0, repeats)
     return {"decode_s": decode, "c": draft / decode, "v_k": verify / decode}
+
+
+def head_step_seconds(head: EagleHead, batch: int, context: int, vocab_size: int, repeats: int) -> float:
+    """Seconds of one draft step of an EAGLE-style head as the engine drafts: one fed-back pair through its layer over
+    `context` cached slots, and its logits over the policy's vocabulary (-inf outside a draft vocabulary)."""
+    device = head.fc.weight.device
+    cache = HeadCache.empty(batch, device)
+    valid = torch.ones(batch, context, dtype=torch.bool, device=device)
+    tokens = torch.randint(0, vocab_size, (batch, context), device=device)
+    head.step(cache, torch.randn(batch, context, head.feature_size, dtype=head.dtype, device=device), tokens, valid)
+    g = torch.randn(batch, 1, head.config.hidden_size, dtype=head.dtype, device=device)
+
+    def once() -> None:
+        out = head.step(cache, g, tokens[:, :1], valid[:, :1])
+        head.full_logits(out[:, -1], vocab_size)
+        cache.keys, cache.values, cache.valid = cache.keys[:, :, :-1], cache.values[:, :, :-1], cache.valid[:, :-1]
+
+    once()  # warm-up
+    return timed(once, device, repeats)
 
 
 def effective_alpha(tokens_per_verify: float, k: int) -> float:
