@@ -168,6 +168,28 @@ def test_a_warm_started_drafter_serves_and_trains_from_the_saved_adapter(tmp_pat
     assert rollout.adaptive.adapter_version is None
 
 
+def test_the_eagle_kind_serves_trains_and_checkpoints_in_grpo_from_a_distilled_head(tmp_path):
+    """drafter_kind='eagle' warm-started from a head (scripts/distill_eagle.py) with a draft vocabulary: rollouts draft
+    from the rollout copy's features, the trainer distills from them, and the checkpoint holds the adapter."""
+    from adaptive_drafter.eagle import EagleHead, eagle_head, save_head
+
+    policy = tiny_causal_lm("llama", vocab_size=64, num_layers=3, logit_scale=4.0)
+    save_head(EagleHead(policy, draft_ids=list(range(32))), tmp_path / "head")
+    config = DrafterConfig(drafter_kind="eagle", drafter_lora_r=4, drafter_adapter_path=str(tmp_path / "head"))
+    rollout = SpeculativeRollout(
+        SpecConfig(num_draft_tokens=3, elastic=False), config,
+        DistillConfig(distill_min_buffer_tokens=8, distill_batch_size=4, distill_publish_every=1),
+    )  # fmt: skip
+    recorder = Recorder(rollout)
+    trainer = make_trainer(tmp_path, recorder, policy=policy, max_steps=3)
+    trainer.train()
+    assert eagle_head(rollout.drafter).draft_ids.tolist() == list(range(32))
+    assert "warm-started from" in " ".join(rollout.events)
+    report = rollout.report(trainer)
+    assert report.totals.drafted > 0 and rollout.drafter_trainer.steps > 0
+    assert (Path(trainer.args.output_dir) / "checkpoint-3" / DRAFTER_DIR / "adapter.safetensors").exists()
+
+
 def test_wandb_offline_run_holds_spec_and_drafter_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -237,7 +259,9 @@ def test_recipe_cli_runs_two_steps_and_its_summary_holds_only_measured_figures(t
         warnings.simplefilter("always")
         trainer = load_recipe().main(recipe_argv(tmp_path, tiny_model_dir, "--temperature", "0.7", "--top_p", "0.9"))
     assert trainer.state.global_step == 2
-    assert not [w for w in caught if str(w.message).startswith("`gradient_checkpointing`")]  # the YAML uses the new name
+    assert not [
+        w for w in caught if str(w.message).startswith("`gradient_checkpointing`")
+    ]  # the YAML uses the new name
     printed = capsys.readouterr().out
     rollout = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "rollout")).rollout
     totals = rollout.totals
@@ -357,7 +381,9 @@ def test_kill_9_after_a_checkpoint_then_resume(tmp_path, tiny_model_dir):
     rollout = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "rollout")).rollout
     assert rollout.restore_from == last / DRAFTER_DIR
     assert rollout.adaptive.adapter_version.adapter_version >= saved["adapter_version"]
-    restored = f"drafter: restored adapter v{saved['adapter_version']} (fitted to policy step {saved['policy_version']})"
+    restored = (
+        f"drafter: restored adapter v{saved['adapter_version']} (fitted to policy step {saved['policy_version']})"
+    )
     assert any(event.startswith(restored) for event in rollout.events), rollout.events
 
     # Exactly the saved adapter and version are what a resumed rollout starts serving.
