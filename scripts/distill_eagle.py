@@ -30,13 +30,15 @@ import time
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
 
 from adaptive_drafter.sampling import SamplingParams
 from adaptive_drafter import SpecConfig, SpeculativeEngine
 from adaptive_drafter.config import DrafterConfig
 from adaptive_drafter.drafter import build_drafter, load_adapter, merged_copy
-from adaptive_drafter.eagle import EagleHead, layer_ids, save_head
+from adaptive_drafter.config import DEFAULT_LORA_TARGETS
+from adaptive_drafter.eagle import EagleHead, eagle_head, layer_ids, save_head
 from adaptive_drafter.eagle_distill import acceptance_by_depth, collate_features, eagle_loss
 from adaptive_drafter.embedded import load_embedded
 from adaptive_drafter.tasks import chat_batch, load_task
@@ -91,6 +93,7 @@ def main() -> None:
     parser.add_argument(
         "--draft-vocab", type=int, default=0, help="draft over the N most probable tokens of the training rows (0: all)"
     )
+    parser.add_argument("--lora-r", type=int, default=0, help="train LoRA of this rank on the layer (0: the whole layer)")
     parser.add_argument("--capture-layers", default="1,14,26,-1", help="policy layers collected (a superset)")
     parser.add_argument("--collect-drafter", choices=("truncated", "eagle"), default="truncated")
     parser.add_argument("--cache", type=Path, default=None, help="collected rows: loaded if present, else saved")
@@ -152,6 +155,11 @@ def main() -> None:
     tokens = sum(t.num_tokens for t in train)
     draft_ids = draft_vocabulary(train, args.draft_vocab, policy.config.vocab_size) if args.draft_vocab else None
     head = EagleHead(policy, head_layers, draft_ids)  # trains in float32
+    if args.lora_r:  # as the online kind trains it (drafter.build_drafter): LoRA on the layer, fc trained whole
+        lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=list(DEFAULT_LORA_TARGETS),
+                          modules_to_save=["fc"])  # fmt: skip
+        wrapped = get_peft_model(head, lora)
+        head = eagle_head(wrapped)  # the head with the LoRA layers injected: what the loss and α read
     serving_head = EagleHead(serving, head_layers, draft_ids)
     coverage = None
     if draft_ids is not None:
@@ -191,6 +199,8 @@ def main() -> None:
                 bar.set_postfix(alpha1=f"{curve[-1]['alpha'][0]:.3f}")
     curve.append({"minutes": train_seconds / 60, "steps": steps, "alpha": alpha(), "loss": sum(losses[-50:]) / 50})
 
+    if args.lora_r:
+        head = wrapped.merge_and_unload()
     serving_head.load_state_dict({n: t if n == "draft_ids" else t.to(torch.bfloat16) for n, t in head.state_dict().items()})
     drafters = [("eagle", serving_head)] if args.engine != "none" else []
     version = None
@@ -212,7 +222,8 @@ def main() -> None:
                  "held_out_rows": len(held_out), "collect_drafter": data["collect_drafter"], "cache": str(args.cache),
                  "draft_vocab": args.draft_vocab, "held_out_tokens_in_draft_vocab": coverage},
         "training": {"steps": steps, "minutes": train_seconds / 60, "depth": args.depth, "decay": args.decay,
-                     "loss": args.loss, "mix": mix, "lr": args.lr, "feature_layers": list(head_layers)},
+                     "loss": args.loss, "mix": mix, "lr": args.lr, "feature_layers": list(head_layers),
+                     "lora_r": args.lora_r},
         "alpha_by_depth_held_out": curve[-1]["alpha"],
         "curve": curve,
         "engine": measured,
