@@ -15,8 +15,10 @@ q to the N tokens most frequent in the head's training data: the LM head's matmu
 most of a draft step's and a training step's cost (28M of 33M multiply-adds per token on SmolLM2's 49k tokens), shrinks
 to N rows. Lossless still: a token outside it is emitted from the residual whenever the policy wants it.
 
-The policy's modules are read with their weights detached: the head's loss never writes a gradient into the policy,
-which may be training in the same process.
+The policy's modules are never called, only their weights read, detached: the head's loss never writes a gradient into
+the policy, which may be training in the same process, and the background trainer's thread never touches the modules
+the policy's own forward is using (swapping their weights for detached ones, as `torch.func.functional_call` does, would
+race with it).
 
 The features are free: the engine's verify pass computes them at every position it keeps (forward hooks on the last
 decoder layer, or on several whose outputs are concatenated for EAGLE-3's fused features: `feature_layers`), and
@@ -41,7 +43,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from safetensors.torch import load_file, save_file
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -62,6 +63,29 @@ def _decoder(policy: Any) -> Any:
             "Use drafter_kind='truncated' for this policy."
         )
     return decoder
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` for a Llama-style RMSNorm, computed from its detached weight (see the module docstring)."""
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return norm.weight.detach() * normed.to(x.dtype)
+
+
+def _check_shared(embed: nn.Module, norm: nn.Module) -> None:
+    """Refuse a policy whose embedding or final norm computes something else than what the head computes from their
+    weights (a scaled embedding, a (1 + w) norm): the head's drafts would silently read other features."""
+    probe = torch.arange(4, device=embed.weight.device)[None] % embed.weight.shape[0]
+    with torch.no_grad():
+        same_embed = torch.equal(embed(probe), F.embedding(probe, embed.weight, embed.padding_idx))
+        x = torch.randn(2, norm.weight.shape[-1], generator=torch.Generator().manual_seed(0)).to(norm.weight)
+        same_norm = torch.allclose(norm(x).float(), _rms_norm(norm, x).float(), rtol=1e-2, atol=1e-2)
+    if not (isinstance(embed, nn.Embedding) and same_embed and same_norm):
+        raise ValueError(
+            f"An EAGLE-style head reads the policy's embedding and final norm as a plain embedding and an RMSNorm; this "
+            f"policy's ({type(embed).__name__}, {type(norm).__name__}) compute something else. Use "
+            "drafter_kind='truncated' for this policy."
+        )
 
 
 class _Shared(tuple):
@@ -161,6 +185,7 @@ class EagleHead(nn.Module):
         """Use `policy`'s embedding, final norm, LM head and rotary embedding (kept out of the head's parameters)."""
         decoder = _decoder(policy)
         model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        _check_shared(decoder.embed_tokens, decoder.norm)
         object.__setattr__(self, "_shared", _Shared((decoder.embed_tokens, decoder.norm, model.get_output_embeddings(),
                                                      decoder.rotary_emb)))  # fmt: skip
         object.__setattr__(self, "_head_rows", None)  # (the LM head's weight, its version, its draft-vocabulary rows)
@@ -192,10 +217,8 @@ class EagleHead(nn.Module):
     def logits(self, g: torch.Tensor) -> torch.Tensor:
         """Logits over the head's draft vocabulary (`draft_ids`; the policy's whole vocabulary without one) from head
         outputs `g [..., H]`."""
-        norm = self._shared[1]
         weight, bias = self._rows()
-        x = functional_call(norm, {n: p.detach() for n, p in norm.named_parameters()}, (g.to(weight.dtype),))
-        return F.linear(x, weight, bias)
+        return F.linear(_rms_norm(self._shared[1], g.to(weight.dtype)), weight, bias)
 
     def full_logits(self, g: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """Logits over the first `vocab_size` token ids, -inf (q = 0) outside the draft vocabulary."""
@@ -209,7 +232,7 @@ class EagleHead(nn.Module):
         embed = self._shared[0]
         if features.shape[-1] != self.feature_size:  # a fed-back g: in the top layer's slot, the others zero
             features = F.pad(features, (self.feature_size - features.shape[-1], 0))
-        embedded = functional_call(embed, {n: p.detach() for n, p in embed.named_parameters()}, (tokens,))
+        embedded = F.embedding(tokens, embed.weight.detach(), embed.padding_idx)
         return self.fc(torch.cat([features.to(self.dtype), embedded.to(self.dtype)], -1))
 
     def _layer(

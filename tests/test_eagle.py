@@ -329,6 +329,29 @@ def test_the_heads_loss_writes_no_gradient_into_the_policy_it_reads():
         assert head.fc.weight.grad is not None and head.layer.self_attn.q_proj.weight.grad is not None
 
 
+def test_the_head_reads_the_policys_weights_without_calling_or_swapping_its_modules():
+    """The background trainer computes the head's loss while the policy's own forward may run in another thread: the
+    head must only read the policy's embedding, norm and LM head weights, never call those modules or put other
+    tensors in their place (a swap, as torch.func.functional_call does, untied the policy's embedding and LM head for
+    the length of a call and broke the rollout copy's sync in a GRPO run)."""
+    from adaptive_drafter.eagle_distill import collate_features, eagle_loss
+
+    policy = tiny_causal_lm("llama", logit_scale=8.0, tie_word_embeddings=True).train().requires_grad_(True)
+    decoder, head_module = policy.model, policy.lm_head
+    assert decoder.embed_tokens.weight is head_module.weight
+    head = EagleHead(policy, draft_ids=EVEN_IDS)
+    engine = SpeculativeEngine(policy, head, SpecConfig(elastic=False, num_draft_tokens=2))
+    rows = rollout_targets(engine, seed=5, rows=4).targets
+    seen = []
+    for module in (decoder.embed_tokens, decoder.norm, head_module):
+        module.register_forward_pre_hook(lambda m, args: seen.append((type(m).__name__, m.weight is weights[m])))
+    weights = {m: m.weight for m in (decoder.embed_tokens, decoder.norm, head_module)}
+    batch, features = collate_features(rows)
+    eagle_loss(head, batch, features, depth=2)[0].backward()
+    assert seen == [] and decoder.embed_tokens.weight is head_module.weight
+    assert all(p.grad is None for p in policy.parameters())
+
+
 def test_targets_over_a_draft_vocabulary_drop_the_ids_outside_it_and_renormalise():
     from adaptive_drafter.eagle_distill import head_logits, in_draft_vocab
     from adaptive_drafter.targets import DistillBatch
