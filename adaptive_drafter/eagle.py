@@ -424,8 +424,17 @@ def load_head(policy: Any, directory: str | os.PathLike[str]) -> EagleHead:
         raise FileNotFoundError(f"No EAGLE head at {path}: point to a directory written by save_head.")
     meta_path = Path(directory) / HEAD_META
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    config, layers = policy.config, tuple(meta.get("feature_layers", (-1,)))
+    made_for = (meta.get("hidden_size", config.hidden_size), meta.get("vocab_size", config.vocab_size))
+    if made_for != (config.hidden_size, config.vocab_size) or max(layers) >= len(_decoder(policy).layers):
+        raise ValueError(
+            f"The EAGLE head at {directory} was made for another policy (hidden size {made_for[0]}, vocabulary "
+            f"{made_for[1]}, reading layers {list(layers)}; this policy: {config.hidden_size}, {config.vocab_size}, "
+            f"{len(_decoder(policy).layers)} layers). Distill a head for this policy (scripts/distill_eagle.py) or "
+            "start from a fresh one."
+        )
     state = load_file(path)
-    head = EagleHead(policy, tuple(meta.get("feature_layers", (-1,))), state.get("draft_ids"))
+    head = EagleHead(policy, layers, state.get("draft_ids"))
     own = head.state_dict()
     wrong = sorted(n for n in set(own) | set(state) if n not in own or n not in state or own[n].shape != state[n].shape)
     if wrong:

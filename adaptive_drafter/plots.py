@@ -104,10 +104,10 @@ def plot_run(
             ("suffix_tokens_per_step", "^:", "suffix (siblings), per step"),
         ]),
     )  # fmt: skip
-    for ax, title, ylabel, curves in panels:
+    for ax, panel, ylabel, curves in panels:  # (not `title`: that is the figure's)
         for name, style, label in curves[: 3 if with_suffix else 2]:
             ax.plot(steps, [getattr(p, name) for p in points], style, label=label)
-        ax.set(title=title, xlabel="policy step", ylabel=ylabel)
+        ax.set(title=panel, xlabel="policy step", ylabel=ylabel)
         ax.legend()
     ax = axes[1][0]
     timed = [(h.step, h.measured_speedup) for h in history if h.measured_speedup is not None]

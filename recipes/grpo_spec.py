@@ -8,8 +8,8 @@
 
 Every option of GRPOConfig, ModelConfig, SpecConfig, ServingConfig, DrafterConfig and DistillConfig is a flag (`--help`
 lists them); a YAML file given with `--config` sets defaults that flags override. With no `--config`,
-configs/grpo_spec.yaml is used: SmolLM2-135M-Instruct (embedded, no download) on a generated arithmetic task, a 4-layer
-self-draft with LoRA distilled in the background, W&B offline unless you are logged in.
+configs/grpo_spec.yaml is used: SmolLM2-135M-Instruct (embedded, no download) on a generated arithmetic task, an
+EAGLE-style head (warm-started from drafters/) distilled in the background, W&B offline unless you are logged in.
 """
 
 from __future__ import annotations

@@ -273,7 +273,9 @@ def test_recipe_cli_runs_two_steps_and_its_summary_holds_only_measured_figures(t
     # The held-out probe samples as the run does (it used to sample at T = 1 whatever the config said).
     assert rollout.probe.points and rollout.probe.sampling == SamplingParams(temperature=0.7, top_p=0.9)
 
-    fixed = load_recipe().main(recipe_argv(tmp_path / "fixed", tiny_model_dir, "--elastic", "false"))
+    fixed = load_recipe().main(  # and the other drafter kind (the YAML's is eagle)
+        recipe_argv(tmp_path / "fixed", tiny_model_dir, "--elastic", "false", "--drafter_kind", "truncated")
+    )
     assert "measured speed-up    not measured in this run" in capsys.readouterr().out
     assert next(cb for cb in fixed.callback_handler.callbacks if hasattr(cb, "rollout")).rollout.totals.drafted > 0
 
@@ -393,7 +395,7 @@ def test_kill_9_after_a_checkpoint_then_resume(tmp_path, tiny_model_dir):
     from adaptive_drafter.drafter import adapter_state
 
     fresh = rollout_under_test()
-    fresh.drafter_config = DrafterConfig(drafter_num_layers=1)  # as the recipe built it
+    fresh.drafter_config = DrafterConfig(drafter_kind="eagle")  # as the recipe built it (the YAML's kind)
     fresh.distill_config = None
     fresh.restore_from = last / DRAFTER_DIR
     adaptive = fresh._adaptive(AutoModelForCausalLM.from_pretrained(last), tokenizer())
@@ -447,9 +449,14 @@ def test_recipe_records_the_cost_of_freshness_with_the_trainer_held_every_other_
 
 def test_a_warm_start_adapter_made_for_another_policy_is_refused_clearly(tmp_path, tiny_model_dir):
     shipped = str(Path(__file__).resolve().parents[1] / "drafters" / "smollm2-135m-arithmetic")
-    argv = recipe_argv(tmp_path, tiny_model_dir, "--drafter_num_layers", "1")
+    argv = recipe_argv(tmp_path, tiny_model_dir, "--drafter_kind", "truncated", "--drafter_num_layers", "1")
     argv[argv.index("--drafter_adapter_path") + 1] = shipped
     with pytest.raises(ValueError, match="does not fit this drafter.*another policy"):
+        load_recipe().main(argv)
+    head = str(Path(__file__).resolve().parents[1] / "drafters" / "smollm2-135m-eagle-4k")  # the YAML's (eagle) kind
+    argv = recipe_argv(tmp_path / "eagle", tiny_model_dir)
+    argv[argv.index("--drafter_adapter_path") + 1] = head
+    with pytest.raises(ValueError, match="made for another policy"):
         load_recipe().main(argv)
 
 
