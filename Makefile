@@ -45,7 +45,7 @@ demo: install
 # The same GRPO run with rollouts on vLLM (adaptive_drafter/vllm_engine.py), in the vLLM environment: vLLM serves the
 # adaptive drafter as its draft model, elastic (each rollout speculative or plain, whichever vLLM measured faster).
 demo-vllm: vllm-env
-	$(VLLM_VENV)/bin/accelerate launch recipes/grpo_spec.py --rollout_backend vllm
+	$(VLLM_VENV)/bin/accelerate launch recipes/grpo_spec.py --config configs/grpo_spec_vllm.yaml
 
 # Everything a CPU can run, the embedded-model tests included (`-m "not slow"` skips those while developing); then
 # the vLLM backend's tests in their own environment. One OpenMP thread there: vLLM's CPU kernels spin-wait, and with

@@ -166,6 +166,13 @@ class SpeculativeRollout:
         self.drafter = drafter
         self.backend = backend if backend is not None else HFBackend()
         self.backend.check(self.spec_config, SamplingParams())  # SpecConfig options the backend cannot honour
+        if self.drafter_config.drafter_kind == "eagle" and self.backend.name == "vllm" and self.backend.serves_drafter():
+            raise ValueError(
+                "drafter_kind='eagle' cannot be served by the vLLM backend (exporting the head in vLLM's eagle format "
+                "is not done, and vLLM's eagle methods need Triton, which its CPU build lacks). Use the Hugging Face "
+                "backend (--rollout_backend hf), drafter_kind='truncated' with vLLM (configs/grpo_spec_vllm.yaml), or "
+                "vLLM's model-free drafts (--vllm_speculation ngram, suffix or none)."
+            )
         self.adaptive: AdaptiveDrafter | None = None
         self.restore_from: Path | None = None  # a checkpoint's drafter adapter, loaded once the drafter exists
         self.totals = SpecStats()  # over the whole run, for the end-of-training report

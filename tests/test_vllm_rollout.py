@@ -20,7 +20,7 @@ def test_the_recipe_trains_with_vllm_rollouts_serving_the_adaptive_drafter_elast
     """Elastic by default: the engine's first rollout warms it up, the second measures plain serving, the third
     speculation (timed against the second)."""
     argv = [
-        "--rollout_backend", "vllm", "--max_steps", "3", "--max_completion_length", "12",
+        "--config", str(RECIPE.parents[1] / "configs" / "grpo_spec_vllm.yaml"), "--max_steps", "3", "--max_completion_length", "12",
         "--per_device_train_batch_size", "4", "--num_generations", "4", "--num_examples", "16",
         "--report_to", "none", "--output_dir", str(tmp_path / "out"), "--use_cpu", "true",
         "--save_steps", "100", "--probe_every", "1", "--probe_prompts", "2", "--probe_max_new_tokens", "8",
