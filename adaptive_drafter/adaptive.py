@@ -302,8 +302,10 @@ class AdaptiveDrafter:
         flat = torch.tensor([t for row in completions for t in row], dtype=torch.long)
         if self.config.draft_vocab_size or self.draft_vocab is not None:
             self.token_counts += torch.bincount(flat, minlength=self.vocab_size)[: self.vocab_size]
-        if isinstance(draft_model, ReducedVocabDrafter) and len(flat):
-            self.draft_vocab_coverage = float(torch.isin(flat, draft_model.token_ids.cpu()).float().mean())
+        head = eagle_head(draft_model) if draft_model is not None else None
+        vocab = draft_model.token_ids if isinstance(draft_model, ReducedVocabDrafter) else getattr(head, "draft_ids", None)
+        if vocab is not None and len(flat):
+            self.draft_vocab_coverage = float(torch.isin(flat, vocab.cpu()).float().mean())
         self._watch(stats)
 
     # --- the stale alarm and metrics -------------------------------------------------------------------------------

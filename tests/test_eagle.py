@@ -404,6 +404,11 @@ def test_the_online_kind_warm_starts_from_a_distilled_head_with_its_draft_vocabu
 
     served = drafted(adaptive.draft_model())
     assert len(served) > 10 and served == drafted(head) and set(served) <= set(EVEN_IDS)
+    engine = SpeculativeEngine(policy, drafter, spec)
+    out = adaptive.generate(engine, ids, greedy, **kwargs)  # the share of its tokens the draft vocabulary covers
+    flat = [t for row in out.completion_ids for t in row]
+    coverage = sum(t % 2 == 0 for t in flat) / len(flat)
+    assert adaptive.metrics(out.stats)["spec/draft_vocab_coverage"] == pytest.approx(coverage) and coverage < 1
     fresh = AdaptiveDrafter(build_drafter(policy, DrafterConfig(drafter_kind="eagle", drafter_lora_r=4)))
     with pytest.raises(ValueError, match="loaded when the drafter is built"):
         fresh.warm_start(tmp_path / "head")
