@@ -303,7 +303,9 @@ class AdaptiveDrafter:
         if self.config.draft_vocab_size or self.draft_vocab is not None:
             self.token_counts += torch.bincount(flat, minlength=self.vocab_size)[: self.vocab_size]
         head = eagle_head(draft_model) if draft_model is not None else None
-        vocab = draft_model.token_ids if isinstance(draft_model, ReducedVocabDrafter) else getattr(head, "draft_ids", None)
+        vocab = (
+            draft_model.token_ids if isinstance(draft_model, ReducedVocabDrafter) else getattr(head, "draft_ids", None)
+        )
         if vocab is not None and len(flat):
             self.draft_vocab_coverage = float(torch.isin(flat, vocab.cpu()).float().mean())
         self._watch(stats)
