@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The prepared GPU check, for a session whose task is lent a GPU machine (the device tool). One call, ≤ 8 minutes:
+# The prepared GPU check, for a session whose task is lent a GPU machine (the device tool). One call, ≤ 9 minutes:
 #
 #   here:   ../shared/device/fetch-wheels.sh .wheels          # trl, datasets, wandb, gguf, ... (the GPU image lacks them)
 #           echo /.wheels/ >> .git/info/exclude
-#   device: run(command="bash scripts/device_bench.sh", carry=[".wheels"], timeout_s=540)
+#   device: run(command="bash scripts/device_bench.sh", carry=[".wheels"], timeout_s=600)
 #
 # It writes JSON (and the logs) under $OUT: the CUDA-only tests, the rollout benchmark on CUDA at batch 1-64 with
 # sampling at T = 1 (tiny models: the embedded model's 94 MB GGUF does not fit one call's 64 MiB carry), and, where
@@ -25,6 +25,12 @@ timeout 150 python3 -m pytest -m gpu -q tests 2>&1 | tee "$OUT/gpu_tests.log" | 
 # The engine on CUDA: plain generate vs fixed k vs elastic, batch 1-64, T = 1, with controlled drafter agreement.
 timeout 180 python3 scripts/bench_rollout.py --model tiny --device cuda --batch-sizes 1,4,16,64 --max-new-tokens 128 \
   --repeats 3 --do-sample --temperature 1.0 --json "$OUT/bench_rollout_cuda.json" 2>&1 | tee "$OUT/bench_rollout.log" | tail -12
+
+# The EAGLE-style head's draft step on CUDA (c = a head step / a policy decode step; an untrained head on the tiny
+# policy, so its acceptance means nothing here, its costs do).
+timeout 60 python3 scripts/bench_rollout.py --model tiny --drafter-kind eagle --device cuda --batch-sizes 1,16 \
+  --max-new-tokens 64 --repeats 2 --do-sample --temperature 1.0 --json "$OUT/bench_rollout_eagle_cuda.json" 2>&1 \
+  | tee "$OUT/bench_rollout_eagle.log" | tail -6
 
 if python3 -c "import vllm; from adaptive_drafter.embedded import gguf_path; gguf_path()" 2>/dev/null; then
   timeout 150 python3 scripts/bench_vllm.py --batch-sizes 1,8,32,64 --max-new-tokens 128 --repeats 3 --do-sample \
