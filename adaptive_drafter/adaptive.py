@@ -36,7 +36,7 @@ from .drafter import (
     merged_copy,
     save_adapter,
 )
-from .eagle import eagle_head, is_head_directory
+from .eagle import eagle3_checkpoint, eagle_head, export_eagle3, is_head_directory
 from .metrics import SpecStats
 from .outputs import PolicyTargets, RolloutEngine, SpecOutput
 from .precision import CastCache
@@ -102,6 +102,9 @@ class AdaptiveDrafter:
         self._serving_policy: Any = None
         self._cast: tuple[Any, Any] | None = None
         self._cast_cache: CastCache | None = None
+        # Where an eagle head's training rows get the policy's features when the engine returns none (vLLM): set by
+        # the caller that owns the policy's forward (SpeculativeRollout), an `eagle_distill.FeatureTap`.
+        self.feature_tap: Any = None
         self._exported: tuple[Any, ...] | None = None  # LoRA fingerprint last handed out by `serving_weights`
 
     # --- the background trainer ------------------------------------------------------------------------------------
@@ -212,38 +215,56 @@ class AdaptiveDrafter:
         return reduced
 
     def serving_weights(self, changed_only: bool = True) -> dict[str, torch.Tensor]:
-        """Hugging Face-named weights of the merged serving drafter, for an engine that holds its own copy (vLLM).
-        With `changed_only`, only the LoRA-adapted layers (nothing else ever changes), and nothing at all when no LoRA
-        weight was written since the last call."""
+        """The merged serving drafter's weights, for an engine that holds its own copy (vLLM): Hugging Face-named, or
+        for the eagle kind the names of vLLM's EAGLE-3 checkpoint (`eagle.eagle3_checkpoint`). With `changed_only`,
+        only the LoRA-adapted layers (nothing else ever changes; for a head, all of it, as it carries copies of the
+        policy's norm and LM head rows, which move with the policy), and nothing at all when nothing was written
+        since the last call."""
         self._check_exportable()
-        fingerprint = lora_fingerprint(self.drafter) if isinstance(self.drafter, PeftModel) else ()
-        state = self._merged_model().state_dict()
-        if not changed_only:
-            self._exported = fingerprint
-            return dict(state)
-        if fingerprint == self._exported:
+        fingerprint = self._fingerprint()
+        if changed_only and fingerprint == self._exported:
             return {}
         self._exported = fingerprint
+        if self.is_eagle:
+            return eagle3_checkpoint(self._merged_model())[1]
+        state = self._merged_model().state_dict()
+        if not changed_only:
+            return dict(state)
         adapted = {
             _hf_name(name) for name, module in self.drafter.named_modules() if isinstance(module, BaseTunerLayer)
         }
         return {name: tensor for name, tensor in state.items() if name.rsplit(".", 1)[0] in adapted}
 
+    def _fingerprint(self) -> tuple:
+        """What identifies the weights an engine holding its own copy was last given: the LoRA weights, and for a
+        head the policy's final norm and LM head it copies (an optimizer step writes them in place)."""
+        fingerprint = lora_fingerprint(self.drafter) if isinstance(self.drafter, PeftModel) else ()
+        if self.is_eagle:
+            shared = eagle_head(self.drafter)._shared
+            fingerprint = (fingerprint, *((t.weight.data_ptr(), t.weight._version) for t in shared[1:3]))
+        return fingerprint
+
     def export(self, directory: str | os.PathLike[str], tokenizer: Any = None) -> Path:
-        """Save the merged serving drafter as an ordinary Hugging Face checkpoint (what vLLM's `draft_model` loads)."""
+        """Save the merged serving drafter as vLLM loads it: an ordinary Hugging Face checkpoint (`draft_model`), or
+        for the eagle kind an EAGLE-3 draft checkpoint (`eagle3`, `eagle.export_eagle3`)."""
         self._check_exportable()
         path = Path(directory)
-        self._merged_model().save_pretrained(path)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-        self._exported = lora_fingerprint(self.drafter) if isinstance(self.drafter, PeftModel) else ()
+        if self.is_eagle:
+            export_eagle3(self._merged_model(), path)
+        else:
+            self._merged_model().save_pretrained(path)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(path)
+        self._exported = self._fingerprint()
         return path
 
     def _check_exportable(self) -> None:
-        if self.is_eagle:
+        layout = getattr(eagle_head(self.drafter), "layout", None)
+        if self.is_eagle and layout != "eagle3":
             raise ValueError(
-                "The vLLM backend cannot serve the eagle drafter kind yet (exporting the head in vLLM's eagle format is "
-                "not done): use the Hugging Face backend (--rollout_backend hf) or drafter_kind='truncated' with vLLM."
+                f"vLLM serves an EAGLE head in its 'eagle3' layout only; this head has the {layout!r} layout. Use a "
+                "head in that layout (DrafterConfig.drafter_eagle_layout='eagle3', or a warm head distilled with "
+                "scripts/distill_eagle.py --layout eagle3), or the Hugging Face backend (--rollout_backend hf)."
             )
 
     def set_draft_vocab(self, token_ids: Sequence[int] | torch.Tensor | None) -> None:
@@ -298,7 +319,16 @@ class AdaptiveDrafter:
         """What a rollout saw: its targets go to the trainer's buffer, its tokens to the draft-vocabulary counts, its
         acceptance to the stale alarm."""
         if self.trainer is not None and targets:
-            self.trainer.buffer.add_many(targets)
+            if self.is_eagle and targets[0].features is None:  # an engine without hidden states (vLLM)
+                if self.feature_tap is None:
+                    raise RuntimeError(
+                        "The EAGLE head trains on the policy's features, and this engine returned none: set "
+                        "AdaptiveDrafter.feature_tap (eagle_distill.FeatureTap) to take them from the policy's next "
+                        "forward over the rollouts (SpeculativeRollout does with the vLLM backend)."
+                    )
+                self.feature_tap.expect(targets)
+            else:
+                self.trainer.buffer.add_many(targets)
         flat = torch.tensor([t for row in completions for t in row], dtype=torch.long)
         if self.config.draft_vocab_size or self.draft_vocab is not None:
             self.token_counts += torch.bincount(flat, minlength=self.vocab_size)[: self.vocab_size]
@@ -346,6 +376,8 @@ class AdaptiveDrafter:
             out["drafter/version_lag"] = float(self.policy_version - self.adapter_version.policy_version)
         if self.trainer is not None:
             out.update(self.trainer.metrics())
+        if self.feature_tap is not None:  # rows whose features never came (no forward of the policy read them)
+            out["drafter/feature_rows_dropped"] = float(self.feature_tap.dropped)
         return out
 
     # --- checkpoints -----------------------------------------------------------------------------------------------

@@ -89,8 +89,9 @@ class HFBackend:
 class VLLMBackend:
     """Rollouts on an in-process vLLM engine (`vllm_engine.VLLMEngine`).
 
-    `method`: "draft_model" (the adaptive drafter, merged, as vLLM's draft model), vLLM's model-free "ngram" or
-    "suffix", or None (no speculation). `workdir` holds the checkpoints vLLM starts from (the policy and the merged
+    `method`: "draft_model" (the adaptive drafter, merged, as vLLM's draft model), "eagle3" (the adaptive EAGLE head,
+    merged and exported as vLLM's EAGLE-3 draft checkpoint), vLLM's model-free "ngram" or "suffix", or None (no
+    speculation). `workdir` holds the checkpoints vLLM starts from (the policy and the merged
     drafter, written once; default `<output_dir>/vllm`); `llm_kwargs` go to `vllm.LLM` (e.g. `gpu_memory_utilization`,
     `max_model_len`).
 
@@ -116,7 +117,7 @@ class VLLMBackend:
         self._serving: bool | None = None  # the last rollout's mode (True: speculative), to tell the user of changes
 
     def serves_drafter(self) -> bool:
-        return self.method == "draft_model"
+        return self.method in ("draft_model", "eagle3")
 
     def check(self, spec: SpecConfig, sampling: SamplingParams) -> None:
         """Refuse the `SpecConfig` options and sampling settings vLLM cannot honour here, saying what to use."""
@@ -211,7 +212,7 @@ class VLLMBackend:
         else:
             mode = f", speculating on every step ({engine.elastic_unavailable or 'elastic=False'})"
         drafts = ""
-        if self.method == "draft_model":
+        if self.serves_drafter():
             drafts = (
                 ", probabilistic drafts"
                 if engine.probabilistic_drafts
@@ -239,7 +240,7 @@ def ignored_options(serving: ServingConfig, method: str | None) -> list[str]:
         ignored.append(
             f"draft_vocab_size={serving.draft_vocab_size} (vLLM's draft model drafts over the full vocabulary)"
         )
-    if method == "draft_model" and not serving.merge_lora:
+    if method in ("draft_model", "eagle3") and not serving.merge_lora:
         ignored.append("merge_lora=False (vLLM serves the drafter with its LoRA merged)")
     return ignored
 

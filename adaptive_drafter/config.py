@@ -202,6 +202,14 @@ class DrafterConfig:
             "'' or none: a fresh drafter."
         },
     )
+    drafter_eagle_layout: str | None = field(
+        default=None,
+        metadata={
+            "help": "kind='eagle': the head's layout. 'eagle': fc over [features, next token's embedding]; 'eagle3': "
+            "vLLM's EAGLE-3 checkpoint layout (the embedding read by attention beside the features), the one the vLLM "
+            "backend serves (--vllm_speculation eagle3). None: the warm head's (drafter_adapter_path), else 'eagle'."
+        },
+    )
     drafter_trust_remote_code: bool = field(
         default=False, metadata={"help": "kind='model': allow the drafter's own modelling code (off: safer)."}
     )
@@ -211,6 +219,8 @@ class DrafterConfig:
             self.drafter_adapter_path = None  # how a command line overrides a YAML's warm start
         if self.drafter_kind not in DRAFTER_KINDS:
             raise ValueError(f"Unknown drafter kind {self.drafter_kind!r}: choose one of {', '.join(DRAFTER_KINDS)}.")
+        if self.drafter_eagle_layout not in (None, "eagle", "eagle3"):
+            raise ValueError(f"DrafterConfig.drafter_eagle_layout must be 'eagle' or 'eagle3', got {self.drafter_eagle_layout!r}.")
         if self.drafter_kind == "truncated" and self.drafter_num_layers < 1:
             raise ValueError(f"DrafterConfig.drafter_num_layers must be >= 1, got {self.drafter_num_layers}.")
         if self.drafter_lora_r < 1 or self.drafter_lora_alpha <= 0:

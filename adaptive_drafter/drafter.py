@@ -144,7 +144,17 @@ def build_drafter(
 
         # A warm head (scripts/distill_eagle.py) is the base the LoRA adapts: its layer, fusion and draft vocabulary.
         warm = config.drafter_adapter_path
-        head = (load_head(policy, warm) if warm is not None and is_head_directory(warm) else EagleHead(policy)).eval()
+        layout = config.drafter_eagle_layout
+        if warm is not None and is_head_directory(warm):
+            head = load_head(policy, warm)
+            if layout is not None and head.layout != layout:
+                raise ValueError(
+                    f"The warm head at {warm} has the {head.layout!r} layout, but drafter_eagle_layout={layout!r}. "
+                    "Leave drafter_eagle_layout unset to take the warm head's, or point to a head of that layout."
+                )
+        else:
+            head = EagleHead(policy, layout=layout or "eagle")
+        head.eval()
         lora = LoraConfig(
             r=config.drafter_lora_r,
             lora_alpha=config.drafter_lora_alpha,

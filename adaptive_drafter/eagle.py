@@ -125,6 +125,9 @@ def feature_layers(policy: Any, layers: tuple[int, ...] | list[int] = (-1,)) -> 
     return [decoder.layers[i] for i in layer_ids(policy, layers)]
 
 
+LAYOUTS = ("eagle", "eagle3")
+
+
 class EagleHead(nn.Module):
     """fc over [policy feature, next token's embedding] → one decoder layer → the policy's final norm and LM head.
 
@@ -144,8 +147,11 @@ class EagleHead(nn.Module):
         policy: Any,
         feature_layers: tuple[int, ...] | list[int] = (-1,),
         draft_ids: torch.Tensor | list[int] | None = None,
+        layout: str = "eagle",
     ) -> None:
         super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"Unknown head layout {layout!r}: choose one of {', '.join(LAYOUTS)}.")
         decoder, config = _decoder(policy), policy.config
         layer = decoder.layers[-1]
         attention = getattr(layer, "self_attn", None)
@@ -163,13 +169,28 @@ class EagleHead(nn.Module):
         self.feature_layers = layer_ids(policy, feature_layers)
         self.slots = len(self.feature_layers)
         self.feature_size = self.slots * hidden
-        self.fc = nn.Linear(self.feature_size + hidden, hidden)
+        self.layout = layout
+        fused = layout == "eagle3"
+        # eagle: fc reads the features and the embedding; eagle3: the features only (the embedding enters attention)
+        self.fc = nn.Linear(self.feature_size + (0 if fused else hidden), hidden, bias=not fused)
         with torch.no_grad():  # start as "the top feature layer's successor applied again": identity on its slot
             self.fc.weight[:, : self.feature_size].zero_()
             self.fc.weight[:, self.feature_size - hidden : self.feature_size].copy_(torch.eye(hidden))
-            self.fc.weight[:, self.feature_size :].mul_(0.1)
-            self.fc.bias.zero_()
+            if not fused:
+                self.fc.weight[:, self.feature_size :].mul_(0.1)
+                self.fc.bias.zero_()
         self.layer = copy.deepcopy(layer)
+        self.hidden_norm = None
+        if fused:  # q/k/v read [input_layernorm(embedding), hidden_norm(x)]: 2H wide, the embedding's half at 0.1
+            for name in ("q_proj", "k_proj", "v_proj"):
+                old = getattr(self.layer.self_attn, name)
+                new = nn.Linear(2 * hidden, old.out_features, bias=old.bias is not None).to(old.weight)
+                with torch.no_grad():
+                    new.weight.copy_(torch.cat([0.1 * old.weight, old.weight], 1))
+                    if old.bias is not None:
+                        new.bias.copy_(old.bias)
+                setattr(self.layer.self_attn, name, new)
+            self.hidden_norm = copy.deepcopy(self.layer.input_layernorm)
         if draft_ids is not None:
             ids = torch.as_tensor(draft_ids, dtype=torch.long).unique()  # sorted: the draft index order
             if len(ids) == 0 or ids.min() < 0 or ids.max() >= config.vocab_size:
@@ -228,22 +249,29 @@ class EagleHead(nn.Module):
         full = logits.new_full((*logits.shape[:-1], vocab_size), -torch.inf)
         return full.index_copy_(-1, self.draft_ids.to(logits.device), logits)
 
-    def _inputs(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def _inputs(self, features: torch.Tensor, tokens: torch.Tensor, fed_back: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's residual stream and its attention input at the pairs (features, tokens). `fed_back`: the
+        features are the head's own outputs g (H wide), not the policy's."""
         embed = self._shared[0]
-        if features.shape[-1] != self.feature_size:  # a fed-back g: in the top layer's slot, the others zero
+        embedded = F.embedding(tokens, embed.weight.detach(), embed.padding_idx).to(self.dtype)
+        features = features.to(self.dtype)
+        if self.layout == "eagle3":  # vLLM's Eagle3LlamaForCausalLM: a fed-back g skips fc
+            x = features if fed_back else self.fc(features)
+            return x, torch.cat([self.layer.input_layernorm(embedded), self.hidden_norm(x)], -1)
+        if fed_back:  # in the top layer's slot, the others zero
             features = F.pad(features, (self.feature_size - features.shape[-1], 0))
-        embedded = F.embedding(tokens, embed.weight.detach(), embed.padding_idx)
-        return self.fc(torch.cat([features.to(self.dtype), embedded.to(self.dtype)], -1))
+        x = self.fc(torch.cat([features, embedded], -1))
+        return x, self.layer.input_layernorm(x)
 
     def _layer(
-        self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor | None, values: torch.Tensor | None,
-        mask: torch.Tensor,
+        self, x: torch.Tensor, h: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor | None,
+        values: torch.Tensor | None, mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        """The decoder layer over `x [B, T, H]` at `positions`, attending to `keys`/`values` (earlier slots, may be
-        None) and its own under `mask [B, T, S + T]`. Returns the output and the new keys and values."""
+        """The decoder layer over residual `x [B, T, H]` with attention input `h` at `positions`, attending to
+        `keys`/`values` (earlier slots, may be None) and its own under `mask [B, T, S + T]`. Returns the output and the
+        new keys and values."""
         layer, attention = self.layer, self.layer.self_attn
         batch, length, _ = x.shape
-        h = layer.input_layernorm(x)
         q = attention.q_proj(h).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = attention.k_proj(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = attention.v_proj(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -255,9 +283,12 @@ class EagleHead(nn.Module):
         x = x + attention.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
         return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
 
-    def step(self, cache: HeadCache, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def step(
+        self, cache: HeadCache, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor, fed_back: bool = False
+    ) -> torch.Tensor:
         """Append the pairs (features[:, t], tokens[:, t]) to the head's `cache` (invalid ones become holes) and return
-        the head's outputs g at them `[B, T, H]`. A pair's position is the count of valid pairs before it."""
+        the head's outputs g at them `[B, T, H]`. A pair's position is the count of valid pairs before it; `fed_back`:
+        the features are the head's own outputs."""
         positions = (cache.valid.sum(1, keepdim=True) + valid.cumsum(1) - 1).clamp_min(0)
         slots = cache.valid.shape[1]
         length = tokens.shape[1]
@@ -266,7 +297,7 @@ class EagleHead(nn.Module):
         # slots, and the valid pairs before it in this block.
         mask = torch.cat([cache.valid[:, None, :].expand(-1, length, -1), causal & valid[:, None, :]], 2)
         mask[:, :, slots:] |= torch.eye(length, dtype=torch.bool, device=tokens.device)
-        g, k, v = self._layer(self._inputs(features, tokens), positions, cache.keys, cache.values, mask)
+        g, k, v = self._layer(*self._inputs(features, tokens, fed_back), positions, cache.keys, cache.values, mask)
         cache.append(k, v, valid)
         return g
 
@@ -285,7 +316,7 @@ class EagleHead(nn.Module):
             # Keys: pass 1 at positions <= s - (d - 1); pass i (2..d) exactly at s - (d - i).
             blocks = [tri(-(d - 1))] + [tri(-(d - i)) & ~tri(-(d - i) - 1) for i in range(2, d + 1)]
             mask = torch.cat(blocks, 1)[None].expand(batch, -1, -1)
-            g, k, v = self._layer(self._inputs(inputs, next_tokens), positions, keys, values, mask)
+            g, k, v = self._layer(*self._inputs(inputs, next_tokens, d > 1), positions, keys, values, mask)
             keys = k if keys is None else torch.cat([keys, k], 2)
             values = v if values is None else torch.cat([values, v], 2)
             outputs.append(g)
@@ -363,7 +394,7 @@ class EagleDrafts:
                 dists.append(q)
             if i < k - 1:  # the next draft reads the head's own output as the feature of this position
                 one = token[:, None]
-                g = self.head.step(self.cache, g, one, torch.ones_like(one, dtype=torch.bool))
+                g = self.head.step(self.cache, g, one, torch.ones_like(one, dtype=torch.bool), fed_back=True)
         self.stats.drafter_forwards += k
         self.drafted = k
         return Drafts(torch.stack(drafts, 1), torch.where(rows, k, 0), torch.stack(dists, 1) if dists else None)
@@ -406,7 +437,8 @@ def save_head(head: EagleHead, directory: str | os.PathLike[str], **metadata: An
     save_file(state, path / (HEAD_FILE + ".tmp"))
     os.replace(path / (HEAD_FILE + ".tmp"), path / HEAD_FILE)
     shape = {"hidden_size": head.config.hidden_size, "vocab_size": head.config.vocab_size,
-             "feature_layers": list(head.feature_layers), "draft_vocab_size": head.draft_vocab_size}  # fmt: skip
+             "feature_layers": list(head.feature_layers), "draft_vocab_size": head.draft_vocab_size,
+             "layout": head.layout}  # fmt: skip
     (path / HEAD_META).write_text(json.dumps({"kind": "eagle", **shape, **metadata}, indent=1))
     return path
 
@@ -434,7 +466,7 @@ def load_head(policy: Any, directory: str | os.PathLike[str]) -> EagleHead:
             "start from a fresh one."
         )
     state = load_file(path)
-    head = EagleHead(policy, layers, state.get("draft_ids"))
+    head = EagleHead(policy, layers, state.get("draft_ids"), meta.get("layout", "eagle"))
     own = head.state_dict()
     wrong = sorted(n for n in set(own) | set(state) if n not in own or n not in state or own[n].shape != state[n].shape)
     if wrong:
@@ -445,3 +477,63 @@ def load_head(policy: Any, directory: str | os.PathLike[str]) -> EagleHead:
     head.load_state_dict({n: t if n == "draft_ids" else t.to(head.dtype) for n, t in state.items()})
     head.loaded_from = str(Path(directory).resolve())  # what a warm start checks it was built from
     return head
+
+
+# vLLM's EAGLE-3 draft checkpoint (vllm/model_executor/models/llama_eagle3.py): what `export_eagle3` writes.
+EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
+
+
+def eagle3_checkpoint(head: EagleHead) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config and the weights of `head` as vLLM's EAGLE-3 draft model loads them (`speculative_config={"method":
+    "eagle3", "model": DIR}`): `fc`, the layer as `midlayer.*`, `midlayer.hidden_norm`, and copies of what the head
+    shares with the policy now (its final norm as `norm`, its LM head's draft-vocabulary rows as `lm_head`, with `d2t`
+    mapping draft ids to token ids). vLLM's `eagle_aux_hidden_state_layer_ids` count the residual stream entering a
+    layer, so the output of the head's feature layer i is vLLM's i + 1.
+
+    `head` must be a plain head in the "eagle3" layout with its LoRA merged (`drafter.merged_copy`)."""
+    if not isinstance(head, EagleHead) or head.layout != "eagle3":
+        raise ValueError(
+            "vLLM serves heads in the 'eagle3' layout only (its Eagle3LlamaForCausalLM); this one is "
+            f"{getattr(head, 'layout', type(head).__name__)!r}. Distill one with scripts/distill_eagle.py --layout eagle3 "
+            "or set DrafterConfig.drafter_eagle_layout='eagle3'."
+        )
+    modules = [head.fc, *head.layer.self_attn.children(), *head.layer.mlp.children()]
+    unmerged = [type(m).__name__ for m in modules if isinstance(m, nn.Module) and type(m).__module__.startswith("peft")]
+    if unmerged:
+        raise ValueError(f"The head still has LoRA layers ({unmerged[0]}): export its merged copy (drafter.merged_copy).")
+    weight, bias = head._rows()
+    if bias is not None:
+        raise ValueError("vLLM's EAGLE-3 LM head has no bias; this policy's LM head has one, so it cannot be exported.")
+    norm = head._shared[1]
+    weights = {"fc.weight": head.fc.weight}
+    weights.update({f"midlayer.{name}": tensor for name, tensor in head.layer.state_dict().items()})
+    weights["midlayer.hidden_norm.weight"] = head.hidden_norm.weight
+    weights["norm.weight"] = norm.weight
+    weights["lm_head.weight"] = weight
+    size = head.draft_vocab_size or head.config.vocab_size
+    if head.draft_ids is not None:
+        weights["d2t"] = head.draft_ids.cpu() - torch.arange(size)
+    weights = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in weights.items()}
+    config = {key: value for key, value in head.config.to_dict().items() if key not in ("layer_types", "auto_map")}
+    ids = [i + 1 for i in head.feature_layers]
+    config.update(
+        architectures=[EAGLE3_ARCHITECTURE], model_type="llama", num_hidden_layers=1, draft_vocab_size=size,
+        eagle_aux_hidden_state_layer_ids=ids, num_aux_hidden_states=len(ids),
+        target_hidden_size=head.config.hidden_size, tie_word_embeddings=False,
+        attention_bias=head.layer.self_attn.q_proj.bias is not None,
+        dtype=str(head.dtype).removeprefix("torch."),
+    )  # fmt: skip
+    return config, weights
+
+
+def export_eagle3(head: EagleHead, directory: str | os.PathLike[str]) -> Path:
+    """Write `head` as a vLLM EAGLE-3 draft checkpoint (`eagle3_checkpoint`) into `directory` (config.json and
+    model.safetensors, each written to a temporary name first). Returns the directory."""
+    config, weights = eagle3_checkpoint(head)
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(weights, path / "model.safetensors.tmp", metadata={"format": "pt"})
+    os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
+    (path / "config.json.tmp").write_text(json.dumps(config, indent=1))
+    os.replace(path / "config.json.tmp", path / "config.json")
+    return path

@@ -13,14 +13,22 @@ the "other" bucket keeping the policy's mass on unlisted ids), which is what its
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from .distill import distill_loss
-from .eagle import EagleHead
+from .eagle import EagleHead, feature_layers, layer_ids
 from .outputs import PolicyTargets
 from .targets import DistillBatch, collate
+
+logger = logging.getLogger(__name__)
 
 
 def collate_features(rows: list[PolicyTargets], pad_id: int = 0) -> tuple[DistillBatch, torch.Tensor]:
@@ -125,3 +133,71 @@ def acceptance_by_depth(head: EagleHead, rows: list[PolicyTargets], depth: int =
         q = head.full_logits(g[target.loss_mask.bool()], vocab).float().softmax(-1)
         out.append(float(torch.minimum(p, q.gather(-1, ids[0])).sum(-1).mean()))
     return out
+
+
+class FeatureTap:
+    """The policy's features for rollouts whose engine returned none (vLLM returns no hidden states), taken from the
+    policy's next forward over the same sequences, the GRPO loss's, through forward hooks (NeMo-RL's approach): no
+    forward is run for the drafter's sake.
+
+    `expect(rows)` queues rollout rows, matched to a forward's rows by their tokens (prompt + completion, padding
+    dropped by the forward's attention mask). Each forward of `policy` while rows wait fills those it contains with the
+    outputs of the policy's `layers` (concatenated in layer order, bfloat16 on the CPU, as the engine stores them) and
+    hands them to `sink` (the trainer's buffer). Rows of a rollout still waiting when the next rollout's rows come (the
+    trainer's forwards over a generation batch all run before the next one is generated) are dropped, e.g. a prompt
+    the trainer truncated: `dropped` counts them. `close()` removes the hooks.
+    """
+
+    def __init__(
+        self, policy: Any, layers: tuple[int, ...] | list[int], sink: Callable[[list[PolicyTargets]], None]
+    ) -> None:
+        self.layers, self.sink = layer_ids(policy, layers), sink
+        self.waiting: OrderedDict[tuple[int, ...], PolicyTargets] = OrderedDict()
+        self.filled = self.dropped = 0
+        self._lock = threading.Lock()
+        self._inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._outputs: list[torch.Tensor] = []
+        model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True)]
+        self._hooks += [m.register_forward_hook(self._after) for m in feature_layers(policy, self.layers)]
+
+    def expect(self, rows: list[PolicyTargets]) -> None:
+        with self._lock:
+            self.dropped += len(self.waiting)
+            self.waiting = OrderedDict((tuple(row.prompt_ids) + tuple(row.completion_ids), row) for row in rows)
+
+    def _before(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        ids, mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
+        # Only forwards over whole sequences (no KV cache: `cache` in transformers 5, `past_key_values` before) are read,
+        # and only while rows wait.
+        cached = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+        whole = ids is not None and not cached and (mask is None or mask.shape == ids.shape)
+        self._inputs = (ids, mask) if self.waiting and whole else None
+        self._outputs = []
+
+    def _after(self, module: Any, args: tuple, output: Any) -> None:
+        if self._inputs is None:
+            return
+        self._outputs.append((output[0] if isinstance(output, tuple) else output).detach())
+        if len(self._outputs) == len(self.layers):
+            self._fill(*self._inputs, torch.cat(self._outputs, -1))
+            self._inputs, self._outputs = None, []
+
+    def _fill(self, ids: torch.Tensor, mask: torch.Tensor | None, features: torch.Tensor) -> None:
+        ready = []
+        with self._lock:
+            for b in range(ids.shape[0]):
+                keep = mask[b].bool() if mask is not None else torch.ones_like(ids[b], dtype=torch.bool)
+                row = self.waiting.pop(tuple(ids[b][keep].tolist()), None)
+                if row is not None:  # every position but the last, as the engine collects them
+                    read = features[b][keep][:-1].to("cpu", torch.bfloat16)
+                    ready.append(dataclasses.replace(row, features=read))
+        if ready:
+            self.filled += len(ready)
+            self.sink(ready)
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+

@@ -54,15 +54,18 @@ class RolloutArguments:
     )
     vllm_speculation: str = field(
         default="draft_model",
-        metadata={"help": "vllm backend: 'draft_model' (the adaptive drafter), 'ngram', 'suffix' or 'none'."},
+        metadata={
+            "help": "vllm backend: 'draft_model' (the adaptive truncated drafter), 'eagle3' (the adaptive EAGLE head, "
+            "drafter_kind: eagle in the eagle3 layout), 'ngram', 'suffix' or 'none'."
+        },
     )
 
     def __post_init__(self) -> None:
         if self.rollout_backend not in ("hf", "vllm"):
             raise ValueError(f"--rollout_backend must be 'hf' or 'vllm', got {self.rollout_backend!r}.")
-        if self.vllm_speculation not in ("draft_model", "ngram", "suffix", "none"):
+        if self.vllm_speculation not in ("draft_model", "eagle3", "ngram", "suffix", "none"):
             raise ValueError(
-                f"--vllm_speculation must be draft_model, ngram, suffix or none, got {self.vllm_speculation!r}."
+                f"--vllm_speculation must be draft_model, eagle3, ngram, suffix or none, got {self.vllm_speculation!r}."
             )
 
 

@@ -28,6 +28,8 @@ from .adaptive import AdaptiveDrafter
 from .backends import HFBackend, VLLMBackend
 from .config import DistillConfig, DrafterConfig, ServingConfig, SpecConfig
 from .drafter import build_drafter
+from .eagle import eagle_head
+from .eagle_distill import FeatureTap
 from .metrics import SpecStats, machine_info
 from .probe import DrafterProbe
 from .report import DrafterState, RolloutRecord, RunReport
@@ -166,13 +168,8 @@ class SpeculativeRollout:
         self.drafter = drafter
         self.backend = backend if backend is not None else HFBackend()
         self.backend.check(self.spec_config, SamplingParams())  # SpecConfig options the backend cannot honour
-        if self.drafter_config.drafter_kind == "eagle" and self.backend.name == "vllm" and self.backend.serves_drafter():
-            raise ValueError(
-                "drafter_kind='eagle' cannot be served by the vLLM backend (exporting the head in vLLM's eagle format "
-                "is not done, and vLLM's eagle methods need Triton, which its CPU build lacks). Use the Hugging Face "
-                "backend (--rollout_backend hf), drafter_kind='truncated' with vLLM (configs/grpo_spec_vllm.yaml), or "
-                "vLLM's model-free drafts (--vllm_speculation ngram, suffix or none)."
-            )
+        if self.backend.name == "vllm" and self.backend.serves_drafter():
+            _check_vllm_drafter(self.backend.method, self.drafter_config.drafter_kind)
         self.adaptive: AdaptiveDrafter | None = None
         self.restore_from: Path | None = None  # a checkpoint's drafter adapter, loaded once the drafter exists
         self.totals = SpecStats()  # over the whole run, for the end-of-training report
@@ -255,6 +252,12 @@ class SpeculativeRollout:
             self.notify(f"drafter: warm-started from the adapter at {warm}")
         else:
             self.notify("drafter: a fresh, untrained LoRA drafter (no checkpoint to resume, no drafter_adapter_path)")
+        if self.backend.name == "vllm" and self.adaptive.is_eagle and self.adaptive.trainer is not None:
+            # vLLM returns no hidden states: the head's rows get them from the GRPO loss's forward over the same
+            # sequences (forward hooks on the policy), not from a forward of their own.
+            trainer = self.adaptive.trainer
+            self.adaptive.feature_tap = FeatureTap(policy, eagle_head(self.drafter).feature_layers, trainer.buffer.add_many)
+            self.notify("drafter: the EAGLE head trains on features taken from the GRPO loss's forward (vLLM returns none)")
         self.adaptive.start()
         return self.adaptive
 
@@ -316,6 +319,8 @@ class SpeculativeRollout:
         """Stop the background trainer (no thread outlives training) and the backend's engine."""
         if self.adaptive is not None:
             self.adaptive.stop()
+            if self.adaptive.feature_tap is not None:
+                self.adaptive.feature_tap.close()
         self.backend.close()
 
 
@@ -376,3 +381,19 @@ class DrafterCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.rollout.close()
+
+
+def _check_vllm_drafter(method: str, kind: str) -> None:
+    """Refuse a drafter kind that the vLLM speculative method cannot serve, saying which method serves it."""
+    if kind == "eagle" and method != "eagle3":
+        raise ValueError(
+            f"drafter_kind='eagle' is served by vLLM's EAGLE-3 method, not {method!r}: set --vllm_speculation eagle3 "
+            "(with a head in the eagle3 layout, e.g. drafters/smollm2-135m-eagle3-4k), or drafter_kind='truncated' "
+            "with --vllm_speculation draft_model."
+        )
+    if kind != "eagle" and method == "eagle3":
+        raise ValueError(
+            f"--vllm_speculation eagle3 serves an EAGLE head (drafter_kind='eagle'), not drafter_kind={kind!r}: set "
+            "drafter_kind: eagle, or --vllm_speculation draft_model for this drafter."
+        )
+

@@ -67,7 +67,9 @@ from .vllm_support import (
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("draft_model", "ngram", "suffix", None)
+METHODS = ("draft_model", "eagle3", "ngram", "suffix", None)
+# The methods that serve a model of ours (its weights reloaded by `load_drafter`).
+DRAFTER_METHODS = ("draft_model", "eagle3")
 _ALL_BATCHES = 1 << 20  # the end of a draft-length schedule's last range: vLLM caps it at max_num_seqs
 
 
@@ -84,7 +86,8 @@ class VLLMEngine:
 
     `policy_path` and `draft_path` are ordinary Hugging Face checkpoint directories (a LoRA drafter is exported merged,
     with `save_pretrained`, tokenizer included); `method` is vLLM's speculative method: `"draft_model"` (needs
-    `draft_path`), `"ngram"` (prompt lookup), `"suffix"` (needs the `arctic-inference` package) or None for plain
+    `draft_path`), `"eagle3"` (an EAGLE-3 head over the policy's hidden states; `draft_path` a directory written by
+    `eagle.export_eagle3`), `"ngram"` (prompt lookup), `"suffix"` (needs the `arctic-inference` package) or None for plain
     decoding. `num_draft_tokens` is the draft length k. `collect_topk > 0` returns the policy's top-K logprobs at
     every generated position as `PolicyTargets`. `speculative_config` entries are merged into the one built here
     (e.g. `{"draft_sample_method": "greedy"}`); other keyword arguments go to `vllm.LLM`.
@@ -118,8 +121,11 @@ class VLLMEngine:
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-        if method == "draft_model" and draft_path is None:
-            raise ValueError('method="draft_model" needs draft_path (a Hugging Face checkpoint directory).')
+        if method in DRAFTER_METHODS and draft_path is None:
+            raise ValueError(
+                f'method="{method}" needs draft_path (a Hugging Face checkpoint directory'
+                + (", written by adaptive_drafter.eagle.export_eagle3)." if method == "eagle3" else ").")
+            )
         if method is not None and num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1 with speculation, got {num_draft_tokens}.")
         if collect_topk < 0:
@@ -142,7 +148,7 @@ class VLLMEngine:
         if method is not None:
             fields = speculative_config_fields()
             spec = {"method": method, "num_speculative_tokens": num_draft_tokens}
-            if method == "draft_model":
+            if method in DRAFTER_METHODS:
                 spec["model"] = str(draft_path)
                 if "draft_sample_method" in fields:
                     # The drafter samples from its own distribution q and verification accepts with min(1, p/q): the
@@ -354,7 +360,7 @@ class VLLMEngine:
             table[1:] = [next(k for start, end, k in ranges if start <= b <= end) for b in range(1, len(table))]
         else:
             table[1:] = [0] * (len(table) - 1)
-        if self.method == "draft_model":
+        if self.method in DRAFTER_METHODS:
             self.llm.collective_rpc(set_draft_model_enabled, args=(speculate,))
         if speculate:
             # Prompt blocks cached while the draft model was skipped hold no draft KV: a hit would feed the drafter
@@ -408,11 +414,12 @@ class VLLMEngine:
     drafter_format = "weights"  # what `load_drafter` takes: the merged drafter's Hugging Face-named weights
 
     def load_drafter(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, new_version: bool = True) -> None:
-        """Load Hugging Face-named weights of the (merged) drafter into vLLM's draft model. Only the modules whose
-        weights are passed change (pass whole modules, as for `sync_policy`). The switch forgets what it measured
+        """Load the (merged) drafter's weights into vLLM's draft model: Hugging Face-named for "draft_model", the
+        names of `eagle.eagle3_checkpoint` for "eagle3". Only the modules whose weights are passed change (pass whole
+        modules, as for `sync_policy`). The switch forgets what it measured
         of the old drafter (`new_version`)."""
-        if self.method != "draft_model":
-            raise ValueError(f'load_drafter needs method="draft_model", this engine uses {self.method!r}.')
+        if self.method not in DRAFTER_METHODS:
+            raise ValueError(f'load_drafter needs method "draft_model" or "eagle3", this engine uses {self.method!r}.')
         weights = [(name, tensor.detach()) for name, tensor in named_tensors]
         self.llm.collective_rpc(load_draft_weights, args=(weights,))
         self.llm.reset_prefix_cache()

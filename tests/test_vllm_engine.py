@@ -5,6 +5,7 @@ sampling under speculation and elastic serving. The engine tests run inside the 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -341,6 +342,8 @@ def test_invalid_settings_are_refused(policy, plain):
         VLLMEngine(policy[2], method="draft_model")
     with pytest.raises(ValueError, match="method"):
         VLLMEngine(policy[2], method="eagle")
+    with pytest.raises(ValueError, match="export_eagle3"):
+        VLLMEngine(policy[2], method="eagle3")
     with pytest.raises(ValueError, match="temperature"):
         plain.generate([[1, 2]], SamplingParams(do_sample=True, temperature=0.0))
     with pytest.raises(ValueError, match="non-empty"):
@@ -354,6 +357,77 @@ def test_min_p_with_speculation_is_refused_before_vllm_runs_and_works_without(pr
         spec.generate(prompts[:1], SamplingParams(do_sample=True, min_p=0.1), max_new_tokens=2)
     out = plain.generate(prompts[:1], SamplingParams(do_sample=True, min_p=0.1), max_new_tokens=2)
     assert len(out.completion_ids[0]) == 2
+
+
+# --- the EAGLE head served by vLLM (method "eagle3") ------------------------------------------------------------------
+
+HEAD = Path(__file__).resolve().parents[1] / "drafters" / "smollm2-135m-eagle3-4k"  # the shipped head, eagle3 layout
+
+
+@pytest.fixture(scope="module")
+def eagle3(policy, tmp_path_factory):
+    """The shipped head exported as vLLM's EAGLE-3 checkpoint, vLLM serving it; and chat prompts like its data's."""
+    from adaptive_drafter.eagle import export_eagle3, load_head
+
+    head = load_head(policy[0], HEAD)
+    engine = VLLMEngine(
+        policy[2], method="eagle3", draft_path=export_eagle3(head, tmp_path_factory.mktemp("eagle3")),
+        num_draft_tokens=3, max_model_len=512,
+    )  # fmt: skip
+    tokenizer = policy[1]
+    chats = [[{"role": "user", "content": f"What is {i} * 7 + {3 * i}? Answer with the number."}] for i in range(8)]
+    chats = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+    yield head, engine, [tokenizer(c).input_ids for c in chats]
+    engine.close()
+
+
+def test_vllm_serves_the_exported_head_losslessly_drafting_what_our_engine_drafts(policy, plain, eagle3):
+    """Greedy: vLLM's output with the head is its plain output, and its acceptance is what our engine measures with
+    the same head over the same policy (equal drafts: the export computes what the head computes; a wrong name, half
+    or norm would draft garbage, accepted near 0)."""
+    from adaptive_drafter import SpecConfig, SpeculativeEngine
+
+    head, engine, prompts = eagle3
+    reference = plain.generate(prompts, GREEDY, max_new_tokens=32)
+    out = engine.generate(prompts, GREEDY, max_new_tokens=32)
+    assert out.completion_ids == reference.completion_ids
+    ours = SpeculativeEngine(policy[0], head, SpecConfig(elastic=False, num_draft_tokens=3))
+    hf = [ours.generate(torch.tensor([row]), GREEDY, max_new_tokens=32) for row in prompts]
+    hf_rate = sum(o.stats.accepted for o in hf) / sum(o.stats.drafted for o in hf)
+    assert [o.completion_ids[0] for o in hf] == reference.completion_ids
+    assert hf_rate > 0.3 and abs(out.stats.acceptance_rate - hf_rate) < 0.08, (out.stats, hf_rate)
+
+
+def test_a_reloaded_head_is_what_vllm_drafts_with_next(policy, eagle3):
+    """Live reload between rollouts (`load_drafter` with the checkpoint's names): a perturbed head is accepted less,
+    the original again as before, outputs unchanged throughout."""
+    from adaptive_drafter.eagle import eagle3_checkpoint
+
+    head, engine, prompts = eagle3
+    weights = eagle3_checkpoint(head)[1]
+    before = engine.generate(prompts, GREEDY, max_new_tokens=24)
+    gen = torch.Generator().manual_seed(0)
+    noisy = {
+        name: t + 0.5 * t.float().std() * torch.randn(t.shape, generator=gen).to(t.dtype) if "midlayer.self_attn" in name else t
+        for name, t in weights.items()
+    }  # fmt: skip
+    engine.load_drafter(noisy.items())
+    perturbed = engine.generate(prompts, GREEDY, max_new_tokens=24)
+    engine.load_drafter(weights.items())
+    restored = engine.generate(prompts, GREEDY, max_new_tokens=24)
+    assert perturbed.stats.acceptance_rate < 0.5 * before.stats.acceptance_rate
+    assert restored.stats.acceptance_rate == before.stats.acceptance_rate
+    assert before.completion_ids == perturbed.completion_ids == restored.completion_ids
+
+
+def test_at_t1_vllm_samples_the_heads_drafts_from_q(eagle3):
+    """Probabilistic drafts (draft_sample_method) with the head: sampled speculation runs (CPU repair included) and
+    is accepted at a rate argmax drafts could not reach on tokens the policy is unsure of."""
+    head, engine, prompts = eagle3
+    assert engine.probabilistic_drafts
+    out = engine.generate(prompts, SamplingParams(do_sample=True, temperature=1.0), max_new_tokens=24, seed=0)
+    assert out.stats.drafted > 0 and out.stats.acceptance_rate > 0.2
+    assert all(math.isfinite(v) for row in out.logprobs for v in row)
 
 
 # Last in the file: closing a vLLM engine tears down vLLM's process-wide distributed state, which the other engines of

@@ -41,3 +41,27 @@ def test_the_recipe_trains_with_vllm_rollouts_serving_the_adaptive_drafter_elast
     printed = capsys.readouterr().out
     assert "acceptance" in printed and "measured speed-up" in printed and "x plain decoding" in printed
     assert (tmp_path / "out" / "drafter" / "adapter.safetensors").exists()
+
+
+def test_the_recipe_trains_the_eagle_head_on_vllm_rollouts_with_features_from_the_loss_forward(tmp_path, capsys):
+    """drafter_kind eagle with --vllm_speculation eagle3: vLLM serves the head (exported as its EAGLE-3 checkpoint,
+    reloaded as it trains), and the head's rows get the policy's features from the GRPO loss's forward (vLLM returns
+    no hidden states)."""
+    argv = [
+        "--config", str(RECIPE.parents[1] / "configs" / "grpo_spec_vllm.yaml"), "--max_steps", "3", "--max_completion_length", "12",
+        "--per_device_train_batch_size", "4", "--num_generations", "4", "--num_examples", "16",
+        "--report_to", "none", "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--elastic", "false",
+        "--save_steps", "100", "--probe_every", "2", "--probe_prompts", "2", "--probe_max_new_tokens", "8",
+        "--drafter_kind", "eagle", "--vllm_speculation", "eagle3", "--draft_vocab_size", "0",
+        "--drafter_adapter_path", "drafters/smollm2-135m-eagle3-4k",
+        "--distill_min_buffer_tokens", "8", "--distill_publish_every", "1",
+    ]  # fmt: skip
+    trainer = load_file_module(RECIPE).main(argv)
+    assert trainer.state.global_step == 3
+    rollout = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "rollout")).rollout
+    assert any("vLLM engine started (eagle3 speculation, k=4" in event for event in rollout.events)
+    assert rollout.totals.drafted > 0 and rollout.totals.accepted > 0  # vLLM drafted with the head, and it hit
+    tap = rollout.adaptive.feature_tap
+    assert tap.filled >= 12 and tap.dropped == 0  # every rollout row of the first steps met the loss's forward
+    assert rollout.adaptive.trainer.buffer.num_tokens > 0
+    assert (tmp_path / "out" / "drafter" / "adapter.safetensors").exists()
