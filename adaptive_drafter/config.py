@@ -220,7 +220,9 @@ class DrafterConfig:
         if self.drafter_kind not in DRAFTER_KINDS:
             raise ValueError(f"Unknown drafter kind {self.drafter_kind!r}: choose one of {', '.join(DRAFTER_KINDS)}.")
         if self.drafter_eagle_layout not in (None, "eagle", "eagle3"):
-            raise ValueError(f"DrafterConfig.drafter_eagle_layout must be 'eagle' or 'eagle3', got {self.drafter_eagle_layout!r}.")
+            raise ValueError(
+                f"DrafterConfig.drafter_eagle_layout must be 'eagle' or 'eagle3', got {self.drafter_eagle_layout!r}."
+            )
         if self.drafter_kind == "truncated" and self.drafter_num_layers < 1:
             raise ValueError(f"DrafterConfig.drafter_num_layers must be >= 1, got {self.drafter_num_layers}.")
         if self.drafter_lora_r < 1 or self.drafter_lora_alpha <= 0:

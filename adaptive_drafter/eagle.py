@@ -249,7 +249,9 @@ class EagleHead(nn.Module):
         full = logits.new_full((*logits.shape[:-1], vocab_size), -torch.inf)
         return full.index_copy_(-1, self.draft_ids.to(logits.device), logits)
 
-    def _inputs(self, features: torch.Tensor, tokens: torch.Tensor, fed_back: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inputs(
+        self, features: torch.Tensor, tokens: torch.Tensor, fed_back: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's residual stream and its attention input at the pairs (features, tokens). `fed_back`: the
         features are the head's own outputs g (H wide), not the policy's."""
         embed = self._shared[0]
@@ -284,7 +286,12 @@ class EagleHead(nn.Module):
         return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
 
     def step(
-        self, cache: HeadCache, features: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor, fed_back: bool = False
+        self,
+        cache: HeadCache,
+        features: torch.Tensor,
+        tokens: torch.Tensor,
+        valid: torch.Tensor,
+        fed_back: bool = False,
     ) -> torch.Tensor:
         """Append the pairs (features[:, t], tokens[:, t]) to the head's `cache` (invalid ones become holes) and return
         the head's outputs g at them `[B, T, H]`. A pair's position is the count of valid pairs before it; `fed_back`:
@@ -500,7 +507,9 @@ def eagle3_checkpoint(head: EagleHead) -> tuple[dict[str, Any], dict[str, torch.
     modules = [head.fc, *head.layer.self_attn.children(), *head.layer.mlp.children()]
     unmerged = [type(m).__name__ for m in modules if isinstance(m, nn.Module) and type(m).__module__.startswith("peft")]
     if unmerged:
-        raise ValueError(f"The head still has LoRA layers ({unmerged[0]}): export its merged copy (drafter.merged_copy).")
+        raise ValueError(
+            f"The head still has LoRA layers ({unmerged[0]}): export its merged copy (drafter.merged_copy)."
+        )
     weight, bias = head._rows()
     if bias is not None:
         raise ValueError("vLLM's EAGLE-3 LM head has no bias; this policy's LM head has one, so it cannot be exported.")

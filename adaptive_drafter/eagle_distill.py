@@ -196,8 +196,15 @@ class FeatureTap:
             self.filled += len(ready)
             self.sink(ready)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> FeatureTap:
+        """A deep copy of the hooked policy (e.g. the probe's frozen snapshot) copies its hooks too: their tap is an
+        inert one, waiting for nothing, so the copy's forwards never feed rows with another model's features."""
+        inert = object.__new__(FeatureTap)
+        inert.layers, inert.sink, inert.waiting, inert.filled, inert.dropped = self.layers, None, OrderedDict(), 0, 0
+        inert._lock, inert._inputs, inert._outputs, inert._hooks = threading.Lock(), None, [], []
+        return inert
+
     def close(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-

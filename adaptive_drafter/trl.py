@@ -255,9 +255,9 @@ class SpeculativeRollout:
         if self.backend.name == "vllm" and self.adaptive.is_eagle and self.adaptive.trainer is not None:
             # vLLM returns no hidden states: the head's rows get them from the GRPO loss's forward over the same
             # sequences (forward hooks on the policy), not from a forward of their own.
-            trainer = self.adaptive.trainer
-            self.adaptive.feature_tap = FeatureTap(policy, eagle_head(self.drafter).feature_layers, trainer.buffer.add_many)
-            self.notify("drafter: the EAGLE head trains on features taken from the GRPO loss's forward (vLLM returns none)")
+            layers, sink = eagle_head(self.drafter).feature_layers, self.adaptive.trainer.buffer.add_many
+            self.adaptive.feature_tap = FeatureTap(policy, layers, sink)
+            self.notify("drafter: the head trains on features from the GRPO loss's forward (vLLM returns none)")
         self.adaptive.start()
         return self.adaptive
 
@@ -396,4 +396,3 @@ def _check_vllm_drafter(method: str, kind: str) -> None:
             f"--vllm_speculation eagle3 serves an EAGLE head (drafter_kind='eagle'), not drafter_kind={kind!r}: set "
             "drafter_kind: eagle, or --vllm_speculation draft_model for this drafter."
         )
-

@@ -7,7 +7,7 @@
 #
 # It writes JSON (and the logs) under $OUT: the CUDA-only tests, the rollout benchmark on CUDA at batch 1-64 with
 # sampling at T = 1 (tiny models: the embedded model's 94 MB GGUF does not fit one call's 64 MiB carry), and, where
-# vLLM is importable there, vLLM plain vs vLLM + adaptive drafter at T = 1. NOT yet run on a GPU (no task has been lent
+# vLLM is importable there, vLLM plain vs vLLM + the truncated drafter vs vLLM + the EAGLE head at T = 1. NOT yet run on a GPU (no task has been lent
 # one): the first run may need a fix; its log says where.
 set -uo pipefail
 OUT=${OUT:-outputs/device}
@@ -33,8 +33,10 @@ timeout 60 python3 scripts/bench_rollout.py --model tiny --drafter-kind eagle --
   | tee "$OUT/bench_rollout_eagle.log" | tail -6
 
 if python3 -c "import vllm; from adaptive_drafter.embedded import gguf_path; gguf_path()" 2>/dev/null; then
-  timeout 150 python3 scripts/bench_vllm.py --batch-sizes 1,8,32,64 --max-new-tokens 128 --repeats 3 --do-sample \
-    --skip-hf --json "$OUT/bench_vllm_cuda.json" 2>&1 | tee "$OUT/bench_vllm.log" | tail -8
+  # vLLM plain vs the truncated drafter (draft_model) vs the shipped EAGLE head (eagle3, vLLM's GPU kernels), T = 1.
+  timeout 200 python3 scripts/bench_vllm.py --batch-sizes 1,8,32,64 --max-new-tokens 128 --repeats 3 --do-sample \
+    --skip-hf --methods draft_model,eagle3 --head drafters/smollm2-135m-eagle3-4k \
+    --json "$OUT/bench_vllm_cuda.json" 2>&1 | tee "$OUT/bench_vllm.log" | tail -8
 else
   echo "vLLM or the embedded model is not on this machine (each exceeds one call's carry): vLLM rows not measured" | tee "$OUT/bench_vllm.log"
 fi

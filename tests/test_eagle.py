@@ -510,6 +510,11 @@ def test_rows_without_features_get_them_from_the_policys_next_forward_over_the_s
         assert got.features.dtype == torch.bfloat16 and got.features.shape == want.features.shape
         torch.testing.assert_close(got.features.float(), want.features.float(), atol=0.05, rtol=0.02)
     assert len(tap.waiting) == 2 and tap.filled == 3 and tap.dropped == 0
+    import copy
+
+    waiting_row = torch.tensor([rows[3].prompt_ids + rows[3].completion_ids])
+    copy.deepcopy(policy)(input_ids=waiting_row)  # a copy of the policy (the probe's snapshot) feeds nothing
+    assert tap.filled == 3 and len(tap.waiting) == 2
     tap.expect(rows[3:4])  # the next rollout: what the last one's forwards did not contain is dropped
     assert tap.dropped == 2 and len(tap.waiting) == 1
     tap.close()
@@ -527,7 +532,9 @@ def test_the_adaptive_head_exports_for_vllm_and_resends_its_weights_when_the_lor
     from adaptive_drafter.drafter import build_drafter
 
     policy = tiny_causal_lm("llama", num_layers=3, logit_scale=8.0)
-    drafter = build_drafter(policy, DrafterConfig(drafter_kind="eagle", drafter_eagle_layout="eagle3", drafter_lora_r=4))
+    drafter = build_drafter(
+        policy, DrafterConfig(drafter_kind="eagle", drafter_eagle_layout="eagle3", drafter_lora_r=4)
+    )
     adaptive = AdaptiveDrafter(drafter)
     adaptive.export(tmp_path / "e3")
     assert json.loads((tmp_path / "e3" / "config.json").read_text())["architectures"] == ["LlamaForCausalLMEagle3"]

@@ -395,7 +395,7 @@ def test_vllm_serves_the_exported_head_losslessly_drafting_what_our_engine_draft
     hf = [ours.generate(torch.tensor([row]), GREEDY, max_new_tokens=32) for row in prompts]
     hf_rate = sum(o.stats.accepted for o in hf) / sum(o.stats.drafted for o in hf)
     assert [o.completion_ids[0] for o in hf] == reference.completion_ids
-    assert hf_rate > 0.3 and abs(out.stats.acceptance_rate - hf_rate) < 0.08, (out.stats, hf_rate)
+    assert hf_rate > 0.2 and abs(out.stats.acceptance_rate - hf_rate) < 0.05, (out.stats, hf_rate)
 
 
 def test_a_reloaded_head_is_what_vllm_drafts_with_next(policy, eagle3):
@@ -408,7 +408,7 @@ def test_a_reloaded_head_is_what_vllm_drafts_with_next(policy, eagle3):
     before = engine.generate(prompts, GREEDY, max_new_tokens=24)
     gen = torch.Generator().manual_seed(0)
     noisy = {
-        name: t + 0.5 * t.float().std() * torch.randn(t.shape, generator=gen).to(t.dtype) if "midlayer.self_attn" in name else t
+        name: t + t.float().std() * torch.randn(t.shape, generator=gen).to(t.dtype) if name.endswith("proj.weight") else t
         for name, t in weights.items()
     }  # fmt: skip
     engine.load_drafter(noisy.items())
