@@ -43,7 +43,8 @@ demo: install
 	accelerate launch recipes/grpo_spec.py
 
 # The same GRPO run with rollouts on vLLM (adaptive_drafter/vllm_engine.py), in the vLLM environment: vLLM serves the
-# adaptive drafter as its draft model, elastic (each rollout speculative or plain, whichever vLLM measured faster).
+# adaptive EAGLE head as its eagle3 draft model, elastic (each rollout speculative or plain, whichever vLLM measured
+# faster).
 demo-vllm: vllm-env
 	$(VLLM_VENV)/bin/accelerate launch recipes/grpo_spec.py --config configs/grpo_spec_vllm.yaml
 

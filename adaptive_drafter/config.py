@@ -207,7 +207,8 @@ class DrafterConfig:
         metadata={
             "help": "kind='eagle': the head's layout. 'eagle': fc over [features, next token's embedding]; 'eagle3': "
             "vLLM's EAGLE-3 checkpoint layout (the embedding read by attention beside the features), the one the vLLM "
-            "backend serves (--vllm_speculation eagle3). None: the warm head's (drafter_adapter_path), else 'eagle'."
+            "backend serves (--vllm_speculation eagle3), and the one that drafts better here. None: the warm head's "
+            "(drafter_adapter_path), else 'eagle3'."
         },
     )
     drafter_trust_remote_code: bool = field(

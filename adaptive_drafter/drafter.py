@@ -153,7 +153,7 @@ def build_drafter(
                     "Leave drafter_eagle_layout unset to take the warm head's, or point to a head of that layout."
                 )
         else:
-            head = EagleHead(policy, layout=layout or "eagle")
+            head = EagleHead(policy, layout=layout or "eagle3")
         head.eval()
         lora = LoraConfig(
             r=config.drafter_lora_r,

@@ -27,6 +27,15 @@ decoder layer, or on several whose outputs are concatenated for EAGLE-3's fused 
 position are queued for its next catch-up forward. Lossless like every source: drafts are
 sampled from q (greedy: its argmax) and verified by the policy under the acceptance rule.
 
+Two layouts (`layout`), both lossless and trained the same way:
+- "eagle": fc reads [features, embed(x_{s+1})] and its output is the layer's residual stream and attention input;
+  a fed-back g takes the top feature slot of fc's input.
+- "eagle3": vLLM's EAGLE-3 draft model (`Eagle3LlamaForCausalLM`): fc (no bias) reads the features only; the layer's
+  q/k/v read [input_layernorm(embed(x_{s+1})), hidden_norm(x)] (2H wide), its residual stream is x = fc(features);
+  a fed-back g skips fc. `export_eagle3` writes it as vLLM's checkpoint, so vLLM can serve it
+  (`speculative_config={"method": "eagle3"}`). It also drafts better here (docs/benchmarks.md): the embedding reaches
+  attention through its own norm instead of being mixed into the feature.
+
 Supported policies: Llama-style decoder layers (`self_attn.{q,k,v,o}_proj`, `input_layernorm`,
 `post_attention_layernorm`, `mlp`, rotary positions) such as Llama, Qwen2 and SmolLM; others are refused.
 """
@@ -129,7 +138,8 @@ LAYOUTS = ("eagle", "eagle3")
 
 
 class EagleHead(nn.Module):
-    """fc over [policy feature, next token's embedding] → one decoder layer → the policy's final norm and LM head.
+    """fc over [policy feature, next token's embedding] → one decoder layer → the policy's final norm and LM head
+    (`layout="eagle"`), or vLLM's EAGLE-3 arrangement of the same parts (`layout="eagle3"`, the module docstring).
 
     `feature_layers` picks the policy layers whose outputs are the feature: the last one (EAGLE-1), or several fused
     by `fc` (EAGLE-3's low/mid/high: fc reads [f_low, f_mid, f_high, embedding], (n + 1)·H → H). A fed-back feature
@@ -147,7 +157,7 @@ class EagleHead(nn.Module):
         policy: Any,
         feature_layers: tuple[int, ...] | list[int] = (-1,),
         draft_ids: torch.Tensor | list[int] | None = None,
-        layout: str = "eagle",
+        layout: str = "eagle3",
     ) -> None:
         super().__init__()
         if layout not in LAYOUTS:

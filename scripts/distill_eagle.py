@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument(
         "--draft-vocab", type=int, default=0, help="draft over the N most probable tokens of the training rows (0: all)"
     )
-    parser.add_argument("--layout", choices=LAYOUTS, default="eagle",
+    parser.add_argument("--layout", choices=LAYOUTS, default="eagle3",
                         help="eagle: fc over [features, embedding]; eagle3: vLLM's EAGLE-3 checkpoint layout (servable by vLLM)")
     parser.add_argument("--lora-r", type=int, default=0, help="train LoRA of this rank on the layer (0: the whole layer)")
     parser.add_argument("--capture-layers", default="1,14,26,-1", help="policy layers collected (a superset)")

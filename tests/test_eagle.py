@@ -65,7 +65,7 @@ def test_every_draft_is_the_head_over_the_policys_true_features(layers):
     layer's, or two layers' fused): the first draft of every step is argmax q over the true pair before it, the second
     (where the first was accepted) the fed-back chain of `unroll`'s second pass."""
     policy = tiny_causal_lm("llama", num_layers=len(layers), logit_scale=8.0).double()
-    head = EagleHead(policy, layers)
+    head = EagleHead(policy, layers, layout="eagle")  # fc reads the embedding: the setup below needs it
     hidden = policy.config.hidden_size
     with torch.no_grad():  # the head reads mostly the next token's embedding: with the policy's last layer it is
         head.fc.weight.zero_()  # close to the policy minus its first token, agreeing often enough for second drafts
@@ -174,7 +174,7 @@ def test_an_eagle3_head_exports_as_vllms_eagle3_draft_checkpoint(tmp_path):
     d2t = weights["d2t"]
     assert (torch.arange(len(EVEN_IDS)) + d2t).tolist() == EVEN_IDS  # vLLM: target id = draft id + d2t[draft id]
     with pytest.raises(ValueError, match="'eagle3' layout"):
-        export_eagle3(EagleHead(policy), tmp_path / "other")
+        export_eagle3(EagleHead(policy, layout="eagle"), tmp_path / "other")
     from peft import LoraConfig, get_peft_model
 
     wrapped = get_peft_model(EagleHead(policy, layout="eagle3"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
@@ -292,7 +292,7 @@ def test_a_saved_head_loads_back_and_one_for_another_policy_is_refused(tmp_path)
     from adaptive_drafter.eagle import load_head, save_head
 
     policy = tiny_causal_lm("llama", logit_scale=8.0)
-    head = EagleHead(policy)
+    head = EagleHead(policy, layout="eagle")
     with torch.no_grad():
         head.fc.bias.add_(0.5)
     save_head(head, tmp_path / "head", made_by="test")
@@ -302,9 +302,10 @@ def test_a_saved_head_loads_back_and_one_for_another_policy_is_refused(tmp_path)
     save_head(fused, tmp_path / "fused")
     loaded = load_head(policy, tmp_path / "fused")
     assert loaded.feature_layers == (0, 1) and loaded.draft_ids.tolist() == [3, 5, 9]
-    eagle3 = EagleHead(policy, (0, 1), layout="eagle3")  # and the layout
+    eagle3 = EagleHead(policy, (0, 1))  # and the layout (eagle3 by default)
     save_head(eagle3, tmp_path / "eagle3")
-    assert load_head(policy, tmp_path / "eagle3").layout == "eagle3"
+    assert load_head(policy, tmp_path / "eagle3").layout == "eagle3" and loaded.layout == "eagle3"
+    assert load_head(policy, tmp_path / "head").layout == "eagle"
     other = tiny_causal_lm("llama", hidden_size=48, logit_scale=8.0)
     with pytest.raises(ValueError, match="made for another policy"):
         load_head(other, tmp_path / "head")
@@ -326,8 +327,8 @@ def test_a_fused_head_starts_as_the_head_over_the_last_layer():
     its fed-back ones, are the last-layer head's, so fusing can only be learnt on top of it."""
     torch.manual_seed(0)
     policy = tiny_causal_lm("llama", num_layers=3, logit_scale=4.0).double()
-    last = EagleHead(policy).double()
-    fused = EagleHead(policy, (0, 1, -1)).double()
+    last = EagleHead(policy, layout="eagle").double()
+    fused = EagleHead(policy, (0, 1, -1), layout="eagle").double()
     hidden = policy.config.hidden_size
     with torch.no_grad():  # the same random start elsewhere
         fused.layer.load_state_dict(last.layer.state_dict())
@@ -546,8 +547,16 @@ def test_the_adaptive_head_exports_for_vllm_and_resends_its_weights_when_the_lor
     with torch.no_grad():
         next(p for n, p in drafter.named_parameters() if "lora_B" in n).add_(0.1)  # a trainer step
     assert "midlayer.self_attn.q_proj.weight" in adaptive.serving_weights()
-    plain = AdaptiveDrafter(build_drafter(policy, DrafterConfig(drafter_kind="eagle", drafter_lora_r=4)))
+    plain = AdaptiveDrafter(
+        build_drafter(policy, DrafterConfig(drafter_kind="eagle", drafter_eagle_layout="eagle", drafter_lora_r=4))
+    )
     with pytest.raises(ValueError, match="'eagle3' layout only"):
         plain.export(tmp_path / "other")
     with pytest.raises(ValueError, match="drafter_eagle_layout"):
         DrafterConfig(drafter_kind="eagle", drafter_eagle_layout="medusa")
+    from adaptive_drafter.eagle import save_head
+
+    save_head(EagleHead(policy, layout="eagle"), tmp_path / "warm")  # a warm head of the other layout: said, not mixed
+    with pytest.raises(ValueError, match="has the 'eagle' layout"):
+        build_drafter(policy, DrafterConfig(drafter_kind="eagle", drafter_eagle_layout="eagle3",
+                                            drafter_adapter_path=str(tmp_path / "warm")))  # fmt: skip

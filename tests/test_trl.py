@@ -453,7 +453,7 @@ def test_a_warm_start_adapter_made_for_another_policy_is_refused_clearly(tmp_pat
     argv[argv.index("--drafter_adapter_path") + 1] = shipped
     with pytest.raises(ValueError, match="does not fit this drafter.*another policy"):
         load_recipe().main(argv)
-    head = str(Path(__file__).resolve().parents[1] / "drafters" / "smollm2-135m-eagle-4k")  # the YAML's (eagle) kind
+    head = str(Path(__file__).resolve().parents[1] / "drafters" / "smollm2-135m-eagle3-4k")  # the YAML's (eagle) kind
     argv = recipe_argv(tmp_path / "eagle", tiny_model_dir)
     argv[argv.index("--drafter_adapter_path") + 1] = head
     with pytest.raises(ValueError, match="made for another policy"):

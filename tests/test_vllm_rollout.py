@@ -25,6 +25,9 @@ def test_the_recipe_trains_with_vllm_rollouts_serving_the_adaptive_drafter_elast
         "--report_to", "none", "--output_dir", str(tmp_path / "out"), "--use_cpu", "true",
         "--save_steps", "100", "--probe_every", "1", "--probe_prompts", "2", "--probe_max_new_tokens", "8",
         "--distill_min_buffer_tokens", "8",
+        # the truncated drafter as vLLM's draft model (the YAML serves the EAGLE head: the next test)
+        "--drafter_kind", "truncated", "--vllm_speculation", "draft_model", "--draft_vocab_size", "4096",
+        "--drafter_adapter_path", "drafters/smollm2-135m-arithmetic", "--distill_loss", "fkl", "--distill_mix_weights", "",
     ]  # fmt: skip
     trainer = load_file_module(RECIPE).main(argv)
     assert trainer.state.global_step == 3
@@ -44,7 +47,7 @@ def test_the_recipe_trains_with_vllm_rollouts_serving_the_adaptive_drafter_elast
 
 
 def test_the_recipe_trains_the_eagle_head_on_vllm_rollouts_with_features_from_the_loss_forward(tmp_path, capsys):
-    """drafter_kind eagle with --vllm_speculation eagle3: vLLM serves the head (exported as its EAGLE-3 checkpoint,
+    """The YAML's drafter_kind eagle with --vllm_speculation eagle3: vLLM serves the head (exported as its EAGLE-3 checkpoint,
     reloaded as it trains), and the head's rows get the policy's features from the GRPO loss's forward (vLLM returns
     no hidden states)."""
     argv = [
@@ -52,9 +55,7 @@ def test_the_recipe_trains_the_eagle_head_on_vllm_rollouts_with_features_from_th
         "--per_device_train_batch_size", "4", "--num_generations", "4", "--num_examples", "16",
         "--report_to", "none", "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--elastic", "false",
         "--save_steps", "100", "--probe_every", "2", "--probe_prompts", "2", "--probe_max_new_tokens", "8",
-        "--drafter_kind", "eagle", "--vllm_speculation", "eagle3", "--draft_vocab_size", "0",
-        "--drafter_adapter_path", "drafters/smollm2-135m-eagle3-4k",
-        "--distill_min_buffer_tokens", "8", "--distill_publish_every", "1",
+        "--distill_min_buffer_tokens", "8", "--distill_publish_every", "1",  # the YAML's drafter: the EAGLE head
     ]  # fmt: skip
     trainer = load_file_module(RECIPE).main(argv)
     assert trainer.state.global_step == 3
