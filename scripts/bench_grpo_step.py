@@ -18,7 +18,9 @@ none --save_strategy no` (so flags given here override them):
         --json docs/results/grpo_step_backends_cpu.json                               # the rollout backends (issue 12)
 
 Modes (`--modes`, ratios are to the first): `plain` TRL's own `generate`; `speculative` our engine with the adaptive
-drafter; `vllm` our vLLM backend without speculation; `vllm_draft` our vLLM backend serving the adaptive drafter;
+drafter; `vllm` our vLLM backend without speculation; `vllm_draft` our vLLM backend serving the adaptive drafter
+(the YAML's EAGLE head, vLLM's eagle3 method; for `--drafter_kind truncated` the truncated drafter needs vLLM's
+draft_model method, which this mode does not set: run the recipe directly);
 `trl_vllm` TRL's own `use_vllm` colocate path; `speculative_fp32` our engine with rollouts in float32 (the `speculative`
 mode runs them in `rollout_dtype: auto`: bfloat16 where the hardware is fast at it). The vLLM modes need the interpreter of `make vllm-env`.
 """
@@ -46,7 +48,7 @@ MODES = {  # mode -> the recipe's flags
     "speculative": ["--speculative", "true"],
     "speculative_fp32": ["--speculative", "true", "--rollout_dtype", "float32"],  # rollouts in the training precision
     "vllm": ["--rollout_backend", "vllm", "--vllm_speculation", "none"],
-    "vllm_draft": ["--rollout_backend", "vllm", "--vllm_speculation", "draft_model"],
+    "vllm_draft": ["--rollout_backend", "vllm", "--vllm_speculation", "eagle3"],  # the YAML's drafter: the EAGLE head
     "trl_vllm": ["--speculative", "false", "--use_vllm", "true", "--vllm_mode", "colocate"],
 }
 
