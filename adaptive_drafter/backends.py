@@ -25,6 +25,7 @@ from .engine import SpeculativeEngine, check_sampling
 from .outputs import RolloutEngine
 from .precision import RolloutCopy, resolve_rollout_dtype
 from .sampling import SamplingParams
+from .vllm_support import DRAFTER_METHODS
 
 Notify = Callable[[str], None]
 
@@ -117,7 +118,7 @@ class VLLMBackend:
         self._serving: bool | None = None  # the last rollout's mode (True: speculative), to tell the user of changes
 
     def serves_drafter(self) -> bool:
-        return self.method in ("draft_model", "eagle3")
+        return self.method in DRAFTER_METHODS
 
     def check(self, spec: SpecConfig, sampling: SamplingParams) -> None:
         """Refuse the `SpecConfig` options and sampling settings vLLM cannot honour here, saying what to use."""
@@ -240,7 +241,7 @@ def ignored_options(serving: ServingConfig, method: str | None) -> list[str]:
         ignored.append(
             f"draft_vocab_size={serving.draft_vocab_size} (vLLM's draft model drafts over the full vocabulary)"
         )
-    if method in ("draft_model", "eagle3") and not serving.merge_lora:
+    if method in DRAFTER_METHODS and not serving.merge_lora:
         ignored.append("merge_lora=False (vLLM serves the drafter with its LoRA merged)")
     return ignored
 

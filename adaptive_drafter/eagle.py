@@ -180,18 +180,18 @@ class EagleHead(nn.Module):
         self.slots = len(self.feature_layers)
         self.feature_size = self.slots * hidden
         self.layout = layout
-        fused = layout == "eagle3"
+        eagle3 = layout == "eagle3"
         # eagle: fc reads the features and the embedding; eagle3: the features only (the embedding enters attention)
-        self.fc = nn.Linear(self.feature_size + (0 if fused else hidden), hidden, bias=not fused)
+        self.fc = nn.Linear(self.feature_size + (0 if eagle3 else hidden), hidden, bias=not eagle3)
         with torch.no_grad():  # start as "the top feature layer's successor applied again": identity on its slot
             self.fc.weight[:, : self.feature_size].zero_()
             self.fc.weight[:, self.feature_size - hidden : self.feature_size].copy_(torch.eye(hidden))
-            if not fused:
+            if not eagle3:
                 self.fc.weight[:, self.feature_size :].mul_(0.1)
                 self.fc.bias.zero_()
         self.layer = copy.deepcopy(layer)
         self.hidden_norm = None
-        if fused:  # q/k/v read [input_layernorm(embedding), hidden_norm(x)]: 2H wide, the embedding's half at 0.1
+        if eagle3:  # q/k/v read [input_layernorm(embedding), hidden_norm(x)]: 2H wide, the embedding's half at 0.1
             for name in ("q_proj", "k_proj", "v_proj"):
                 old = getattr(self.layer.self_attn, name)
                 new = nn.Linear(2 * hidden, old.out_features, bias=old.bias is not None).to(old.weight)

@@ -14,7 +14,6 @@ the "other" bucket keeping the policy's mass on unlisted ids), which is what its
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import threading
 from collections import OrderedDict
@@ -27,8 +26,6 @@ from .distill import distill_loss
 from .eagle import EagleHead, feature_layers, layer_ids
 from .outputs import PolicyTargets
 from .targets import DistillBatch, collate
-
-logger = logging.getLogger(__name__)
 
 
 def collate_features(rows: list[PolicyTargets], pad_id: int = 0) -> tuple[DistillBatch, torch.Tensor]:

@@ -57,6 +57,7 @@ from .metrics import SpecStats
 from .outputs import PolicyTargets, SpecOutput
 from .sampling import SamplingParams as Sampling
 from .vllm_support import (
+    DRAFTER_METHODS,
     SpecCounter,
     check_sampling,
     load_draft_weights,
@@ -67,9 +68,7 @@ from .vllm_support import (
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("draft_model", "eagle3", "ngram", "suffix", None)
-# The methods that serve a model of ours (its weights reloaded by `load_drafter`).
-DRAFTER_METHODS = ("draft_model", "eagle3")
+METHODS = (*DRAFTER_METHODS, "ngram", "suffix", None)
 _ALL_BATCHES = 1 << 20  # the end of a draft-length schedule's last range: vLLM caps it at max_num_seqs
 
 

@@ -16,6 +16,10 @@ import torch
 
 from .sampling import SamplingParams
 
+# vLLM's speculative methods that serve a model of ours (its weights reloaded between rollouts): the truncated drafter
+# as vLLM's draft model, the EAGLE head as its EAGLE-3 draft model.
+DRAFTER_METHODS = ("draft_model", "eagle3")
+
 _EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
 
 
